@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Each creates .venv and installs what it needs on first use. TORCH_SPEC picks the torch build
+# installed when the environment has none (e.g. TORCH_SPEC="torch==2.13.0" for the CPU wheel here;
+# on a CUDA machine install your CUDA build of torch into .venv first and it is kept).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastitm-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q setuptools wheel pybind11 cmake ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/fastitm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench
+
+clean:
+	rm -rf build .pytest_cache .benchmarks fastitm/_C*.so fastitm-demo

@@ -1,0 +1,30 @@
+"""fastitm: diffusion models as fast, exact image-text matchers.
+
+``import fastitm`` needs neither Triton, nor a GPU, nor the compiled extension; diffusers and
+transformers are imported on first use.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import reference, testing  # noqa: E402
+from .api import score  # noqa: E402
+from .methods import METHODS  # noqa: E402
+from .model import Model, ModelError, load_model  # noqa: E402
+from .plan import Plan, make_plan  # noqa: E402
+from .result import ScoreResult, winoground  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "Model",
+    "ModelError",
+    "Plan",
+    "ScoreResult",
+    "load_model",
+    "make_plan",
+    "reference",
+    "score",
+    "testing",
+    "winoground",
+]

@@ -1,0 +1,48 @@
+"""The public scorer."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .common import check_backend, prepare_run
+from .plan import Plan
+from .result import ScoreResult
+
+
+def score(
+    images: Any,
+    texts: Sequence[str],
+    *,
+    model: Any = None,
+    method: str = "diffusion_itm",
+    timesteps: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    plan: Plan | None = None,
+    resize: str = "squash",
+    latent: str = "mean",
+    scheme: str = "grid",
+    backend: str = "auto",
+    progress: bool | None = None,
+    **options: Any,
+) -> ScoreResult:
+    """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
+
+    images: PIL images, file paths, [3, H, W] tensors, or a float tensor [N, 3, H, W] in [0, 1];
+        resized to the model's resolution when H, W differ (``resize="squash"`` as the published
+        scripts, or ``"center_crop"``).
+    texts: a list of captions.
+    model: a :class:`fastitm.Model` (``fastitm.load_model(...)``); None loads the embedded default.
+    method: "diffusion_itm" | "diffusion_classifier" | "discffusion"; its options as keywords
+        (see :mod:`fastitm.methods`).
+    timesteps, seed, scheme, latent: build the plan (default 10 timesteps on the published grid,
+        seed 0, posterior-mean latents); or pass ``plan=res.plan`` to reproduce a result exactly.
+    backend: "auto" | "triton" | "native" | "reference" for the fused ops.
+    progress: show a progress bar (default: only on a terminal).
+    """
+    from . import reference
+
+    check_backend(backend)
+    run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
+                      resize=resize, latent=latent, scheme=scheme, options=options)
+    # The fast engine replaces this call; until then the public scorer is the reference computation.
+    return reference.score_run(run, progress=progress)

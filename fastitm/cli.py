@@ -1,0 +1,157 @@
+"""The ``fastitm`` command line: ``fastitm score``, ``fastitm demo``, ``fastitm info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .methods import METHODS
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    low = value.strip().lower()
+    parsed: object
+    if low in ("true", "yes", "on"):
+        parsed = True
+    elif low in ("false", "no", "off"):
+        parsed = False
+    else:
+        try:
+            parsed = float(value)
+        except ValueError:
+            parsed = value
+    return key.strip(), parsed
+
+
+def format_table(matrix, row_names: Sequence[str], col_names: Sequence[str], width: int = 18) -> str:
+    """Scores as a text table; the best text of each image is marked with '*'."""
+
+    def cut(s: str, n: int) -> str:
+        return s if len(s) <= n else s[: n - 1] + "~"
+
+    rw = max(5, min(28, max(len(r) for r in row_names)))
+    header = " " * rw + " | " + " | ".join(f"{cut(c, width):>{width}}" for c in col_names)
+    lines = [header, "-" * len(header)]
+    best = matrix.argmax(dim=1).tolist()
+    for i, name in enumerate(row_names):
+        cells = []
+        for j in range(len(col_names)):
+            mark = "*" if j == best[i] else " "
+            cells.append(f"{matrix[i, j].item():>{width - 1}.5g}{mark}")
+        lines.append(f"{cut(name, rw):<{rw}} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def _load(model_arg: str | None, dtype: str, device: str):
+    from . import load_model, testing
+    from .model import _parse_dtype
+
+    if model_arg == "tiny":
+        print("model: random-weight tiny model (fastitm.testing.tiny_model): scores carry no meaning",
+              file=sys.stderr)
+        return testing.tiny_model(0).to(device=device, dtype=_parse_dtype(dtype))
+    return load_model(model_arg, dtype=dtype, device=device)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from . import score
+
+    model = _load(args.model, args.dtype, args.device)
+    options = dict(args.option or [])
+    res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
+                seed=args.seed, resize=args.resize, scheme=args.scheme, backend=args.backend,
+                progress=None if not args.no_progress else False, **options)
+    names = [Path(p).name for p in args.images]
+    print(f"method: {res.method} {res.options}  timesteps: {res.plan.timesteps.tolist()}  seed: {res.plan.seed}")
+    print(format_table(res.matrix, names, args.texts))
+    if args.json:
+        out = res.to_json()
+        out["images"] = [str(p) for p in args.images]
+        out["texts"] = list(args.texts)
+        out["model"] = model.source
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out, timesteps=args.timesteps, seed=args.seed)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .model import embedded_model_path
+
+    print(f"fastitm {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"cuda available: {torch.cuda.is_available()}")
+    print(f"embedded model: {embedded_model_path() or 'none shipped'}")
+    try:
+        from . import _C  # noqa: F401
+
+        print(f"native extension: built (openmp={_C.has_openmp()})")
+    except ImportError as e:
+        print(f"native extension: not available ({e})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastitm", description="Diffusion models as image-text matchers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="score images against texts and print the table")
+    s.add_argument("--model", default=None,
+                   help="diffusers model folder (default: the embedded model; 'tiny': random-weight tiny model)")
+    s.add_argument("--images", nargs="+", required=True, help="image files")
+    s.add_argument("--texts", nargs="+", required=True, help="captions")
+    s.add_argument("--method", default="diffusion_itm", choices=METHODS)
+    s.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
+                   help="method option, e.g. normalize=false, err=mse, pool=probs (repeatable)")
+    s.add_argument("--timesteps", type=int, default=10)
+    s.add_argument("--scheme", default="grid", choices=("grid", "stratified"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resize", default="squash", choices=("squash", "center_crop"))
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"))
+    s.add_argument("--json", default=None, help="write the matrix, plan, method and versions here")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.set_defaults(func=cmd_score)
+
+    d = sub.add_parser("demo", help="score a small synthetic set with every method (no downloads)")
+    d.add_argument("--out", default="fastitm-demo", help="folder for the picture it saves")
+    d.add_argument("--timesteps", type=int, default=10)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="versions and available backends")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("fastitm: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"fastitm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The scoring methods and their options, validated once and shared by every scorer.
+
+Higher score = better match for every method.
+
+- ``diffusion_itm`` (Krojer et al. 2023): per timestep the error of the text-conditioned noise
+  prediction; ``err="l2"`` is the published norm over the latent (not squared, not averaged),
+  ``"mse"`` the mean squared error. ``normalize=True`` subtracts the unconditional (empty prompt)
+  error of the same image and timestep, which image retrieval needs; score = -mean_k (e - u).
+- ``diffusion_classifier`` (Li et al. 2023): score = -mean_k MSE, no unconditional pass.
+- ``discffusion`` (He et al.): row-wise LogSumExp of the cross-attention logits (``pool="logits"``,
+  the published code) or of ``lam`` times the softmax probabilities (``pool="probs"``, the paper's
+  eq. 4), averaged over pixels, heads, the selected layers (``layers="all"`` cross-attention layers,
+  or ``"last"``: the last one of each UNet block, as the published code picks them) and timesteps;
+  ``denoise=True`` adds the denoising term mean_k (u - e) with ``err``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("diffusion_itm", "diffusion_classifier", "discffusion")
+ERRS = ("l2", "mse")
+
+# name -> {option: (default, allowed values or a type)}
+_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "diffusion_itm": {"err": ("l2", ERRS), "normalize": (True, bool)},
+    "diffusion_classifier": {},
+    "discffusion": {
+        "pool": ("logits", ("logits", "probs")),
+        "lam": (1.0, float),
+        "layers": ("all", ("all", "last")),
+        "denoise": (False, bool),
+        "err": ("l2", ERRS),
+    },
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def err(self) -> str:
+        return "mse" if self.name == "diffusion_classifier" else self.options["err"]
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether the unconditional (empty prompt) UNet pass enters the score."""
+        if self.name == "diffusion_itm":
+            return bool(self.options["normalize"])
+        if self.name == "discffusion":
+            return bool(self.options["denoise"])
+        return False
+
+    @property
+    def needs_error(self) -> bool:
+        """Whether the conditional denoising error enters the score."""
+        return self.name != "discffusion" or bool(self.options["denoise"])
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.name == "discffusion"
+
+
+def resolve_method(method: str, options: dict | None = None) -> MethodSpec:
+    """Check the method name and its options; fill defaults. Raises naming what is wrong."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    allowed = _OPTIONS[method]
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        hint = f"its options are {sorted(allowed)}" if allowed else "it takes no options"
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; {hint}")
+    out = {}
+    for name, (default, kind) in allowed.items():
+        value = options.get(name, default)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError(f"option {name!r} of {method!r} must be True or False, got {value!r}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"option {name!r} of {method!r} must be a number, got {value!r}")
+            value = float(value)
+            if not value > 0:
+                raise ValueError(f"option {name!r} of {method!r} must be positive, got {value}")
+        elif value not in kind:
+            raise ValueError(f"option {name!r} of {method!r} must be one of {kind}, got {value!r}")
+        out[name] = value
+    return MethodSpec(method, out)

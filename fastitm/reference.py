@@ -1,0 +1,147 @@
+"""The reference scorer: the numerical ground truth, written for clarity, not speed.
+
+Its structure follows the published scripts: for every (image, text) pair and every timestep, one
+conditional UNet call and, where the method needs it, one unconditional call, with the model's stock
+attention processors. Discffusion's attention logits are recomputed from each cross-attention
+layer's inputs by a forward pre-hook, so the UNet itself runs untouched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Sequence
+
+import torch
+
+from .common import (
+    Run,
+    check_backend,
+    cross_attention_layers,
+    encode_images,
+    encode_texts,
+    error,
+    noisy_latents,
+    prepare_run,
+    progress_disabled,
+    target,
+)
+from .plan import Plan
+from .result import ScoreResult
+
+
+def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, scale: float, pool: str, lam: float) -> torch.Tensor:
+    """Row-wise LogSumExp pooling of one cross-attention layer's map, materialized.
+
+    q [B, H, Lq, D], k [B, H, Lk, D] -> [B, H]: the mean over the Lq rows of
+    LSE_j(scale * q.k_j) (``pool="logits"``) or LSE_j(lam * softmax_j(scale * q.k_j)) (``"probs"``).
+    """
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    if pool == "probs":
+        logits = lam * logits.softmax(dim=-1)
+    return torch.logsumexp(logits, dim=-1).mean(dim=-1)
+
+
+@contextmanager
+def capture_attention_lse(unet, layers: str, pool: str, lam: float):
+    """Within the block, every selected cross-attention layer appends its pooled [B, H] to a list.
+
+    Yields the list of per-layer [B, H] tensors, in call order.
+    """
+    records: list[torch.Tensor] = []
+
+    def hook(attn, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if attn.norm_cross and enc is not None:
+            enc = attn.norm_encoder_hidden_states(enc)
+        if attn.group_norm is not None:
+            hidden = attn.group_norm(hidden.transpose(1, 2)).transpose(1, 2)
+        q, k = attn.to_q(hidden), attn.to_k(enc)
+        b, h = q.shape[0], attn.heads
+        q = q.view(b, -1, h, q.shape[-1] // h).transpose(1, 2)
+        k = k.view(b, -1, h, k.shape[-1] // h).transpose(1, 2)
+        records.append(attention_lse_ref(q, k, attn.scale, pool, lam))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for _, m in cross_attention_layers(unet, layers)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
+    """Score a checked :class:`Run` pair by pair, timestep by timestep."""
+    from tqdm.auto import tqdm
+
+    model, plan, spec = run.model, run.plan, run.spec
+    unet, device, dtype = model.unet, model.device, model.dtype
+    N, M, T = run.pixels.shape[0], len(run.texts), len(plan)
+    per_t = torch.zeros(N, M, T, dtype=torch.float32)
+    empty = encode_texts(model, [""]) if spec.needs_uncond else None
+    rows = N * M * T * (2 if spec.needs_uncond else 1)
+    bar = tqdm(total=rows, desc=f"reference {spec.name}", unit="row", disable=progress_disabled(progress))
+    for i in range(N):
+        z = encode_images(model, run.pixels[i : i + 1], plan, first_index=i)
+        for j in range(M):
+            cond = encode_texts(model, [run.texts[j]])
+            for k in range(T):
+                t = plan.timesteps[k : k + 1].to(device)
+                noise = plan.noise[k : k + 1].to(device)
+                x = noisy_latents(model, z, noise, t)
+                tgt = target(model, z, noise, t)
+                value = torch.zeros((), dtype=torch.float32)
+                if spec.needs_attention:
+                    opts = spec.options
+                    with capture_attention_lse(unet, opts["layers"], opts["pool"], opts["lam"]) as rec:
+                        pred = unet(x, t, encoder_hidden_states=cond).sample
+                    value = value + torch.stack([r.mean() for r in rec]).mean().cpu()
+                else:
+                    pred = unet(x, t, encoder_hidden_states=cond).sample
+                bar.update(1)
+                if spec.needs_error:
+                    e = error(pred, tgt, spec.err)[0].cpu()
+                    if spec.needs_uncond:
+                        pred_u = unet(x, t, encoder_hidden_states=empty).sample
+                        bar.update(1)
+                        e = e - error(pred_u, tgt, spec.err)[0].cpu()
+                    value = value - e
+                per_t[i, j, k] = value
+    bar.close()
+    return ScoreResult(
+        matrix=per_t.mean(dim=2),
+        plan=plan,
+        method=spec.name,
+        options=dict(spec.options),
+        backend="reference",
+        per_timestep=per_t,
+        stats={"unet_rows": rows, "vae_images": N, "text_encodes": N * M + (1 if spec.needs_uncond else 0)},
+    )
+
+
+def score(
+    images: Any,
+    texts: Sequence[str],
+    *,
+    model: Any = None,
+    method: str = "diffusion_itm",
+    timesteps: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    plan: Plan | None = None,
+    resize: str = "squash",
+    latent: str = "mean",
+    scheme: str = "grid",
+    backend: str = "reference",
+    progress: bool | None = None,
+    **options: Any,
+) -> ScoreResult:
+    """Reference scores [len(images), len(texts)]; same signature and numbers as :func:`fastitm.score`.
+
+    ``timesteps`` defaults to 10 and ``seed`` to 0 unless a ``plan`` is given. Method options
+    (``err``, ``normalize``, ``pool``, ``lam``, ``layers``, ``denoise``) are keyword arguments.
+    """
+    check_backend(backend)
+    run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
+                      resize=resize, latent=latent, scheme=scheme, options=options)
+    return score_run(run, progress=progress)

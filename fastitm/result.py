@@ -1,0 +1,133 @@
+"""Score results and the retrieval / Winoground metrics computed from a score matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .plan import Plan
+
+
+def _gt_tensor(gt: Sequence[int] | torch.Tensor, n: int, bound: int, what: str) -> torch.Tensor:
+    g = torch.as_tensor(gt, dtype=torch.long).flatten()
+    if g.numel() != n:
+        raise ValueError(f"{what} ground truth has {g.numel()} entries, expected {n}")
+    if n and (int(g.min()) < 0 or int(g.max()) >= bound):
+        raise ValueError(f"{what} ground truth indices must lie in [0, {bound})")
+    return g
+
+
+def winoground(matrix: torch.Tensor) -> dict[str, float]:
+    """Winoground text, image and group scores for 2x2 groups.
+
+    ``matrix`` is [2, 2] or [G, 2, 2], indexed [group, image, text], with image k matching text k.
+    Text score: each image prefers its own caption; image score: each caption prefers its own
+    image; group: both. Ties count as failures, as in the Winoground paper's strict inequalities.
+    """
+    m = torch.as_tensor(matrix, dtype=torch.float32)
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3 or tuple(m.shape[1:]) != (2, 2):
+        raise ValueError(f"winoground needs a [2, 2] or [G, 2, 2] matrix, got {tuple(m.shape)}")
+    s00, s01, s10, s11 = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+    text = (s00 > s01) & (s11 > s10)
+    image = (s00 > s10) & (s11 > s01)
+    group = text & image
+    return {
+        "text": text.float().mean().item(),
+        "image": image.float().mean().item(),
+        "group": group.float().mean().item(),
+        "groups": int(m.shape[0]),
+    }
+
+
+@dataclass
+class ScoreResult:
+    """``matrix`` [N_images, N_texts] float32, higher = better match; ``plan`` reproduces it.
+
+    ``per_timestep`` [N_images, N_texts, T] holds each timestep's contribution (the matrix is its
+    mean over T) where the scorer provides it.
+    """
+
+    matrix: torch.Tensor
+    plan: Plan
+    method: str
+    options: dict
+    backend: str = "reference"
+    per_timestep: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.matrix.shape)
+
+    def text_retrieval(self, k: int = 1) -> torch.Tensor:
+        """[N_images, k]: for each image, the indices of its k best texts, best first."""
+        k = self._check_k(k, self.matrix.shape[1], "texts")
+        return self.matrix.topk(k, dim=1).indices
+
+    def image_retrieval(self, k: int = 1) -> torch.Tensor:
+        """[N_texts, k]: for each text, the indices of its k best images, best first."""
+        k = self._check_k(k, self.matrix.shape[0], "images")
+        return self.matrix.topk(k, dim=0).indices.T.contiguous()
+
+    def text_accuracy(self, gt: Sequence[int] | torch.Tensor, k: int = 1) -> float:
+        """Share of images whose true text (``gt[i]``) is among their top-k texts."""
+        g = _gt_tensor(gt, self.matrix.shape[0], self.matrix.shape[1], "text retrieval")
+        return (self.text_retrieval(k) == g[:, None]).any(1).float().mean().item()
+
+    def image_accuracy(self, gt: Sequence[int] | torch.Tensor, k: int = 1) -> float:
+        """Share of texts whose true image (``gt[j]``) is among their top-k images."""
+        g = _gt_tensor(gt, self.matrix.shape[1], self.matrix.shape[0], "image retrieval")
+        return (self.image_retrieval(k) == g[:, None]).any(1).float().mean().item()
+
+    def winoground(self, groups: Sequence[tuple[tuple[int, int], tuple[int, int]]] | None = None) -> dict:
+        """Winoground scores over 2x2 groups ``((image0, image1), (text0, text1))``.
+
+        By default: the whole matrix when it is 2x2, else consecutive pairs (images 2g, 2g+1 with
+        texts 2g, 2g+1) of a square matrix with an even side.
+        """
+        n, m = self.matrix.shape
+        if groups is None:
+            if n != m or n % 2:
+                raise ValueError(
+                    f"default Winoground groups need a square matrix with an even side, got {n}x{m}; pass groups="
+                )
+            groups = [((2 * g, 2 * g + 1), (2 * g, 2 * g + 1)) for g in range(n // 2)]
+        if not groups:
+            raise ValueError("no Winoground groups given")
+        blocks = []
+        for (i0, i1), (t0, t1) in groups:
+            blocks.append(self.matrix[[i0, i1]][:, [t0, t1]])
+        return winoground(torch.stack(blocks))
+
+    @staticmethod
+    def _check_k(k: int, n: int, what: str) -> int:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if k > n:
+            raise ValueError(f"k={k} exceeds the number of {what} ({n})")
+        return k
+
+    def to_json(self) -> dict:
+        import diffusers
+        import transformers
+
+        from . import __version__
+
+        return {
+            "method": self.method,
+            "options": self.options,
+            "backend": self.backend,
+            "matrix": self.matrix.tolist(),
+            "plan": self.plan.describe(),
+            "stats": self.stats,
+            "versions": {
+                "fastitm": __version__,
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+            },
+        }

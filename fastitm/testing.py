@@ -1,0 +1,131 @@
+"""Helpers for tests and benchmarks: a random-weight tiny model and an explaining allclose."""
+
+from __future__ import annotations
+
+import torch
+
+from .model import Model
+
+# One character per byte, as CLIP's byte-level BPE sees it (GPT-2's printable mapping of bytes).
+def _byte_alphabet() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+# A few whole words so that common captions tokenize to words, not only characters.
+_TINY_WORDS = (
+    "a an the dog cat red blue green yellow circle square triangle left right of above below "
+    "small big and photo on in"
+).split()
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer over a small vocabulary: all bytes, their word-final forms, a few words."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _TINY_WORDS:
+        # Merge left to right so "dog</w>" is built as d+o -> do, do+g</w> -> dog</w>.
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            rule = (parts[0], parts[1])
+            if rule not in merges:
+                merges.append(rule)
+            vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int = 8) -> Model:
+    """A random-weight model of the Stable Diffusion architecture, built in well under a second.
+
+    UNet2DConditionModel (two resolutions, cross-attention in both), AutoencoderKL (scale factor 2,
+    so images are ``2 * sample_size`` pixels), a 2-layer CLIPTextModel and a small CLIP tokenizer.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    g = torch.random.fork_rng(devices=[])
+    with g:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=(2, 4),
+            norm_num_groups=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(16, 32),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=2 * sample_size,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=cross_attention_dim,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    return Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"tiny_model(seed={seed})")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, name: str = ""):
+    """``torch.testing.assert_close`` semantics, with a message naming the worst element and the
+    count and share of failures, and NaN/Inf disagreements."""
+    actual = actual.detach().float().cpu()
+    expected = expected.detach().float().cpu()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    nan_mismatch = torch.isnan(actual) != torch.isnan(expected)
+    diff = (actual - expected).abs()
+    tol = atol + rtol * expected.abs()
+    bad = (diff > tol) | nan_mismatch
+    bad &= ~(torch.isnan(actual) & torch.isnan(expected))
+    if bad.any():
+        score = torch.where(bad, diff / tol.clamp_min(1e-30), torch.zeros_like(diff))
+        score = torch.nan_to_num(score, nan=float("inf"))
+        idx = tuple(int(i) for i in torch.unravel_index(score.argmax(), score.shape))
+        n = int(bad.sum())
+        raise AssertionError(
+            f"{name}: {n}/{bad.numel()} ({100 * n / bad.numel():.2f}%) elements differ beyond "
+            f"atol={atol} rtol={rtol}; worst at {idx}: {actual[idx].item()!r} vs "
+            f"{expected[idx].item()!r} (|diff|={diff[idx].item():.3e}); "
+            f"NaN disagreements: {int(nan_mismatch.sum())}"
+        )

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import fastitm
+from fastitm.cli import main
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    paths = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(i)
+        arr = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_score_prints_table_and_writes_json(tiny_dir, image_files, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    rc = main(["score", "--model", str(tiny_dir), "--images", *map(str, image_files), "--texts", "a dog", "a cat",
+               "--timesteps", "2", "--seed", "3", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "a dog" in printed and "img1.png" in printed
+    data = json.loads(out.read_text())
+    ref = fastitm.reference.score(image_files, ["a dog", "a cat"], model=fastitm.load_model(tiny_dir),
+                                  timesteps=2, seed=3)
+    torch.testing.assert_close(torch.tensor(data["matrix"]), ref.matrix, rtol=1e-6, atol=0)
+    assert data["plan"]["timesteps"] == ref.plan.timesteps.tolist() and data["plan"]["seed"] == 3
+    assert data["method"] == "diffusion_itm" and data["versions"]["fastitm"] == fastitm.__version__
+    assert f"{ref.matrix[0, 0].item():.5g}" in printed
+
+
+def test_method_options(tiny_dir, image_files, tmp_path):
+    out = tmp_path / "o.json"
+    rc = main(["score", "--model", str(tiny_dir), "--images", str(image_files[0]), "--texts", "a dog",
+               "--method", "discffusion", "--option", "pool=probs", "--option", "lam=2", "--timesteps", "1",
+               "--json", str(out), "--no-progress"])
+    assert rc == 0
+    assert json.loads(out.read_text())["options"]["pool"] == "probs"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--images", "missing.png", "--texts", "a"], "image file not found"),
+    (["--texts", "a", "--timesteps", "0"], "at least 1"),
+    (["--texts", "a", "--option", "bogus=1"], "unknown option"),
+])
+def test_bad_input_exits_nonzero(tiny_dir, image_files, capsys, args, message):
+    if "--images" not in args:
+        args = ["--images", str(image_files[0]), *args]
+    rc = main(["score", "--model", str(tiny_dir), *args, "--no-progress"])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, image_files, capsys):
+    rc = main(["score", "--model", str(tmp_path / "none"), "--images", str(image_files[0]), "--texts", "a"])
+    assert rc == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--timesteps", "2"]) == 0
+    out = capsys.readouterr().out
+    for method in fastitm.METHODS:
+        assert f"== {method}" in out
+    assert (tmp_path / "demo_grid.png").is_file()

@@ -1,0 +1,86 @@
+"""Loading models from disk: the happy path and every missing piece named."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+import fastitm
+from fastitm.model import ModelError
+
+
+def test_tiny_model_builds_fast_and_is_seeded():
+    fastitm.testing.tiny_model(seed=0)  # first call pays for the diffusers imports
+    t0 = time.perf_counter()
+    a = fastitm.testing.tiny_model(seed=0)
+    assert time.perf_counter() - t0 < 1.0
+    b = fastitm.testing.tiny_model(seed=0)
+    c = fastitm.testing.tiny_model(seed=1)
+    pa, pb, pc = (torch.cat([p.flatten() for p in m.unet.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert a.latent_shape == (4, 8, 8) and a.resolution == 16
+    assert a.tokenizer.model_max_length == 77
+
+
+def test_load_roundtrip(tiny, tiny_dir):
+    m = fastitm.load_model(tiny_dir)
+    assert m.latent_shape == tiny.latent_shape and m.resolution == tiny.resolution
+    for p, q in zip(tiny.unet.parameters(), m.unet.parameters()):
+        assert torch.equal(p, q)
+    ids = tiny.tokenizer(["a red dog"]).input_ids
+    assert m.tokenizer(["a red dog"]).input_ids == ids
+    h = fastitm.load_model(tiny_dir, dtype="bf16")
+    assert h.dtype == torch.bfloat16 and h.text_encoder.dtype == torch.bfloat16
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        fastitm.load_model(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder", "tokenizer", "scheduler"])
+def test_missing_component(tiny_dir, tmp_path, component):
+    path = copy_model(tiny_dir, tmp_path / "m")
+    shutil.rmtree(path / component)
+    with pytest.raises(ModelError, match=f"missing: {component}/"):
+        fastitm.load_model(path)
+
+
+def test_missing_weights_and_config(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir, tmp_path / "m")
+    for f in (path / "unet").glob("*.safetensors"):
+        f.unlink()
+    (path / "vae" / "config.json").unlink()
+    with pytest.raises(ModelError, match=r"vae/config.json.*unet/ weights|unet/ weights.*vae/config.json"):
+        fastitm.load_model(path)
+
+
+def test_other_architecture(tiny_dir, tmp_path):
+    path = copy_model(tiny_dir, tmp_path / "m")
+    cfg = json.loads((path / "unet" / "config.json").read_text())
+    cfg["_class_name"] = "UNet2DModel"
+    (path / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="UNet2DModel"):
+        fastitm.load_model(path)
+
+
+def test_mismatched_components(tiny):
+    other = fastitm.testing.tiny_model(seed=0, cross_attention_dim=48)
+    with pytest.raises(ModelError, match="cross_attention_dim=32 does not match"):
+        fastitm.Model(tiny.unet, tiny.vae, other.text_encoder, tiny.tokenizer, tiny.scheduler)
+    with pytest.raises(ModelError, match="expected AutoencoderKL"):
+        fastitm.Model(tiny.unet, tiny.unet, tiny.text_encoder, tiny.tokenizer, tiny.scheduler)
+
+
+def test_no_embedded_model_yet_says_so():
+    if fastitm.model.embedded_model_path() is not None:
+        pytest.skip("an embedded model is shipped")
+    with pytest.raises(FileNotFoundError, match="tiny_model"):
+        fastitm.load_model()

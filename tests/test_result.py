@@ -1,0 +1,41 @@
+"""Retrieval and Winoground metrics against hand-worked matrices."""
+
+import pytest
+import torch
+
+from fastitm.plan import Plan
+from fastitm.result import ScoreResult, winoground
+
+
+def result(matrix):
+    plan = Plan(torch.tensor([10]), torch.zeros(1, 4, 2, 2))
+    return ScoreResult(torch.tensor(matrix, dtype=torch.float32), plan, "diffusion_itm", {})
+
+
+def test_text_and_image_retrieval():
+    r = result([[0.1, 0.9, 0.5], [0.8, 0.2, 0.3]])
+    assert r.text_retrieval(2).tolist() == [[1, 2], [0, 2]]
+    assert r.image_retrieval(1).tolist() == [[1], [0], [0]]
+    assert r.text_accuracy([1, 1]) == 0.5
+    assert r.text_accuracy([2, 2], k=2) == 1.0
+    assert r.image_accuracy([1, 0, 1]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="exceeds the number of texts"):
+        r.text_retrieval(4)
+    with pytest.raises(ValueError, match="3 entries, expected 2"):
+        r.text_accuracy([0, 1, 2])
+
+
+def test_winoground_scores():
+    # group 0: all right; group 1: text right, image wrong; group 2: a tie fails the text score
+    m = torch.tensor([
+        [[2.0, 1.0], [0.0, 3.0]],
+        [[2.0, 1.0], [2.5, 3.0]],
+        [[1.0, 1.0], [0.0, 3.0]],
+    ])
+    w = winoground(m)
+    assert w == {"text": pytest.approx(2 / 3), "image": pytest.approx(2 / 3), "group": pytest.approx(1 / 3), "groups": 3}
+    r = result(torch.block_diag(m[0], m[1]).tolist())
+    assert r.winoground()["group"] == 0.5
+    assert r.winoground(groups=[((0, 1), (0, 1))])["group"] == 1.0
+    with pytest.raises(ValueError, match="even side"):
+        result([[1.0, 2.0, 3.0]]).winoground()
