@@ -1,0 +1,109 @@
+"""Which fast paths can run here, decided once (lazily, never at import time).
+
+``FASTITM_BACKEND=auto|triton|native|reference`` overrides the choice of ``backend="auto"``.
+``TRITON_INTERPRET=1`` lets the Triton backend run on CPU tensors (slowly: for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "native", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend asked for by name cannot run this input; the message says why."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> str | None:
+    """None when Triton is importable, else the reason it is not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"Triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def native_status() -> str | None:
+    """None when the compiled extension fastitm._C loads and matches, else the reason."""
+    try:
+        from .. import _C
+    except ImportError as e:
+        return (f"the native extension fastitm._C is not built ({e}); reinstall with a C++ compiler and "
+                "cmake: pip install --no-build-isolation -e .")
+    from_abi = _C.abi_version()
+    if from_abi != NATIVE_ABI:
+        return f"fastitm._C is a stale build (ABI {from_abi}, expected {NATIVE_ABI}); rebuild it"
+    return None
+
+
+# Must equal FASTITM_NATIVE_ABI in csrc/fastitm.h.
+NATIVE_ABI = 2
+
+
+def env_backend() -> str:
+    b = os.environ.get("FASTITM_BACKEND", "auto").strip().lower() or "auto"
+    if b not in BACKENDS:
+        raise ValueError(f"FASTITM_BACKEND={b!r} is not one of {BACKENDS}")
+    return b
+
+
+def reasons_against(backend: str, tensors: list[torch.Tensor]) -> list[str]:
+    """Why ``backend`` cannot run on these tensors (empty list: it can)."""
+    devices = {t.device.type for t in tensors}
+    out = []
+    if backend == "triton":
+        if triton_status():
+            out.append(triton_status())
+        if devices != {"cuda"} and not (triton_interpret() and devices == {"cpu"}):
+            out.append(f"Triton needs CUDA tensors (got {sorted(devices)}); set TRITON_INTERPRET=1 to run it on CPU")
+    elif backend == "native":
+        if native_status():
+            out.append(native_status())
+        if devices != {"cpu"}:
+            out.append(f"the native extension runs on CPU tensors (got {sorted(devices)})")
+    return out
+
+
+_warned: set[str] = set()
+
+
+def choose(backend: str, tensors: list[torch.Tensor], op: str) -> str:
+    """Resolve ``backend`` for one call. A backend named explicitly that cannot run raises with
+    every reason; "auto" picks Triton on CUDA, native on CPU, else the reference (warning once)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = env_backend()
+    if backend == "reference":
+        return backend
+    if backend != "auto":
+        why = reasons_against(backend, tensors)
+        if why:
+            raise BackendUnavailable(f"{op}: backend {backend!r} cannot run: " + "; ".join(why))
+        return backend
+    device = tensors[0].device.type
+    # On CPU the native op is the fast path even under TRITON_INTERPRET=1 (the interpreter is for
+    # checking kernels, not for speed); Triton runs on CPU only when asked for by name.
+    preferred = "triton" if device == "cuda" else "native"
+    why = reasons_against(preferred, tensors)
+    if not why:
+        return preferred
+    if preferred == "triton" and device == "cpu" and not reasons_against("native", tensors):
+        return "native"
+    key = f"{op}:{preferred}:{device}"
+    if key not in _warned and device == "cuda":
+        _warned.add(key)
+        warnings.warn(f"{op}: falling back to the PyTorch reference: " + "; ".join(why), stacklevel=3)
+    return "reference"

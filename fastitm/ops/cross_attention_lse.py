@@ -1,0 +1,132 @@
+"""Cross-attention that also emits the row-wise LogSumExp pooling Discffusion scores with.
+
+    S = scale * Q K^T                      [B, H, Lq, Lk]   (never materialized by the fast paths)
+    O = softmax(S) V                       [B, H, Lq, D]
+    pooled[b, h] = sum_q LSE_k(S[b,h,q,:])                  pool="logits"
+                 = sum_q LSE_k(lam * softmax(S)[b,h,q,:])   pool="probs"
+
+``key_mask`` [B, Lk] (True = keep) removes keys from the softmax and from the pooling alike.
+Backends: "triton" (kernels/cross_attention_lse.py), "native" (csrc/cross_attention_lse.cpp),
+"reference" (:func:`cross_attention_lse_ref`, which materializes S).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._backend import choose
+
+POOLS = ("logits", "probs")
+MAX_LK = 256
+
+
+def cross_attention_lse_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    pool: str = "logits",
+    lam: float = 1.0,
+    key_mask: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure PyTorch with the attention map materialized: oracle, CPU fallback, benchmark baseline.
+
+    q [B, H, Lq, D], k and v [B, H, Lk, D] -> (out [B, H, Lq, D] in q's dtype, pooled [B, H] float32).
+    ``upcast`` computes in float32 (the oracle); without it, in the input dtype (PyTorch's own error).
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[:, None, None, :].to(torch.bool), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    out = torch.matmul(p, v).to(dtype)
+    if pool == "logits":
+        lse = torch.logsumexp(s, dim=-1)
+    else:
+        x = lam * p
+        if key_mask is not None:
+            x = x.masked_fill(~key_mask[:, None, None, :].to(torch.bool), float("-inf"))
+        lse = torch.logsumexp(x, dim=-1)
+    return out, lse.float().sum(dim=-1)
+
+
+def check_inputs(q, k, v, scale, pool, lam, key_mask) -> float:
+    """Shape/dtype/device checks shared by every backend; returns the resolved scale."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Lq, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D or v.shape != k.shape:
+        raise ValueError(f"k and v must be [B={B}, H={H}, Lk, D={D}]; got {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q, k, v must share one dtype of float32/float16/bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    Lk = k.shape[2]
+    if not 1 <= Lk <= MAX_LK:
+        raise ValueError(f"Lk={Lk} keys; the fused op holds every key in one tile, so 1 <= Lk <= {MAX_LK}")
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {POOLS}")
+    if not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
+        raise ValueError(f"lam must be a positive number, got {lam!r}")
+    if key_mask is not None:
+        if key_mask.shape != (B, Lk):
+            raise ValueError(f"key_mask must be [B={B}, Lk={Lk}], got {tuple(key_mask.shape)}")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device}, q on {q.device}")
+        if not key_mask.to(torch.bool).any(dim=1).all():
+            raise ValueError("key_mask masks every key of some batch row; the softmax would be undefined")
+    return float(D ** -0.5 if scale is None else scale)
+
+
+def cross_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    pool: str = "logits",
+    lam: float = 1.0,
+    key_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and LogSumExp-pooled scores without writing the attention map.
+
+    q [B, H, Lq, D], k and v [B, H, Lk, D] (Lk <= 256), one of float32/float16/bfloat16
+    -> (out [B, H, Lq, D] in q's dtype, pooled [B, H] float32 = sum over the Lq rows).
+    """
+    scale = check_inputs(q, k, v, scale, pool, lam, key_mask)
+    which = choose(backend, [q, k, v], "cross_attention_lse")
+    if which == "triton":
+        from ..kernels.cross_attention_lse import cross_attention_lse_fwd
+
+        return cross_attention_lse_fwd(q, k, v, scale, pool, float(lam), key_mask)
+    if which == "native":
+        from .. import _C
+
+        return native_cross_attention_lse(_C, q, k, v, scale, pool, float(lam), key_mask)
+    return cross_attention_lse_ref(q, k, v, scale, pool, lam, key_mask)
+
+
+def native_cross_attention_lse(_C, q, k, v, scale, pool, lam, key_mask):
+    """Launcher for the C++ op: contiguous inputs, allocated outputs, raw pointers."""
+    if q.dtype == torch.bfloat16:
+        # The C++ path reads float32 and float16; bfloat16 is upcast here (CPU bf16 is rare).
+        out, pooled = native_cross_attention_lse(_C, q.float(), k.float(), v.float(), scale, pool, lam, key_mask)
+        return out.to(torch.bfloat16), pooled
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = torch.empty_like(q)
+    pooled = torch.empty(B, H, dtype=torch.float32)
+    mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
+    _C.cross_attention_lse(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), pooled.data_ptr(),
+        0 if mask is None else mask.data_ptr(), B, H, Lq, Lk, D, scale,
+        pool == "probs", lam, q.dtype == torch.float16,
+    )
+    return out, pooled
