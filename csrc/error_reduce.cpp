@@ -5,8 +5,6 @@
 // Rows are independent, so they run in parallel; the scatter into the unconditional buffer, the
 // per-timestep values and the score matrix runs afterwards in row order (deterministic), the
 // unconditional rows first so that text rows of the same batch can subtract them.
-#include <vector>
-
 #include "common.h"
 #include "ops.h"
 
@@ -41,8 +39,7 @@ FASTITM_MULTIVERSION double row_sq_error(const T* __restrict a, const T* __restr
 }
 
 template <typename T>
-void run(const T* pred, const T* target, int64_t R, int64_t F, const int64_t* row_target, std::vector<float>& err,
-         bool mse) {
+void run(const T* pred, const T* target, int64_t R, int64_t F, const int64_t* row_target, float* err, bool mse) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     const double sq = row_sq_error(pred + r * F, target + row_target[r] * F, F);
@@ -54,9 +51,10 @@ void run(const T* pred, const T* target, int64_t R, int64_t F, const int64_t* ro
 
 void error_reduce(uintptr_t pred, uintptr_t target, int64_t R, int64_t Rt, int64_t F, uintptr_t row_target,
                   uintptr_t row_image, uintptr_t row_text, uintptr_t row_timestep, int64_t N, int64_t M, int64_t T,
-                  bool mse, bool normalize, uintptr_t uncond, uintptr_t per_t, uintptr_t scores, bool half) {
+                  bool mse, bool normalize, uintptr_t uncond, uintptr_t per_t, uintptr_t scores, uintptr_t row_err,
+                  bool half) {
   check(R >= 0 && Rt > 0 && F > 0 && N > 0 && M > 0 && T > 0, "error_reduce: sizes must be positive");
-  check(pred && target && row_target && row_image && row_text && row_timestep && uncond,
+  check(pred && target && row_target && row_image && row_text && row_timestep && uncond && row_err,
         "error_reduce: null tensor pointer");
   const int64_t* rt = reinterpret_cast<const int64_t*>(row_target);
   const int64_t* ri = reinterpret_cast<const int64_t*>(row_image);
@@ -68,7 +66,7 @@ void error_reduce(uintptr_t pred, uintptr_t target, int64_t R, int64_t Rt, int64
     check(rj[r] >= -1 && rj[r] < M, "error_reduce: row_text out of range at row " + std::to_string(r));
     check(rk[r] >= 0 && rk[r] < T, "error_reduce: row_timestep out of range at row " + std::to_string(r));
   }
-  std::vector<float> err(R);
+  float* err = reinterpret_cast<float*>(row_err);
   if (half)
     run(reinterpret_cast<const uint16_t*>(pred), reinterpret_cast<const uint16_t*>(target), R, F, rt, err, mse);
   else

@@ -25,5 +25,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("error_reduce", &fastitm::error_reduce, py::call_guard<py::gil_scoped_release>(), py::arg("pred"),
         py::arg("target"), py::arg("R"), py::arg("Rt"), py::arg("F"), py::arg("row_target"), py::arg("row_image"),
         py::arg("row_text"), py::arg("row_timestep"), py::arg("N"), py::arg("M"), py::arg("T"), py::arg("mse"),
-        py::arg("normalize"), py::arg("uncond"), py::arg("per_t"), py::arg("scores"), py::arg("half"));
+        py::arg("normalize"), py::arg("uncond"), py::arg("per_t"), py::arg("scores"), py::arg("row_err"), py::arg("half"));
 }

@@ -12,9 +12,10 @@ void cross_attention_lse(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
                          double lam, bool half);
 
 // pred [R,F] and target [Rt,F] (float32, or float16 when half); row_* int64 [R]. Writes uncond
-// [N,T], and per_t [N,M,T] / scores [N,M] (float32) when their pointers are non-zero.
+// [N,T], row_err [R], and per_t [N,M,T] / scores [N,M] (float32) when their pointers are non-zero.
 void error_reduce(uintptr_t pred, uintptr_t target, int64_t R, int64_t Rt, int64_t F, uintptr_t row_target,
                   uintptr_t row_image, uintptr_t row_text, uintptr_t row_timestep, int64_t N, int64_t M, int64_t T,
-                  bool mse, bool normalize, uintptr_t uncond, uintptr_t per_t, uintptr_t scores, bool half);
+                  bool mse, bool normalize, uintptr_t uncond, uintptr_t per_t, uintptr_t scores, uintptr_t row_err,
+                  bool half);
 
 }  // namespace fastitm

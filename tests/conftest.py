@@ -1,9 +1,16 @@
 import os
 
-import pytest
 import torch
 
-import fastitm
+# Triton decides at import whether @triton.jit functions run in its interpreter, so the choice is
+# made here, before anything imports Triton: on a machine without CUDA every Triton kernel runs
+# (and is tested) on CPU tensors through the interpreter; with CUDA they run on the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastitm  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,3 +43,13 @@ def tiny_dir(tmp_path_factory, tiny):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def triton_interpret():
+    """Tests that run Triton kernels on CPU tensors through the interpreter (CPU-only machines;
+    on a CUDA machine the `gpu` tests exercise the same kernels for real)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs compiled on this CUDA machine; the gpu tests cover it")
+    yield
