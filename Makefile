@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m pytest -q bench
+	$(PY) -m pytest -q -s bench
 
 clean:
 	rm -rf build .pytest_cache .benchmarks fastitm/_C*.so fastitm-demo

@@ -19,7 +19,7 @@
 namespace fastitm {
 namespace {
 
-constexpr int kRows = 8;   // query rows per tile
+constexpr int kRows = 16;  // query rows per tile
 constexpr int kLanes = 16; // inner chunk width (one AVX-512 register of floats)
 
 FASTITM_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -29,34 +29,35 @@ struct Shape {
 };
 
 // One tile of query rows of one head. qf [kRows][D] (pre-scaled), kt [D][NP], vp [Lk][DP],
-// keep [NP] (1.0 = valid key, 0.0 = masked or padding), s [kRows][NP] scratch, o [kRows][DP] out. Returns the tile's pooled sum.
+// key_bias [NP] (0 = valid key, -inf = masked or padding), s [kRows][NP] scratch, o [kRows][DP] out. Returns the tile's pooled sum.
 FASTITM_MULTIVERSION
 float attention_tile(const float* __restrict qf, const float* __restrict kt, const float* __restrict vp,
-                     const float* __restrict keep, float* __restrict s, float* __restrict o, int nrows,
+                     const float* __restrict key_bias, float* __restrict s, float* __restrict o, int nrows,
                      Shape sh, bool probs, float lam) {
   const int64_t D = sh.D, NP = sh.NP, DP = sh.DP, Lk = sh.Lk;
-  // S = q K^T: kRows vector accumulators of 16 keys each, held in registers across the D loop.
+  float row_inv[kRows];
+  for (int r = 0; r < kRows; ++r) row_inv[r] = 0.0f;
+  // S = q K^T + bias: kRows vector accumulators of 16 keys each, held in registers across the D
+  // loop; the bias row (0 for valid keys, -inf for masked or padding keys) is added on the way out.
   for (int64_t j0 = 0; j0 < NP; j0 += kLanes) {
     v16f acc[kRows] = {};
     for (int64_t d = 0; d < D; ++d) {
       const v16f kv = loadv(kt + d * NP + j0);
       for (int r = 0; r < kRows; ++r) acc[r] += qf[r * D + d] * kv;
     }
-    for (int r = 0; r < kRows; ++r) storev(s + r * NP + j0, acc[r]);
+    const v16f bias = loadv(key_bias + j0);
+    for (int r = 0; r < kRows; ++r) storev(s + r * NP + j0, acc[r] + bias);
   }
   float pooled = 0.0f;
-  const v16f neg_inf = (v16f){} - INFINITY;
   for (int r = 0; r < nrows; ++r) {
     float* sr = s + r * NP;
-    // Masked keys become -inf, which exp_neg maps to 0: no branches over keys.
-    v16f vmax = neg_inf;
-    for (int64_t j0 = 0; j0 < NP; j0 += kLanes) {
-      v16f x = loadv(sr + j0);
-      x = loadv(keep + j0) > 0.0f ? x : neg_inf;
-      storev(sr + j0, x);
+    v16f vmax = loadv(sr);
+    for (int64_t j0 = kLanes; j0 < NP; j0 += kLanes) {
+      const v16f x = loadv(sr + j0);
       vmax = x > vmax ? x : vmax;
     }
     const float m = hmax(vmax);
+    // exp(-inf) is 0, so masked keys drop out of the sum and of P V.
     v16f vsum = {};
     for (int64_t j0 = 0; j0 < NP; j0 += kLanes) {
       const v16f e = exp_neg_v(loadv(sr + j0) - m);
@@ -65,16 +66,17 @@ float attention_tile(const float* __restrict qf, const float* __restrict kt, con
     }
     const float l = hsum(vsum);
     const float inv = 1.0f / l;
-    for (int64_t j0 = 0; j0 < NP; j0 += kLanes) storev(sr + j0, loadv(sr + j0) * inv);
+    row_inv[r] = inv;  // P = e / l: the 1/l is applied to the output rows, not to every p
     if (!probs) {
       pooled += m + std::log(l);
     } else {
       // x_j = lam * p_j; its maximum is lam * max p = lam / l (the max logit has p = 1 / l).
       const float xmax = lam * inv;
+      const float lam_inv = lam * inv;
       v16f t = {};
       for (int64_t j0 = 0; j0 < NP; j0 += kLanes) {
-        const v16f e = exp_neg_v(loadv(sr + j0) * lam - xmax);
-        t += loadv(keep + j0) > 0.0f ? e : (v16f){};
+        const v16f e = exp_neg_v(loadv(sr + j0) * lam_inv - xmax);
+        t += loadv(key_bias + j0) == 0.0f ? e : (v16f){};
       }
       pooled += xmax + std::log(hsum(t));
     }
@@ -88,7 +90,7 @@ float attention_tile(const float* __restrict qf, const float* __restrict kt, con
       const v16f vv = loadv(vp + j * DP + d0);
       for (int r = 0; r < kRows; ++r) acc[r] += s[r * NP + j] * vv;
     }
-    for (int r = 0; r < kRows; ++r) storev(o + r * DP + d0, acc[r]);
+    for (int r = 0; r < kRows; ++r) storev(o + r * DP + d0, acc[r] * row_inv[r]);
   }
   return pooled;
 }
@@ -109,9 +111,9 @@ void run(const T* q, const T* k, const T* v, T* out, float* pooled, const uint8_
   const int64_t BH = B * H, ntiles = (Lq + kRows - 1) / kRows;
   // K^T and padded V per head, float32, built once and shared by every row tile.
   std::vector<float> kt(BH * D * sh.NP, 0.0f), vp(BH * Lk * sh.DP, 0.0f);
-  std::vector<float> keep(B * sh.NP, 0.0f);
+  std::vector<float> key_bias(B * sh.NP, -INFINITY);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < Lk; ++j) keep[b * sh.NP + j] = (!mask || mask[b * Lk + j] != 0) ? 1.0f : 0.0f;
+    for (int64_t j = 0; j < Lk; ++j) key_bias[b * sh.NP + j] = (!mask || mask[b * Lk + j] != 0) ? 0.0f : -INFINITY;
 #pragma omp parallel for schedule(static)
   for (int64_t bh = 0; bh < BH; ++bh) {
     const T* kb = k + bh * Lk * D;
@@ -136,7 +138,7 @@ void run(const T* q, const T* k, const T* v, T* out, float* pooled, const uint8_
       for (int r = 0; r < kRows; ++r)
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = r < nrows ? load(qb, r * D + d) * scale : 0.0f;
       partial[item] = attention_tile(qf.data(), kt.data() + bh * D * sh.NP, vp.data() + bh * Lk * sh.DP,
-                                     keep.data() + (bh / H) * sh.NP, s.data(), o.data(), nrows, sh, probs, lam);
+                                     key_bias.data() + (bh / H) * sh.NP, s.data(), o.data(), nrows, sh, probs, lam);
       T* ob = out + (bh * Lq + r0) * D;
       for (int r = 0; r < nrows; ++r)
         for (int64_t d = 0; d < D; ++d) store(ob, r * D + d, o[r * sh.DP + d]);
