@@ -136,6 +136,16 @@ FASTITM_INLINE v16f exp_neg_v(v16f x) {
   return underflow ? (v16f){} : p * scale;
 }
 
+// Element i of a float32 or float16 (raw uint16_t bits) buffer, as float32.
+template <typename T>
+FASTITM_INLINE float load(const T* p, int64_t i);
+template <>
+FASTITM_INLINE float load<float>(const float* p, int64_t i) { return p[i]; }
+template <>
+FASTITM_INLINE float load<uint16_t>(const uint16_t* p, int64_t i) { return half_to_float(p[i]); }
+FASTITM_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
+FASTITM_INLINE void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_half(v); }
+
 inline void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }

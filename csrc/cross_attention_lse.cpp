@@ -95,15 +95,6 @@ float attention_tile(const float* __restrict qf, const float* __restrict kt, con
   return pooled;
 }
 
-template <typename In>
-FASTITM_INLINE float load(const In* p, int64_t i);
-template <>
-FASTITM_INLINE float load<float>(const float* p, int64_t i) { return p[i]; }
-template <>
-FASTITM_INLINE float load<uint16_t>(const uint16_t* p, int64_t i) { return half_to_float(p[i]); }
-FASTITM_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
-FASTITM_INLINE void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_half(v); }
-
 template <typename T>
 void run(const T* q, const T* k, const T* v, T* out, float* pooled, const uint8_t* mask, int64_t B,
          int64_t H, int64_t Lq, int64_t Lk, int64_t D, float scale, bool probs, float lam) {

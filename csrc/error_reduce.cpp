@@ -14,25 +14,18 @@ namespace {
 constexpr int kLanes = 16;
 
 template <typename T>
-FASTITM_INLINE float ld(const T* p, int64_t i);
-template <>
-FASTITM_INLINE float ld<float>(const float* p, int64_t i) { return p[i]; }
-template <>
-FASTITM_INLINE float ld<uint16_t>(const uint16_t* p, int64_t i) { return half_to_float(p[i]); }
-
-template <typename T>
 FASTITM_MULTIVERSION double row_sq_error(const T* __restrict a, const T* __restrict b, int64_t F) {
   float acc[kLanes] = {};
   int64_t j0 = 0;
   for (; j0 + kLanes <= F; j0 += kLanes)
     for (int jj = 0; jj < kLanes; ++jj) {
-      const float d = ld(a, j0 + jj) - ld(b, j0 + jj);
+      const float d = load(a, j0 + jj) - load(b, j0 + jj);
       acc[jj] += d * d;
     }
   double total = 0.0;
   for (int jj = 0; jj < kLanes; ++jj) total += acc[jj];
   for (; j0 < F; ++j0) {
-    const float d = ld(a, j0) - ld(b, j0);
+    const float d = load(a, j0) - load(b, j0);
     total += d * d;
   }
   return total;
