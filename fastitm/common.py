@@ -14,9 +14,8 @@ import torch
 
 from .inputs import prepare_images, prepare_texts
 from .methods import MethodSpec, resolve_method
+from .ops._backend import BACKENDS
 from .plan import Plan, make_plan
-
-BACKENDS = ("auto", "triton", "native", "reference")
 
 
 @dataclass

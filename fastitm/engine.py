@@ -11,6 +11,8 @@ Memory is bounded by the batch size, whatever the numbers of images, texts and t
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 
 from .attention import lse_pooling
@@ -57,11 +59,12 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
     uncond = torch.zeros(N, T, dtype=torch.float32, device=device)
     rows_dev = rows.to(device)
     opts = spec.options
-    bar = tqdm(total=R, desc=f"fastitm {spec.name}", unit="row", disable=progress_disabled(progress))
-    pool_ctx = (lse_pooling(model.unet, opts["layers"], opts["pool"], opts["lam"], backend)
-                if spec.needs_attention else None)
-    sink = pool_ctx.__enter__() if pool_ctx is not None else None
-    try:
+    with ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=R, desc=f"fastitm {spec.name}", unit="row",
+                                       disable=progress_disabled(progress)))
+        sink = None
+        if spec.needs_attention:
+            sink = stack.enter_context(lse_pooling(model.unet, opts["layers"], opts["pool"], opts["lam"], backend))
         for a in range(0, R, bs):
             r = rows_dev[a : a + bs]
             i, j, k = r[:, 0], r[:, 1], r[:, 2]
@@ -84,10 +87,6 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
                 text_rows = j >= 0
                 per_t[i[text_rows], j[text_rows], k[text_rows]] += pooled[text_rows]
             bar.update(len(r))
-    finally:
-        if pool_ctx is not None:
-            pool_ctx.__exit__(None, None, None)
-        bar.close()
     per_t = per_t.cpu()
     return ScoreResult(
         matrix=per_t.mean(dim=2),
