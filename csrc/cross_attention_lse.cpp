@@ -126,8 +126,9 @@ void run(const T* q, const T* k, const T* v, T* out, float* pooled, const uint8_
       const int64_t bh = item / ntiles, r0 = (item % ntiles) * kRows;
       const int nrows = (int)std::min<int64_t>(kRows, Lq - r0);
       const T* qb = q + (bh * Lq + r0) * D;
-      for (int r = 0; r < kRows; ++r)
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = r < nrows ? load(qb, r * D + d) * scale : 0.0f;
+      // Rows are contiguous in q: one flat, vectorizable loop; the rows past Lq are zero.
+      for (int64_t x = 0; x < nrows * D; ++x) qf[x] = load(qb, x) * scale;
+      for (int64_t x = nrows * D; x < kRows * D; ++x) qf[x] = 0.0f;
       partial[item] = attention_tile(qf.data(), kt.data() + bh * D * sh.NP, vp.data() + bh * Lk * sh.DP,
                                      key_bias.data() + (bh / H) * sh.NP, s.data(), o.data(), nrows, sh, probs, lam);
       T* ob = out + (bh * Lq + r0) * D;
