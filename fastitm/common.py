@@ -129,16 +129,6 @@ def target(model, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torc
     return noise.to(z.dtype)
 
 
-def error(pred: torch.Tensor, tgt: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-row error over the latent in float32: [B, C, h, w] x 2 -> [B]."""
-    d = (pred.float() - tgt.float()).flatten(1)
-    if kind == "l2":
-        return d.norm(p=2, dim=1)
-    if kind == "mse":
-        return d.pow(2).mean(dim=1)
-    raise ValueError(f"unknown error kind {kind!r}")
-
-
 def cross_attention_layers(unet, which: str) -> list[tuple[str, Any]]:
     """The UNet's cross-attention modules (``attn2``), in forward order of the module tree.
 

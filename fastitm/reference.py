@@ -19,12 +19,12 @@ from .common import (
     cross_attention_layers,
     encode_images,
     encode_texts,
-    error,
     noisy_latents,
     prepare_run,
     progress_disabled,
     target,
 )
+from .ops.error_reduce import row_errors_ref
 from .plan import Plan
 from .result import ScoreResult
 
@@ -101,11 +101,11 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
                     pred = unet(x, t, encoder_hidden_states=cond).sample
                 bar.update(1)
                 if spec.needs_error:
-                    e = error(pred, tgt, spec.err)[0].cpu()
+                    e = row_errors_ref(pred, tgt, None, spec.err)[0].cpu()
                     if spec.needs_uncond:
                         pred_u = unet(x, t, encoder_hidden_states=empty).sample
                         bar.update(1)
-                        e = e - error(pred_u, tgt, spec.err)[0].cpu()
+                        e = e - row_errors_ref(pred_u, tgt, None, spec.err)[0].cpu()
                     value = value - e
                 per_t[i, j, k] = value
     bar.close()

@@ -24,10 +24,16 @@ from ._backend import choose
 ERRS = ("l2", "mse")
 
 
-def row_errors_ref(pred: torch.Tensor, target: torch.Tensor, row_target: torch.Tensor, err: str) -> torch.Tensor:
-    """[R, F] x [Rt, F] -> [R] float32: each row's L2 or MSE against its target row."""
-    d = pred.float() - target.float()[row_target]
-    return d.norm(dim=1) if err == "l2" else d.pow(2).mean(dim=1)
+def row_errors_ref(pred: torch.Tensor, target: torch.Tensor, row_target: torch.Tensor | None, err: str) -> torch.Tensor:
+    """[R, ...] x [Rt, ...] -> [R] float32: each row's L2 or MSE over all its elements against its
+    target row ``target[row_target[r]]`` (row r itself when ``row_target`` is None)."""
+    tgt = target.float() if row_target is None else target.float()[row_target]
+    d = (pred.float() - tgt).flatten(1)
+    if err == "l2":
+        return d.norm(dim=1)
+    if err == "mse":
+        return d.pow(2).mean(dim=1)
+    raise ValueError(f"unknown err {err!r}; choose one of {ERRS}")
 
 
 def error_reduce_ref(pred, target, row_target, row_image, row_text, row_timestep, uncond,
