@@ -106,15 +106,24 @@ FASTITM_INLINE v16f loadv(const float* p) {
   return v;
 }
 FASTITM_INLINE void storev(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+// Horizontal sum and max as trees of halvings (log2(16) = 4 dependent steps instead of 15).
 FASTITM_INLINE float hsum(v16f v) {
-  float t = 0.0f;
-  for (int i = 0; i < 16; ++i) t += v[i];
-  return t;
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 FASTITM_INLINE float hmax(v16f v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  const v8f lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v8f a = lo > hi ? lo : hi;
+  const v4f b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3), b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4f b = b0 > b1 ? b0 : b1;
+  const float m0 = b[0] > b[2] ? b[0] : b[2], m1 = b[1] > b[3] ? b[1] : b[3];
+  return m0 > m1 ? m0 : m1;
 }
 
 // exp_neg on 16 lanes at once (same steps as the scalar version).

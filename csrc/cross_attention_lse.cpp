@@ -19,10 +19,47 @@
 namespace fastitm {
 namespace {
 
-constexpr int kRows = 16;  // query rows per tile
+constexpr int kRows = 8;   // query rows per tile
 constexpr int kLanes = 16; // inner chunk width (one AVX-512 register of floats)
 
 FASTITM_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// S[:, j0 : j0 + 16 NV] = q K^T + bias for the tile's rows: kRows x NV vector accumulators held in
+// registers across the D loop; each broadcast q value feeds NV multiply-adds, each K vector kRows.
+template <int NV>
+FASTITM_INLINE void s_block(const float* __restrict qf, const float* __restrict kt, const float* __restrict bias,
+                            float* __restrict s, int64_t D, int64_t NP, int64_t j0) {
+  v16f acc[kRows][NV] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    v16f kv[NV];
+    for (int c = 0; c < NV; ++c) kv[c] = loadv(kt + d * NP + j0 + c * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float qv = qf[r * D + d];
+      for (int c = 0; c < NV; ++c) acc[r][c] += qv * kv[c];
+    }
+  }
+  for (int c = 0; c < NV; ++c) {
+    const v16f b = loadv(bias + j0 + c * kLanes);
+    for (int r = 0; r < kRows; ++r) storev(s + r * NP + j0 + c * kLanes, acc[r][c] + b);
+  }
+}
+
+// O[:, d0 : d0 + 16 NV] = (e V) / l over the keys, likewise register-blocked.
+template <int NV>
+FASTITM_INLINE void pv_block(const float* __restrict s, const float* __restrict vp, const float* __restrict row_inv,
+                             float* __restrict o, int64_t Lk, int64_t NP, int64_t DP, int64_t d0) {
+  v16f acc[kRows][NV] = {};
+  for (int64_t j = 0; j < Lk; ++j) {
+    v16f vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = loadv(vp + j * DP + d0 + c * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float p = s[r * NP + j];
+      for (int c = 0; c < NV; ++c) acc[r][c] += p * vv[c];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NV; ++c) storev(o + r * DP + d0 + c * kLanes, acc[r][c] * row_inv[r]);
+}
 
 struct Shape {
   int64_t Lk, D, NP, DP;
@@ -37,17 +74,10 @@ float attention_tile(const float* __restrict qf, const float* __restrict kt, con
   const int64_t D = sh.D, NP = sh.NP, DP = sh.DP, Lk = sh.Lk;
   float row_inv[kRows];
   for (int r = 0; r < kRows; ++r) row_inv[r] = 0.0f;
-  // S = q K^T + bias: kRows vector accumulators of 16 keys each, held in registers across the D
-  // loop; the bias row (0 for valid keys, -inf for masked or padding keys) is added on the way out.
-  for (int64_t j0 = 0; j0 < NP; j0 += kLanes) {
-    v16f acc[kRows] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const v16f kv = loadv(kt + d * NP + j0);
-      for (int r = 0; r < kRows; ++r) acc[r] += qf[r * D + d] * kv;
-    }
-    const v16f bias = loadv(key_bias + j0);
-    for (int r = 0; r < kRows; ++r) storev(s + r * NP + j0, acc[r] + bias);
-  }
+  // S = q K^T + bias (0 for valid keys, -inf for masked or padding keys), 32 keys at a time.
+  int64_t j0 = 0;
+  for (; j0 + 2 * kLanes <= NP; j0 += 2 * kLanes) s_block<2>(qf, kt, key_bias, s, D, NP, j0);
+  if (j0 < NP) s_block<1>(qf, kt, key_bias, s, D, NP, j0);
   float pooled = 0.0f;
   for (int r = 0; r < nrows; ++r) {
     float* sr = s + r * NP;
@@ -83,15 +113,10 @@ float attention_tile(const float* __restrict qf, const float* __restrict kt, con
   }
   for (int r = nrows; r < kRows; ++r)
     for (int64_t j = 0; j < NP; ++j) s[r * NP + j] = 0.0f;
-  // O = P V: kRows vector accumulators of 16 output features each, over the keys.
-  for (int64_t d0 = 0; d0 < DP; d0 += kLanes) {
-    v16f acc[kRows] = {};
-    for (int64_t j = 0; j < Lk; ++j) {
-      const v16f vv = loadv(vp + j * DP + d0);
-      for (int r = 0; r < kRows; ++r) acc[r] += s[r * NP + j] * vv;
-    }
-    for (int r = 0; r < kRows; ++r) storev(o + r * DP + d0, acc[r] * row_inv[r]);
-  }
+  // O = P V, 32 output features at a time.
+  int64_t d0 = 0;
+  for (; d0 + 2 * kLanes <= DP; d0 += 2 * kLanes) pv_block<2>(s, vp, row_inv, o, Lk, NP, DP, d0);
+  if (d0 < DP) pv_block<1>(s, vp, row_inv, o, Lk, NP, DP, d0);
   return pooled;
 }
 
