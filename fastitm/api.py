@@ -24,6 +24,8 @@ def score(
     backend: str = "auto",
     batch_size: int | None = None,
     progress: bool | None = None,
+    checkpoint: str | None = None,
+    checkpoint_every: float = 60.0,
     **options: Any,
 ) -> ScoreResult:
     """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
@@ -40,10 +42,18 @@ def score(
     backend: "auto" | "triton" | "native" | "reference" for the fused ops.
     batch_size: UNet rows per forward pass (default: 32 on CUDA, 8 on CPU); memory is bounded by it.
     progress: show a progress bar with rows per second (default: only on a terminal).
+    checkpoint: a file where finished cells are saved every ``checkpoint_every`` seconds, on Ctrl-C
+        and at the end; rerunning with the same inputs, plan and path resumes without recomputing
+        them (a checkpoint of another run is refused). Ctrl-C finishes the batch in flight and raises
+        :class:`fastitm.engine.Interrupted` (a KeyboardInterrupt) carrying the partial result.
+
+    ``res.stats`` counts the work: UNet rows computed, VAE images, text encodes, rows saved by
+    adaptive elimination (``diffusion_classifier``, ``elimination=[(T_1, keep_1), ...]``).
     """
     from . import engine
 
     check_backend(backend)
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, options=options)
-    return engine.score_run(run, backend=backend, batch_size=batch_size, progress=progress)
+    return engine.score_run(run, backend=backend, batch_size=batch_size, progress=progress,
+                            checkpoint=checkpoint, checkpoint_every=checkpoint_every)

@@ -64,9 +64,16 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     model = _load(args.model, args.dtype, args.device)
     options = dict(args.option or [])
-    res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
-                seed=args.seed, resize=args.resize, scheme=args.scheme, backend=args.backend,
-                progress=None if not args.no_progress else False, **options)
+    from .engine import Interrupted
+
+    try:
+        res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
+                    seed=args.seed, resize=args.resize, scheme=args.scheme, backend=args.backend,
+                    batch_size=args.batch_size, progress=None if not args.no_progress else False,
+                    checkpoint=args.checkpoint, **options)
+    except Interrupted as e:
+        print(f"fastitm: {e}", file=sys.stderr)
+        return 130
     names = [Path(p).name for p in args.images]
     print(f"method: {res.method} {res.options}  timesteps: {res.plan.timesteps.tolist()}  seed: {res.plan.seed}")
     print(format_table(res.matrix, names, args.texts))
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--texts", nargs="+", required=True, help="captions")
     s.add_argument("--method", default="diffusion_itm", choices=METHODS)
     s.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
-                   help="method option, e.g. normalize=false, err=mse, pool=probs (repeatable)")
+                   help="method option, e.g. normalize=false, err=mse, pool=probs, elimination=2:5,5:1 (repeatable)")
     s.add_argument("--timesteps", type=int, default=10)
     s.add_argument("--scheme", default="grid", choices=("grid", "stratified"))
     s.add_argument("--seed", type=int, default=0)
@@ -125,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"))
+    s.add_argument("--batch-size", type=int, default=None, help="UNet rows per forward pass")
+    s.add_argument("--checkpoint", default=None,
+                   help="save finished work here as it goes; rerun with it to resume after Ctrl-C")
     s.add_argument("--json", default=None, help="write the matrix, plan, method and versions here")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(func=cmd_score)

@@ -7,6 +7,11 @@ Higher score = better match for every method.
   ``"mse"`` the mean squared error. ``normalize=True`` subtracts the unconditional (empty prompt)
   error of the same image and timestep, which image retrieval needs; score = -mean_k (e - u).
 - ``diffusion_classifier`` (Li et al. 2023): score = -mean_k MSE, no unconditional pass.
+  ``elimination=[(T_1, keep_1), (T_2, keep_2), ...]`` is the paper's adaptive elimination for many
+  candidate texts: after the first T_r timesteps (taken in a spread-out order, see
+  :func:`fastitm.methods.spread_order`) only each image's best keep_r texts go on; the survivors
+  get every timestep of the plan, the others score ``-inf`` (their partial errors stay in
+  ``per_timestep``, NaN where not computed). On the command line: ``elimination=2:5,5:1``.
 - ``discffusion`` (He et al.): row-wise LogSumExp of the cross-attention logits (``pool="logits"``,
   the published code) or of ``lam`` times the softmax probabilities (``pool="probs"``, the paper's
   eq. 4), averaged over pixels, heads, the selected layers (``layers="all"`` cross-attention layers,
@@ -25,7 +30,7 @@ ERRS = ("l2", "mse")
 # name -> {option: (default, allowed values or a type)}
 _OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
     "diffusion_itm": {"err": ("l2", ERRS), "normalize": (True, bool)},
-    "diffusion_classifier": {},
+    "diffusion_classifier": {"elimination": (None, "rounds")},
     "discffusion": {
         "pool": ("logits", ("logits", "probs")),
         "lam": (1.0, float),
@@ -64,6 +69,49 @@ class MethodSpec:
         return self.name == "discffusion"
 
 
+def parse_rounds(value: Any, what: str = "elimination") -> tuple[tuple[int, int], ...] | None:
+    """``[(T_1, keep_1), ...]`` or ``"T_1:keep_1,T_2:keep_2"`` -> a checked tuple of pairs, or None.
+
+    The timestep counts must rise and the numbers kept must fall, all at least 1.
+    """
+    if value is None or value == "" or value == "none":
+        return None
+    try:
+        if isinstance(value, str):
+            pairs = [tuple(int(x) for x in part.split(":")) for part in value.split(",")]
+        else:
+            pairs = [tuple(int(x) for x in p) for p in value]
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be rounds (timesteps, keep), e.g. [(2, 5), (5, 1)] or '2:5,5:1'; "
+                         f"got {value!r}") from None
+    ts, keeps = [p[0] for p in pairs], [p[1] for p in pairs]
+    if min(ts + keeps) < 1 or ts != sorted(set(ts)) or keeps != sorted(set(keeps), reverse=True):
+        raise ValueError(f"{what}: timestep counts must rise and the numbers kept fall, all >= 1; got {pairs}")
+    return tuple(pairs)  # type: ignore[return-value]
+
+
+def spread_order(T: int) -> list[int]:
+    """Timestep indices 0..T-1 ordered farthest-point first (from the middle), so every prefix is
+    spread over the whole schedule: the order in which adaptive elimination evaluates timesteps."""
+    if T < 1:
+        return []
+    chosen = [T // 2]
+    rest = set(range(T)) - set(chosen)
+    while rest:
+        k = max(sorted(rest), key=lambda k: min(abs(k - c) for c in chosen))
+        chosen.append(k)
+        rest.remove(k)
+    return chosen
+
+
+def check_rounds(rounds: tuple[tuple[int, int], ...] | None, T: int) -> None:
+    """Rounds must fit the plan: no round may ask for more timesteps than the plan has."""
+    if rounds and rounds[-1][0] > T:
+        raise ValueError(f"elimination round asks for {rounds[-1][0]} timesteps but the plan has {T}")
+
+
 def resolve_method(method: str, options: dict | None = None) -> MethodSpec:
     """Check the method name and its options; fill defaults. Raises naming what is wrong."""
     if not isinstance(method, str) or method not in METHODS:
@@ -86,6 +134,8 @@ def resolve_method(method: str, options: dict | None = None) -> MethodSpec:
             value = float(value)
             if not value > 0:
                 raise ValueError(f"option {name!r} of {method!r} must be positive, got {value}")
+        elif kind == "rounds":
+            value = parse_rounds(value, f"option {name!r} of {method!r}")
         elif value not in kind:
             raise ValueError(f"option {name!r} of {method!r} must be one of {kind}, got {value!r}")
         out[name] = value

@@ -24,6 +24,7 @@ from .common import (
     progress_disabled,
     target,
 )
+from .methods import check_rounds, spread_order
 from .ops.error_reduce import row_errors_ref
 from .plan import Plan
 from .result import ScoreResult
@@ -70,6 +71,30 @@ def capture_attention_lse(unet, layers: str, pool: str, lam: float):
             h.remove()
 
 
+def eliminate_ref(per_t: torch.Tensor, rounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive elimination replayed on complete per-timestep scores [N, M, T]: after round r's
+    first T_r timesteps (in :func:`fastitm.methods.spread_order`), each image keeps its best keep_r
+    texts (ties: lower index). Returns the matrix (-inf for eliminated texts) and the per-timestep
+    scores with NaN where the engine would not have computed them."""
+    N, M, T = per_t.shape
+    check_rounds(rounds, T)
+    order = spread_order(T)
+    seen = torch.full((N, M), T, dtype=torch.long)  # how many timesteps (in order) each text gets
+    for i in range(N):
+        alive = list(range(M))
+        for steps, keep in rounds:
+            partial = {j: per_t[i, j, order[:steps]].mean().item() for j in alive}
+            ranked = sorted(alive, key=lambda j: (-partial[j], j))
+            for j in ranked[keep:]:
+                seen[i, j] = steps
+            alive = sorted(ranked[:keep])
+    masked = per_t.clone()
+    for n in range(T):
+        masked[:, :, order[n]].masked_fill_(seen <= n, float("nan"))
+    matrix = per_t.mean(dim=2).masked_fill(seen < T, float("-inf"))
+    return matrix, masked
+
+
 @torch.no_grad()
 def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
     """Score a checked :class:`Run` pair by pair, timestep by timestep."""
@@ -109,8 +134,12 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
                     value = value - e
                 per_t[i, j, k] = value
     bar.close()
+    matrix = per_t.mean(dim=2)
+    rounds = spec.options.get("elimination")
+    if rounds:
+        matrix, per_t = eliminate_ref(per_t, rounds)
     return ScoreResult(
-        matrix=per_t.mean(dim=2),
+        matrix=matrix,
         plan=plan,
         method=spec.name,
         options=dict(spec.options),

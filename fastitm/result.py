@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -121,7 +122,8 @@ class ScoreResult:
             "method": self.method,
             "options": self.options,
             "backend": self.backend,
-            "matrix": self.matrix.tolist(),
+            # JSON has no inf/NaN: eliminated (-inf) and unfinished (NaN) pairs are written as null.
+            "matrix": [[v if math.isfinite(v) else None for v in row] for row in self.matrix.tolist()],
             "plan": self.plan.describe(),
             "stats": self.stats,
             "versions": {

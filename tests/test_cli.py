@@ -70,3 +70,31 @@ def test_demo_runs(tmp_path, capsys):
     for method in fastitm.METHODS:
         assert f"== {method}" in out
     assert (tmp_path / "demo_grid.png").is_file()
+
+
+def test_elimination_checkpoint_and_batch_size(tiny_dir, image_files, tmp_path):
+    out, ckpt = tmp_path / "out.json", tmp_path / "run.pt"
+    texts = ["a dog", "a cat", "a red circle", "two birds"]
+    args = ["score", "--model", str(tiny_dir), "--images", *map(str, image_files), "--texts", *texts,
+            "--method", "diffusion_classifier", "--option", "elimination=1:2", "--timesteps", "3",
+            "--batch-size", "3", "--checkpoint", str(ckpt), "--json", str(out), "--no-progress"]
+    assert main(args) == 0 and ckpt.exists()
+    data = json.loads(out.read_text())
+    ref = fastitm.reference.score(image_files, texts, model=fastitm.load_model(tiny_dir),
+                                  method="diffusion_classifier", timesteps=3, seed=0, elimination=[(1, 2)])
+    for row, ref_row in zip(data["matrix"], ref.matrix.tolist()):
+        assert [v is None for v in row] == [v == float("-inf") for v in ref_row]  # eliminated -> null
+        assert all(abs(v - r) <= 1e-5 * abs(r) for v, r in zip(row, ref_row) if v is not None)
+    assert data["stats"]["unet_rows"] == 2 * (4 * 1 + 2 * 2) and data["stats"]["batch_size"] == 3
+    # Rerunning with the finished checkpoint computes nothing.
+    assert main(args) == 0
+    assert json.loads(out.read_text())["stats"]["unet_rows"] == 0
+
+
+def test_checkpoint_of_another_run_exits_2(tiny_dir, image_files, tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    base = ["score", "--model", str(tiny_dir), "--images", *map(str, image_files), "--timesteps", "1",
+            "--checkpoint", str(ckpt), "--no-progress", "--texts"]
+    assert main(base + ["a dog"]) == 0
+    assert main(base + ["a cat"]) == 2
+    assert "another run" in capsys.readouterr().err

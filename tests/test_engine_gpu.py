@@ -1,0 +1,56 @@
+"""The engine on a CUDA GPU: CUDA graphs against eager, and fp16/bf16 against an fp32 truth.
+
+All tests here are marked ``gpu`` (skipped on machines without CUDA)."""
+
+import pytest
+import torch
+
+import fastitm
+from fastitm.testing import assert_close
+
+pytestmark = pytest.mark.gpu
+
+TEXTS = ["a red circle", "a blue square left of a dog", "a cat", "green", "a yellow triangle above a circle"]
+CONFIGS = [("diffusion_itm", {}), ("diffusion_classifier", {}), ("discffusion", {"denoise": True}),
+           ("diffusion_classifier", {"elimination": [(2, 2)]})]
+
+
+@pytest.fixture(scope="module")
+def tiny_cuda():
+    return fastitm.testing.tiny_model(seed=0).to(device="cuda")
+
+
+@pytest.mark.parametrize("method,opts", CONFIGS)
+def test_cuda_graphs_match_eager(tiny_cuda, monkeypatch, method, opts):
+    imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(model=tiny_cuda, method=method, timesteps=4, seed=1, batch_size=7, **opts)  # 7 does not divide
+    monkeypatch.setenv("FASTITM_CUDA_GRAPHS", "0")
+    eager = fastitm.score(imgs, TEXTS, **kw)
+    monkeypatch.setenv("FASTITM_CUDA_GRAPHS", "1")
+    graphed = fastitm.score(imgs, TEXTS, **kw)
+    assert not eager.stats["cuda_graphs"] and graphed.stats["cuda_graphs"] and graphed.stats["graph_replays"] > 0
+    assert torch.equal(graphed.matrix.isinf(), eager.matrix.isinf())
+    fin = eager.matrix.isfinite()
+    assert_close(graphed.matrix[fin], eager.matrix[fin], rtol=1e-5, atol=2e-5)
+    ref = fastitm.reference.score(imgs, TEXTS, model=tiny_cuda, method=method, plan=graphed.plan, **opts)
+    assert_close(graphed.matrix[fin], ref.matrix[fin], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method,opts", CONFIGS[:3])
+def test_low_precision_rankings(method, opts, dtype):
+    model32 = fastitm.testing.tiny_model(seed=0).to(device="cuda")
+    model_lp = fastitm.testing.tiny_model(seed=0).to(device="cuda", dtype=dtype)
+    imgs = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    truth = fastitm.reference.score(imgs, TEXTS, model=model32, method=method, timesteps=4, seed=0, **opts)
+    fast = fastitm.score(imgs, TEXTS, model=model_lp, method=method, plan=truth.plan, **opts)
+    eager = fastitm.reference.score(imgs, TEXTS, model=model_lp, method=method, plan=truth.plan, **opts)
+    # The engine in this dtype is no further from the fp32 truth than PyTorch's own eager path in it.
+    err_fast = (fast.matrix - truth.matrix).abs().max().item()
+    err_torch = (eager.matrix - truth.matrix).abs().max().item()
+    assert err_fast <= 2 * err_torch + 1e-6, (err_fast, err_torch)
+    # Rankings agree wherever the truth separates two texts by more than that error.
+    tol = 2 * max(err_fast, err_torch)
+    gaps = (truth.matrix[:, :, None] - truth.matrix[:, None, :]).abs()
+    same = (fast.matrix[:, :, None] > fast.matrix[:, None, :]) == (truth.matrix[:, :, None] > truth.matrix[:, None, :])
+    assert same[gaps > tol].all()
