@@ -106,6 +106,49 @@ def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int
     return Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"tiny_model(seed={seed})")
 
 
+def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) -> Model:
+    """A random-weight model with Stable Diffusion 2.1-base's architecture (512 px images, 4x64x64
+    latents, UNet 320/640/1280/1280 with linear projections and head dims 5/10/20/20, a 23-layer
+    1024-wide CLIP text encoder). Random weights give true timings: for benchmarks, not scores.
+    The tokenizer is :func:`tiny_tokenizer` (its ids all fall inside the model's vocabulary)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            layers_per_block=2,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    model = Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"sd21_base_architecture(seed={seed})")
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, name: str = ""):
     """``torch.testing.assert_close`` semantics, with a message naming the worst element and the
     count and share of failures, and NaN/Inf disagreements."""

@@ -25,7 +25,7 @@ def img_tensor(n=1, size=16):
     ([42], ["a"], {}, TypeError, "image 0 is a int"),
     (None, ["a"], {"method": "clip"}, ValueError, "unknown method 'clip'"),
     (None, ["a"], {"temperature": 2}, ValueError, "unknown option\\(s\\) \\['temperature'\\]"),
-    (None, ["a"], {"method": "diffusion_classifier", "normalize": True}, ValueError, "takes no options"),
+    (None, ["a"], {"method": "diffusion_classifier", "normalize": True}, ValueError, "its options are \\[.elimination.\\]"),
     (None, ["a"], {"err": "l1"}, ValueError, "option 'err'"),
     (None, ["a"], {"normalize": "yes"}, TypeError, "True or False"),
     (None, ["a"], {"method": "discffusion", "lam": -1.0}, ValueError, "positive"),

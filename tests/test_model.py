@@ -84,3 +84,13 @@ def test_no_embedded_model_yet_says_so():
         pytest.skip("an embedded model is shipped")
     with pytest.raises(FileNotFoundError, match="tiny_model"):
         fastitm.load_model()
+
+
+def test_sd21_base_architecture_matches_published_sizes():
+    """The GPU benchmarks' model has SD 2.1-base's architecture: parameter counts of the published
+    checkpoint's UNet, VAE and OpenCLIP-H text encoder, 512 px images and 4x64x64 latents."""
+    m = fastitm.testing.sd21_base_architecture()
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert (count(m.unet), count(m.vae), count(m.text_encoder)) == (865_910_724, 83_653_863, 340_387_840)
+    assert m.latent_shape == (4, 64, 64) and m.resolution == 512
+    assert {a.heads for n, a in m.unet.named_modules() if n.endswith("attn2")} == {5, 10, 20}
