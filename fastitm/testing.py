@@ -27,8 +27,10 @@ _TINY_WORDS = (
 ).split()
 
 
-def tiny_tokenizer():
-    """A CLIP tokenizer over a small vocabulary: all bytes, their word-final forms, a few words."""
+def tiny_tokenizer(words=_TINY_WORDS):
+    """A CLIP tokenizer over a small vocabulary: all bytes, their word-final forms, and merges that
+    build ``words`` left to right (most become one token; a word can stay in pieces where an earlier
+    word's merge outranks its own, e.g. "green" after "red"). Any other text still tokenizes."""
     from transformers import CLIPTokenizer
 
     alphabet = _byte_alphabet()
@@ -36,7 +38,7 @@ def tiny_tokenizer():
     for tok in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(tok, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in _TINY_WORDS:
+    for word in words:
         # Merge left to right so "dog</w>" is built as d+o -> do, do+g</w> -> dog</w>.
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:

@@ -1,0 +1,54 @@
+"""Evaluation helpers against an independent count from reference scores."""
+
+import pytest
+import torch
+
+import fastitm
+from fastitm import data, evaluate
+from fastitm.plan import make_plan
+
+
+def test_hard_negatives_counts_match_reference(tiny):
+    examples = data.make_dataset(4, "heldout", seed=2, size=16)
+    rep = evaluate.hard_negatives(tiny, examples, timesteps=3, seed=1, progress=False)
+    plan = make_plan(tiny, 3, seed=1)
+    correct, total = {}, {}
+    for e, row in zip(examples, rep.rows):
+        kinds = list(e.negatives)
+        ref = fastitm.reference.score([e.image], [e.caption] + [e.negatives[k] for k in kinds], model=tiny,
+                                      plan=plan).matrix[0]
+        assert abs(row["score"] - ref[0].item()) <= 1e-4 * max(1.0, abs(ref[0].item()))
+        for n, k in enumerate(kinds, start=1):
+            total[k] = total.get(k, 0) + 1
+            correct[k] = correct.get(k, 0) + int(ref[0] > ref[n])
+    assert rep.total == total and rep.correct == correct
+    assert rep.accuracy("colour") == correct["colour"] / total["colour"]
+
+
+def test_image_retrieval_matches_reference(tiny):
+    examples = data.make_dataset(7, "heldout", seed=3, size=16)
+    acc, n = evaluate.image_retrieval(tiny, examples, group=3, timesteps=2, seed=0, progress=False)
+    plan = make_plan(tiny, 2, seed=0)
+    distinct = list({e.caption: e for e in examples}.values())
+    groups = [distinct[a : a + 3] for a in range(0, len(distinct) - len(distinct) % 3, 3)]
+    right = 0
+    for g in groups:
+        m = fastitm.reference.score([e.image for e in g], [e.caption for e in g], model=tiny, plan=plan).matrix
+        right += int((m.argmax(dim=0) == torch.arange(len(g))).sum())
+    assert n == 3 * len(groups) and acc == right / n
+
+
+def test_bad_input(tiny):
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate.hard_negatives(tiny, [])
+    with pytest.raises(TypeError, match="needs .image"):
+        evaluate.hard_negatives(tiny, ["not an example"])
+    ex = data.make_dataset(2, "heldout", seed=0, size=16, two_object_share=0.0)
+    with pytest.raises(ValueError, match="swap_relation"):
+        evaluate.hard_negatives(tiny, ex, kinds=["swap_relation"], timesteps=1)
+    with pytest.raises(ValueError, match="group"):
+        evaluate.image_retrieval(tiny, ex, group=1)
+    with pytest.raises(ValueError, match="distinct captions"):
+        evaluate.image_retrieval(tiny, ex, group=5, timesteps=1)
+    with pytest.raises(KeyError, match="swap_objects"):
+        evaluate.hard_negatives(tiny, ex, timesteps=1, progress=False).accuracy("swap_objects")
