@@ -8,8 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import reference, testing  # noqa: E402
+from . import data, evaluate, reference, testing  # noqa: E402
 from .api import score  # noqa: E402
+from .engine import Interrupted  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .model import Model, ModelError, load_model  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402
@@ -17,10 +18,13 @@ from .result import ScoreResult, winoground  # noqa: E402
 
 __all__ = [
     "METHODS",
+    "Interrupted",
     "Model",
     "ModelError",
     "Plan",
     "ScoreResult",
+    "data",
+    "evaluate",
     "load_model",
     "make_plan",
     "reference",

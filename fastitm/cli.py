@@ -90,7 +90,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out_dir=args.out, timesteps=args.timesteps, seed=args.seed)
+    if args.n < 8:
+        raise ValueError(f"--n must be at least 8 (image retrieval uses groups of 8), got {args.n}")
+    return run_demo(out_dir=args.out, timesteps=args.timesteps, seed=args.seed, n=args.n, model_path=args.model)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -139,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(func=cmd_score)
 
-    d = sub.add_parser("demo", help="score a small synthetic set with every method (no downloads)")
+    d = sub.add_parser("demo", help="accuracy of every method on held-out synthetic images (no downloads)")
+    d.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")
+    d.add_argument("--n", type=int, default=48, help="held-out images to score")
     d.add_argument("--out", default="fastitm-demo", help="folder for the picture it saves")
     d.add_argument("--timesteps", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)

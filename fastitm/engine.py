@@ -56,22 +56,43 @@ def default_batch_size(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 8
 
 
-def plan_rows(N: int, M: int, T: int, needs_uncond: bool) -> torch.Tensor:
-    """[R, 3] int64 rows (image, text or -1, timestep), ordered so that each (image, timestep)
-    group is contiguous with its unconditional row first."""
-    alive = torch.ones(N, M, dtype=torch.bool)
-    return stage_rows(alive, list(range(T)), needs_uncond)
+def image_rows(i: int, texts: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """[len(ks) * len(texts), 3] int64 rows (image i, text or -1, timestep), grouped by timestep
+    with the texts in the given order (the unconditional -1 first when present)."""
+    k, j = torch.meshgrid(ks, texts, indexing="ij")
+    return torch.stack([torch.full_like(k, i).flatten(), j.flatten(), k.flatten()], dim=1)
 
 
-def stage_rows(alive: torch.Tensor, ks: list[int], needs_uncond: bool) -> torch.Tensor:
-    """Rows (image, text or -1, timestep) for the texts ``alive[i]`` of every image on timesteps
-    ``ks``, grouped by (image, timestep) with the unconditional row first."""
-    rows = []
+def stage_chunks(alive: torch.Tensor, ks: list[int], needs_uncond: bool) -> Iterator[torch.Tensor]:
+    """Rows for the texts ``alive[i]`` of every image on timesteps ``ks``, one image at a time, so
+    no table of all N * M * T rows is ever built."""
+    ks_t = torch.tensor(ks, dtype=torch.long)
+    if not len(ks_t):
+        return
     for i in range(alive.shape[0]):
-        texts = ([-1] if needs_uncond else []) + alive[i].nonzero().flatten().tolist()
-        for k in ks:
-            rows.extend((i, j, k) for j in texts)
-    return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+        texts = alive[i].nonzero().flatten()
+        if needs_uncond:
+            texts = torch.cat([torch.tensor([-1]), texts])
+        if len(texts):
+            yield image_rows(i, texts, ks_t)
+
+
+def pack(chunks: Iterator[torch.Tensor], bs: int) -> Iterator[torch.Tensor]:
+    """Re-cut a stream of row chunks into batches of exactly ``bs`` rows (the last may be short)."""
+    buf: list[torch.Tensor] = []
+    n = 0
+    for c in chunks:
+        if not len(c):
+            continue
+        buf.append(c)
+        n += len(c)
+        if n >= bs:
+            rows = torch.cat(buf)
+            full = (n // bs) * bs
+            yield from rows[:full].split(bs)
+            buf, n = [rows[full:]], n - full
+    if n:
+        yield torch.cat(buf)
 
 
 def fingerprint(run: Run) -> str:
@@ -158,23 +179,24 @@ def _deferred_interrupt() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _stages(run: Run, state: _State) -> Iterator[torch.Tensor]:
-    """The rows to compute, stage by stage. Without elimination, one stage of every row. With it,
-    one stage per round; each is generated after the previous stage's errors are in ``state``."""
+def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
+    """The rows to compute, stage by stage, each a stream of per-image chunks. Without elimination,
+    one stage of every row. With it, one stage per round; each is generated after the previous
+    stage's errors are in ``state``."""
     N, M, T = run.pixels.shape[0], len(run.texts), len(run.plan)
     spec = run.spec
     rounds = spec.options.get("elimination")
+    alive = torch.ones(N, M, dtype=torch.bool)
     if not rounds:
-        yield plan_rows(N, M, T, spec.needs_uncond)
+        yield stage_chunks(alive, list(range(T)), spec.needs_uncond)
         return
     order = spread_order(T)
-    alive = torch.ones(N, M, dtype=torch.bool)
     start = 0
     for steps, keep in rounds:
-        yield stage_rows(alive, order[start:steps], spec.needs_uncond)
+        yield stage_chunks(alive, order[start:steps], spec.needs_uncond)
         alive = survivors(state.per_t[:, :, order[:steps]].cpu().mean(dim=2), alive, keep)
         start = steps
-    yield stage_rows(alive, order[start:], spec.needs_uncond)
+    yield stage_chunks(alive, order[start:], spec.needs_uncond)
 
 
 def survivors(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch.Tensor:
@@ -246,15 +268,15 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
             sink = stack.enter_context(lse_pooling(model.unet, opts["layers"], opts["pool"], opts["lam"], backend))
         runner = UNetRunner(model.unet, sink, bucket=bs, use_graph=use_graph)
         last_save = time.monotonic()
-        for rows in _stages(run, state):
-            if len(rows):
-                cells = rows[:, 1].where(rows[:, 1] >= 0, M)
-                todo = ~state.done[rows[:, 0], cells, rows[:, 2]]
-                bar.update(int((~todo).sum()))  # resumed work counts as done on the bar
-                rows = rows[todo]
-            rows_dev = rows.to(device)
-            for a in range(0, len(rows), bs):
-                r = rows_dev[a : a + bs]
+        bar.update(resumed)  # resumed work counts as done on the bar
+
+        def todo(chunks):
+            for c in chunks:  # skip the cells a checkpoint already holds
+                yield c[~state.done[c[:, 0], c[:, 1].where(c[:, 1] >= 0, M), c[:, 2]]]
+
+        for stage in _stages(run, state):
+            for rc in pack(todo(stage), bs):
+                r = rc.to(device)
                 i, j, k = r[:, 0], r[:, 1], r[:, 2]
                 t = timesteps[k]
                 zi, nk = z[i], noise[k]
@@ -271,7 +293,6 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
                 if pooled is not None:
                     text_rows = j >= 0
                     state.per_t[i[text_rows], j[text_rows], k[text_rows]] += pooled[text_rows]
-                rc = rows[a : a + bs]
                 state.done[rc[:, 0], rc[:, 1].where(rc[:, 1] >= 0, M), rc[:, 2]] = True
                 computed += len(r)
                 bar.update(len(r))
@@ -284,6 +305,8 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
                         state.save(ckpt, key)
                     partial = _result(run, state, backend, stats, complete=False)
                     raise Interrupted(partial, str(ckpt) if ckpt else None, int(state.done.sum()), full_rows)
+        bar.total = bar.n  # adaptive elimination skips rows: end the bar at what was needed
+        bar.refresh()
     if ckpt is not None:
         state.save(ckpt, key)
     stats["unet_rows"] = computed

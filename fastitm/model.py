@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def _check_folder(path: Path) -> None:
 
 
 def embedded_model_path() -> Path | None:
-    """The folder of the model shipped inside the package, or None while none is shipped."""
+    """The folder of the model shipped inside the package, or None in a build without it."""
     p = Path(__file__).parent / "assets" / "default_model"
     return p if (p / "model_index.json").is_file() else None
 
@@ -198,14 +199,15 @@ def load_model(
         path = embedded_model_path()
         if path is None:
             raise FileNotFoundError(
-                "this fastitm build ships no embedded model yet; pass a diffusers model folder, or "
+                "this fastitm build has no embedded model (fastitm/assets/default_model is missing); pass a diffusers model folder, or "
                 "use fastitm.testing.tiny_model() for a random-weight model of the same architecture"
             )
     path = Path(path).expanduser()
     _check_folder(path)
     kw = dict(local_files_only=True)
-    with warnings.catch_warnings():
-        # diffusers/transformers warn about unused config keys of newer/older versions; harmless here.
+    with warnings.catch_warnings(), _quiet_loading():
+        # diffusers/transformers warn about unused config keys of newer/older versions and about
+        # optional speed-ups (accelerate); harmless here, and noise in a command's output.
         warnings.simplefilter("ignore")
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
@@ -213,7 +215,29 @@ def load_model(
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     model = Model(unet, vae, text_encoder, tokenizer, scheduler, source=str(path))
-    return model.to(device=device)
+    if torch.device(device) != model.device:
+        model.to(device=device)
+    return model
+
+
+@contextmanager
+def _quiet_loading():
+    """Silence diffusers' and transformers' loggers and loading progress bars for the block."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars:
+            tlog.enable_progress_bar()
 
 
 _DTYPES = {

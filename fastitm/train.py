@@ -13,7 +13,7 @@ train split only:
    prediction DiffusionITM normalizes by is trained too.
 
 Everything is seeded; the command, steps, losses and data go into a model card (README.md) beside
-the weights. Defaults take about 50 minutes on 2 CPU cores.
+the weights. Defaults take about 50 minutes on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=7000)
+    p.add_argument("--unet-steps", type=int, default=6000)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--caption-drop", type=float, default=0.1)

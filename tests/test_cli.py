@@ -65,11 +65,24 @@ def test_missing_model_folder(tmp_path, image_files, capsys):
 
 
 def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--timesteps", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--timesteps", "2", "--n", "8"]) == 0
     out = capsys.readouterr().out
+    assert "RANDOM-WEIGHT" not in out  # the embedded model, not the fallback
+    table = out.split("chance is 0.50")[1]
     for method in fastitm.METHODS:
-        assert f"== {method}" in out
-    assert (tmp_path / "demo_grid.png").is_file()
+        row = next(line for line in table.splitlines() if line.startswith(method))
+        accs = [float(x) for x in row.split()[1::2]]  # "0.88 (8)" cells
+        assert len(accs) == 5 and all(0.0 <= a <= 1.0 for a in accs)
+    assert "image retrieval" in out
+    from PIL import Image
+
+    with Image.open(tmp_path / "demo_grid.png") as im:
+        assert im.size[0] >= 6 * 128
+
+
+def test_demo_bad_n(capsys):
+    assert main(["demo", "--n", "3"]) == 2
+    assert "--n must be at least 8" in capsys.readouterr().err
 
 
 def test_elimination_checkpoint_and_batch_size(tiny_dir, image_files, tmp_path):

@@ -79,11 +79,16 @@ def test_mismatched_components(tiny):
         fastitm.Model(tiny.unet, tiny.unet, tiny.text_encoder, tiny.tokenizer, tiny.scheduler)
 
 
-def test_no_embedded_model_yet_says_so():
-    if fastitm.model.embedded_model_path() is not None:
-        pytest.skip("an embedded model is shipped")
+def test_build_without_embedded_model_says_so(monkeypatch, tmp_path, capsys):
+    """A build stripped of its assets: load_model() names the way out; the demo falls back to the
+    random tiny model and says so."""
+    monkeypatch.setattr(fastitm.model, "embedded_model_path", lambda: None)
     with pytest.raises(FileNotFoundError, match="tiny_model"):
         fastitm.load_model()
+    from fastitm.demo import run_demo
+
+    assert run_demo(out_dir=str(tmp_path), timesteps=1, n=8) == 0
+    assert "RANDOM-WEIGHT" in capsys.readouterr().out
 
 
 def test_sd21_base_architecture_matches_published_sizes():
