@@ -2,8 +2,8 @@
 
 Cases (DiffusionITM, 10 timesteps): text retrieval, 1 image x 8 texts (unnormalized: it ranks one
 image's texts exactly as the normalized score does); image retrieval, 8 images x 1 text
-(normalized); Winoground-style 2x2 (normalized). On the CPU the model is the random-weight tiny model
-(16 px images, 4x8x8 latents) in fp32; on a GPU (``gpu`` tests) it is SD 2.1-base's architecture with
+(normalized); Winoground-style 2x2 (normalized). On the CPU the models are the random-weight tiny model
+(16 px images, 4x8x8 latents) and the embedded default model (32 px, 4x8x8 latents), in fp32; on a GPU (``gpu`` tests) it is SD 2.1-base's architecture with
 random weights (random weights give true timings) in bf16 and fp16. Run: pytest bench/ -s
 """
 
@@ -58,15 +58,16 @@ def side_by_side(model, case, report, benchmark, rounds, batch_size=None):
     return ref_ms / eng_ms, res.stats["unet_rows"] / eng_ms * 1e3
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    return fastitm.testing.tiny_model(seed=0)
+@pytest.fixture(scope="module", params=["tiny", "default"])
+def cpu_model(request):
+    if request.param == "tiny":
+        return fastitm.testing.tiny_model(seed=0)
+    return fastitm.load_model()  # the embedded model: 32 px images, 4x8x8 latents, 4.3 M-parameter UNet
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_engine_throughput_cpu(tiny, case, report, benchmark):
-    speedup, _ = side_by_side(tiny, case, report, benchmark, rounds=5)
+def test_engine_throughput_cpu(cpu_model, case, report, benchmark):
+    speedup, _ = side_by_side(cpu_model, case, report, benchmark, rounds=5)
     if case == "winoground_2x2":
         assert speedup >= 2.0, f"engine only {speedup:.2f}x the reference on the 2x2 normalized case"
 
