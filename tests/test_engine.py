@@ -266,3 +266,19 @@ def test_unet_runner_eager_interface(tiny):
         runner(torch.randn(5, 4, 8, 8), torch.zeros(5, dtype=torch.long), torch.randn(5, 77, 32))
     with pytest.raises(ValueError, match="CUDA"):
         UNetRunner(tiny.unet, None, bucket=4, use_graph=True)
+
+
+@pytest.mark.parametrize("bs", [1, 3, 8, 50])
+def test_pack_recuts_streamed_rows_in_order(bs):
+    from fastitm.engine import pack, stage_chunks
+
+    alive = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    chunks = list(stage_chunks(alive, [4, 1], needs_uncond=True))
+    # Image 1 keeps only its unconditional rows; each image's rows are grouped by timestep.
+    assert [c.shape[0] for c in chunks] == [6, 2, 8]
+    assert chunks[0].tolist() == [[0, -1, 4], [0, 0, 4], [0, 2, 4], [0, -1, 1], [0, 0, 1], [0, 2, 1]]
+    batches = list(pack(iter(chunks), bs))
+    assert all(len(b) == bs for b in batches[:-1]) and 1 <= len(batches[-1]) <= bs
+    assert torch.equal(torch.cat(batches), torch.cat(chunks))
+    assert list(pack(iter([]), bs)) == []
+    assert list(stage_chunks(alive, [], needs_uncond=False)) == []
