@@ -270,9 +270,12 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
         last_save = time.monotonic()
         bar.update(resumed)  # resumed work counts as done on the bar
 
+        def cells(rows):  # index of the rows' cells in state.done (the unconditional row is column M)
+            return rows[:, 0], rows[:, 1].where(rows[:, 1] >= 0, M), rows[:, 2]
+
         def todo(chunks):
             for c in chunks:  # skip the cells a checkpoint already holds
-                yield c[~state.done[c[:, 0], c[:, 1].where(c[:, 1] >= 0, M), c[:, 2]]]
+                yield c[~state.done[cells(c)]]
 
         for stage in _stages(run, state):
             for rc in pack(todo(stage), bs):
@@ -293,7 +296,7 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
                 if pooled is not None:
                     text_rows = j >= 0
                     state.per_t[i[text_rows], j[text_rows], k[text_rows]] += pooled[text_rows]
-                state.done[rc[:, 0], rc[:, 1].where(rc[:, 1] >= 0, M), rc[:, 2]] = True
+                state.done[cells(rc)] = True
                 computed += len(r)
                 bar.update(len(r))
                 if ckpt is not None and time.monotonic() - last_save >= checkpoint_every:
