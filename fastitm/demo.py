@@ -70,7 +70,7 @@ def run_demo(out_dir: str = "fastitm-demo", timesteps: int = 10, seed: int = 0, 
     print(_table(reports, data.NEGATIVE_KINDS))
     acc, count = evaluate.image_retrieval(model, examples, group=8, timesteps=timesteps, seed=seed)
     print(f"\nimage retrieval, diffusion_itm normalized, groups of 8 images: {acc:.2f} of {count} captions "
-          f"find their own image (chance 0.12)")
+          f"find their own image (chance 0.125)")
 
     itm = reports[0]
     print("\nexamples (diffusion_itm score, higher = better; * = chosen):")
