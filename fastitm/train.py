@@ -68,7 +68,11 @@ def build_model(seed: int = 0):
 
 
 def to_pixels(images) -> torch.Tensor:
-    """PIL images -> [N, 3, H, W] in [-1, 1]."""
+    """PIL images -> [N, 3, H, W] in [-1, 1].
+
+    Not :func:`fastitm.inputs.prepare_images` (same mapping, x / 255 * 2 - 1): its rounding differs
+    in the last bit from x / 127.5 - 1, and the shipped weights were trained with this one, so the
+    recorded command reproduces them only if it stays."""
     import numpy as np
 
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
