@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .common import check_backend, prepare_run
+from .common import prepare_run
 from .plan import Plan
 from .result import ScoreResult
 
@@ -18,9 +18,11 @@ def score(
     timesteps: int | Sequence[int] | None = None,
     seed: int | None = None,
     plan: Plan | None = None,
-    resize: str = "squash",
-    latent: str = "mean",
-    scheme: str = "grid",
+    preset: str | None = None,
+    resize: str | None = None,
+    latent: str | None = None,
+    scheme: str | None = None,
+    noise: str | None = None,
     backend: str = "auto",
     batch_size: int | None = None,
     progress: bool | None = None,
@@ -30,15 +32,19 @@ def score(
 ) -> ScoreResult:
     """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
 
-    images: PIL images, file paths, [3, H, W] tensors, or a float tensor [N, 3, H, W] in [0, 1];
-        resized to the model's resolution when H, W differ (``resize="squash"`` as the published
-        scripts, or ``"center_crop"``).
+    images: PIL images, file paths, [H, W, 3] numpy arrays (uint8, uint16 or float in [0, 1]),
+        [3, H, W] tensors, or a float tensor [N, 3, H, W] in [0, 1]; resized to the model's
+        resolution when H, W differ (``resize="squash"``, ``"squash_pil"`` or ``"center_crop"``,
+        see :mod:`fastitm.inputs`).
     texts: a list of captions.
     model: a :class:`fastitm.Model` (``fastitm.load_model(...)``); None loads the embedded default.
     method: "diffusion_itm" | "diffusion_classifier" | "discffusion"; its options as keywords
         (see :mod:`fastitm.methods`).
-    timesteps, seed, scheme, latent: build the plan (default 10 timesteps on the published grid,
-        seed 0, posterior-mean latents); or pass ``plan=res.plan`` to reproduce a result exactly.
+    preset: None (fastitm's clean per-pair definitions) or ``"published"``: every choice set to what
+        the method's published code does (see :mod:`fastitm.presets`); explicit arguments override it.
+    timesteps, seed, scheme, latent, noise: build the plan (default 10 timesteps on the published
+        grid, seed 0, posterior-mean latents, noise per timestep); or pass ``plan=res.plan`` to
+        reproduce a result exactly. ``timesteps`` is a count (int) or an explicit list.
     backend: "auto" | "triton" | "native" | "reference" for the fused ops.
     batch_size: UNet rows per forward pass (default: 32 on CUDA, 8 on CPU); memory is bounded by it.
     progress: show a progress bar with rows per second (default: only on a terminal).
@@ -52,8 +58,8 @@ def score(
     """
     from . import engine
 
-    check_backend(backend)
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
-                      resize=resize, latent=latent, scheme=scheme, options=options)
+                      resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
+                      backend=backend)
     return engine.score_run(run, backend=backend, batch_size=batch_size, progress=progress,
                             checkpoint=checkpoint, checkpoint_every=checkpoint_every)

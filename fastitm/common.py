@@ -7,26 +7,29 @@ only differ in how they organise the UNet work, which is what the parity tests c
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .inputs import prepare_images, prepare_texts
-from .methods import MethodSpec, resolve_method
+from .inputs import check_images, check_resize, prepare_images, prepare_texts
+from .methods import MethodSpec, check_rounds, elimination_stages, resolve_method
 from .ops._backend import BACKENDS
-from .plan import Plan, make_plan
+from .plan import Plan, cell_seed, check_plan_args, make_plan
 
 
 @dataclass
 class Run:
-    """A checked scoring request: pixels [N, 3, R, R] in [-1, 1], texts, plan, method."""
+    """A checked scoring request: pixels [N, 3, R, R] in [-1, 1], texts, plan, method, and the
+    preset with the run-level choices it resolved to (resize, latent, scheme, noise)."""
 
     model: Any
     pixels: torch.Tensor
     texts: list[str]
     plan: Plan
     spec: MethodSpec
+    preset: str | None = None
+    choices: dict = field(default_factory=dict)
 
 
 def progress_disabled(progress: bool | None) -> bool | None:
@@ -40,6 +43,18 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def check_backend_runs(backend: str, device: torch.device) -> None:
+    """A backend named explicitly must be able to run on the model's device: say why not up front,
+    not after the encoders have run."""
+    from .ops._backend import reasons_against
+
+    if backend in ("auto", "reference"):
+        return
+    why = reasons_against(backend, [torch.empty(0, device=device)])
+    if why:
+        raise ValueError(f"backend {backend!r} cannot run on {device}: " + "; ".join(why))
+
+
 def prepare_run(
     images: Any,
     texts: Any,
@@ -47,38 +62,68 @@ def prepare_run(
     model: Any,
     method: str,
     timesteps: Any,
-    seed: int | None,
+    seed: Any,
     plan: Plan | None,
-    resize: str,
-    latent: str,
-    scheme: str,
+    resize: str | None,
+    latent: str | None,
+    scheme: str | None,
     options: dict,
+    noise: str | None = None,
+    preset: str | None = None,
+    backend: str = "auto",
 ) -> Run:
-    """Validate everything before any model work, so a bad argument fails in milliseconds."""
+    """Validate everything before any model work, so a bad argument fails in milliseconds: the
+    arguments first, then (loading the embedded model only now when ``model`` is None) what needs
+    the model."""
+    from . import presets
     from .model import Model
 
+    check_backend(backend)
+    preset = presets.check_preset(preset)
+    choices, options = presets.resolve(method, preset, {"resize": resize, "latent": latent, "scheme": scheme,
+                                                        "noise": noise}, options)
+    spec = resolve_method(method, options)
+    texts = prepare_texts(texts)
+    check_resize(choices["resize"])
+    if plan is None:
+        check_plan_args(timesteps, seed, choices["scheme"], choices["latent"], choices["noise"])
+    else:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a fastitm Plan (res.plan), got {type(plan).__name__}")
+        if timesteps is not None or seed is not None:
+            raise ValueError("pass either plan= or timesteps=/seed=, not both: the plan fixes them")
+    check_images(images)
     if model is None:
         from .model import load_model
 
         model = load_model()
     if not isinstance(model, Model):
         raise TypeError(f"model must be a fastitm Model (see fastitm.load_model), got {type(model).__name__}")
-    spec = resolve_method(method, options)
-    texts = prepare_texts(texts)
-    pixels = prepare_images(images, model.resolution, resize)
+    check_backend_runs(backend, model.device)
+    pixels = prepare_images(images, model.resolution, choices["resize"])
     if plan is None:
         plan = make_plan(model, 10 if timesteps is None else timesteps, seed=0 if seed is None else seed,
-                         scheme=scheme, latent=latent)
-    else:
-        if not isinstance(plan, Plan):
-            raise TypeError(f"plan must be a fastitm Plan (res.plan), got {type(plan).__name__}")
-        if timesteps is not None or seed is not None:
-            raise ValueError("pass either plan= or timesteps=/seed=, not both: the plan fixes them")
+                         scheme=choices["scheme"], latent=choices["latent"], noise=choices["noise"])
+        if spec.options.get("elimination") and spec.options.get("order") == "published":
+            plan = evaluation_order_noise(plan, spec)
+    else:  # the plan fixes these: record what it holds
+        choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)
     plan.check_model(model)
+    check_rounds(spec.options.get("elimination"), len(plan))
     pred = model.scheduler.config.prediction_type
     if pred not in ("epsilon", "v_prediction"):
         raise ValueError(f"scheduler prediction_type {pred!r} is not supported (epsilon or v_prediction)")
-    return Run(model, pixels, texts, plan, spec)
+    return Run(model, pixels, texts, plan, spec, preset, choices)
+
+
+def evaluation_order_noise(plan: Plan, spec: MethodSpec) -> Plan:
+    """The published adaptive script draws its noise tensors in the order timesteps are evaluated
+    (the r-th evaluated timestep gets draw r); give the plan's draws to its timesteps in that order,
+    so the same draws give the same pairing."""
+    order = [k for stage in elimination_stages(len(plan), spec.options["elimination"], "published") for k in stage]
+    noise = torch.empty_like(plan.noise)
+    noise[torch.tensor(order)] = plan.noise
+    return replace(plan, noise=noise)
 
 
 @torch.no_grad()
@@ -95,26 +140,52 @@ def encode_texts(model, texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_posterior(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels [n, 3, R, R] in [-1, 1] -> the VAE posterior's mean and std [n, C, h, w] (unscaled)."""
+    dist = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def scale_latents(model, z: torch.Tensor) -> torch.Tensor:
+    shift = getattr(model.vae.config, "shift_factor", None)
+    if shift is not None:
+        z = z - shift
+    return z * model.scaling_factor
+
+
+@torch.no_grad()
 def encode_images(model, pixels: torch.Tensor, plan: Plan, first_index: int = 0) -> torch.Tensor:
     """pixels [n, 3, R, R] in [-1, 1] -> scaled latents [n, C, h, w] in the model's dtype.
 
     The posterior mean by default; with ``plan.latent == "sample"`` image ``first_index + i`` is
     sampled with a generator seeded ``plan.seed + 1 + first_index + i`` (independent of batching).
+    ``"sample_per_timestep"`` draws per timestep: use :func:`encode_posterior` and
+    :func:`timestep_latents`.
     """
-    vae = model.vae
-    dist = vae.encode(pixels.to(model.device, model.dtype)).latent_dist
+    if plan.latent == "sample_per_timestep":
+        raise ValueError("latent='sample_per_timestep' has one latent per timestep: use timestep_latents")
+    mean, std = encode_posterior(model, pixels)
     if plan.latent == "mean":
-        z = dist.mean
+        z = mean
     else:
         eps = torch.stack([
-            torch.randn(dist.mean.shape[1:], generator=torch.Generator("cpu").manual_seed(plan.seed + 1 + first_index + i))
+            torch.randn(mean.shape[1:], generator=torch.Generator("cpu").manual_seed(plan.seed + 1 + first_index + i))
             for i in range(pixels.shape[0])
-        ]).to(dist.mean.device, dist.mean.dtype)
-        z = dist.mean + dist.std * eps
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift is not None:
-        z = z - shift
-    return z * model.scaling_factor
+        ]).to(mean.device, mean.dtype)
+        z = mean + std * eps
+    return scale_latents(model, z)
+
+
+def timestep_latents(model, mean: torch.Tensor, std: torch.Tensor, plan: Plan, images: torch.Tensor,
+                     ks: torch.Tensor) -> torch.Tensor:
+    """``latent="sample_per_timestep"``: the scaled posterior sample of each row's (image, timestep
+    index), [n, C, h, w], from ``mean``/``std`` [n, C, h, w] (already gathered per row) and a
+    generator seeded :func:`fastitm.plan.cell_seed` (plan.seed, image, k)."""
+    eps = torch.stack([
+        torch.randn(mean.shape[1:], generator=torch.Generator("cpu").manual_seed(cell_seed(plan.seed, int(i), int(k))))
+        for i, k in zip(images.tolist(), ks.tolist())
+    ]).to(mean.device, mean.dtype)
+    return scale_latents(model, mean + std * eps)
 
 
 def noisy_latents(model, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -129,20 +200,44 @@ def target(model, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torc
     return noise.to(z.dtype)
 
 
+def _block_of(name: str) -> str:
+    """"down_blocks.1.attentions.0.transformer_blocks.0.attn2" -> "down_blocks.1"; mid -> "mid_block"."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
+
+def _attention_of(name: str) -> str:
+    """The Transformer2D an attn2 belongs to: "down_blocks.1.attentions.0"."""
+    return name.split(".transformer_blocks.")[0]
+
+
 def cross_attention_layers(unet, which: str) -> list[tuple[str, Any]]:
     """The UNet's cross-attention modules (``attn2``), in forward order of the module tree.
 
-    ``which="last"`` keeps the last one inside each down/mid/up block (one per block, at that
-    block's resolution), as the published Discffusion code selects them.
+    - ``"all"``: every one (the Discffusion paper);
+    - ``"last"``: the last one inside each down/mid/up block (one per block, at its resolution);
+    - ``"published"``: the published Discffusion UNet's choice: of each of the down, mid and up
+      stages, the last block that has cross-attention, and in it every attention (Transformer2D),
+      each by the attn2 of its last transformer block (4 layers on the embedded model, 6 on SD 2.1).
     """
     layers = [(n, m) for n, m in unet.named_modules() if n.endswith("attn2") and getattr(m, "is_cross_attention", True)]
     if not layers:
         raise ValueError("the UNet has no cross-attention (attn2) layers")
     if which == "all":
         return layers
-    last: dict[str, tuple[str, Any]] = {}
+    if which == "last":
+        last: dict[str, tuple[str, Any]] = {}
+        for n, m in layers:
+            last[_block_of(n)] = (n, m)
+        return list(last.values())
+    if which != "published":
+        raise ValueError(f"unknown layer choice {which!r}; choose 'all', 'last' or 'published'")
+    stage_last_block: dict[str, str] = {}
+    for n, _ in layers:
+        stage_last_block[n.split(".")[0]] = _block_of(n)
+    keep = set(stage_last_block.values())
+    per_attention: dict[str, tuple[str, Any]] = {}
     for n, m in layers:
-        parts = n.split(".")
-        block = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
-        last[block] = (n, m)
-    return list(last.values())
+        if _block_of(n) in keep:
+            per_attention[_attention_of(n)] = (n, m)  # the last transformer block's attn2 wins
+    return list(per_attention.values())

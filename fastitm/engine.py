@@ -19,8 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
+import tempfile
 import threading
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,13 +31,24 @@ from typing import Iterator
 import torch
 
 from .attention import lse_pooling
-from .common import Run, encode_images, encode_texts, noisy_latents, progress_disabled, target
+from .common import (
+    Run,
+    encode_images,
+    encode_posterior,
+    encode_texts,
+    noisy_latents,
+    progress_disabled,
+    target,
+    timestep_latents,
+)
 from .cuda_graphs import UNetRunner, graphs_enabled
-from .methods import check_rounds, spread_order
+from .methods import check_rounds, elimination_stages
+from .ops._backend import choose
 from .ops.error_reduce import error_reduce
 from .result import ScoreResult
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+_CHECKPOINT_KEYS = ("version", "fingerprint", "per_t", "uncond", "attn_uncond", "done")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -97,13 +111,17 @@ def pack(chunks: Iterator[torch.Tensor], bs: int) -> Iterator[torch.Tensor]:
 
 def fingerprint(run: Run) -> str:
     """A digest of everything a score depends on: pixels, texts, method and options, the plan, the
-    model's dtype, schedule and (a sample of) its weights. A checkpoint resumes only on a match."""
+    model's dtype and schedule, and every byte of every parameter and buffer of its three networks
+    (a merged LoRA or a fine-tuned layer changes it). A checkpoint resumes only on a match."""
     h = hashlib.sha256()
 
     def add(x) -> None:
         if isinstance(x, torch.Tensor):
-            x = x.detach().to("cpu", torch.float32 if x.is_floating_point() else torch.int64).contiguous()
-            h.update(str(tuple(x.shape)).encode())
+            x = x.detach()
+            if x.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+                x = x.view(torch.int16)
+            x = x.to("cpu").contiguous()
+            h.update(f"{tuple(x.shape)}{x.dtype}".encode())
             h.update(x.numpy().tobytes())
         else:
             h.update(repr(x).encode())
@@ -116,45 +134,95 @@ def fingerprint(run: Run) -> str:
     add((run.spec.name, sorted(run.spec.options.items())))
     add(plan.timesteps)
     add(plan.noise)
-    add((plan.latent, plan.seed))
+    add((plan.latent, plan.seed, plan.noise_mode))
     add((str(m.dtype), m.scheduler.config.prediction_type, m.scaling_factor))
     add(m.scheduler.alphas_cumprod)
     for module in (m.unet, m.vae, m.text_encoder):
-        params = list(module.parameters())
-        for p in (params[0], params[len(params) // 2], params[-1]):
-            add(p.flatten()[:4096])
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            add(name)
+            add(p)
     return h.hexdigest()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used for this run; the message says why and what to do."""
+
+
 class _State:
-    """What a run has computed: per-timestep scores [N, M, T], unconditional errors [N, T], and
-    which cells are finished, done [N, M + 1, T] (column M: the unconditional row)."""
+    """What a run has computed: per-timestep scores [N, M, T], unconditional errors [N, T], the
+    unconditional rows' attention terms [N, T] (``mix_uncond``), and which cells are finished,
+    done [N, M + 1, T] (column M: the unconditional row)."""
 
     def __init__(self, N: int, M: int, T: int, device: torch.device) -> None:
         self.per_t = torch.zeros(N, M, T, dtype=torch.float32, device=device)
         self.uncond = torch.zeros(N, T, dtype=torch.float32, device=device)
+        self.attn_uncond = torch.zeros(N, T, dtype=torch.float32, device=device)
         self.done = torch.zeros(N, M + 1, T, dtype=torch.bool)
 
     def save(self, path: Path, key: str) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"version": CHECKPOINT_VERSION, "fingerprint": key, "per_t": self.per_t.cpu(),
-                    "uncond": self.uncond.cpu(), "done": self.done}, tmp)
-        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+        # A temporary file of our own in the same folder, then an atomic rename: an interruption
+        # never leaves a half-written checkpoint, and two writers never share a temporary file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save({"version": CHECKPOINT_VERSION, "fingerprint": key, "per_t": self.per_t.cpu(),
+                            "uncond": self.uncond.cpu(), "attn_uncond": self.attn_uncond.cpu(),
+                            "done": self.done}, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def load(self, path: Path, key: str) -> int:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"checkpoint {path} cannot be read ({e}); delete it to start over") from None
-        if not isinstance(data, dict) or data.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path} is not a fastitm checkpoint of this version; delete it to start over")
-        if data["fingerprint"] != key or data["done"].shape != self.done.shape:
-            raise ValueError(f"checkpoint {path} belongs to another run (different images, texts, method, "
-                             f"options, plan or model); use another path or delete it")
+            raise CheckpointError(f"{path} is not a fastitm checkpoint (it cannot be read as one: "
+                                  f"{type(e).__name__}); pass another checkpoint path") from None
+        if not isinstance(data, dict) or any(k not in data for k in _CHECKPOINT_KEYS):
+            missing = [k for k in _CHECKPOINT_KEYS if not isinstance(data, dict) or k not in data]
+            raise CheckpointError(f"{path} is not a fastitm checkpoint (missing {missing}); pass another "
+                                  "checkpoint path")
+        if data["version"] != CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path} is a fastitm checkpoint of format {data['version']!r}, this version "
+                                  f"reads format {CHECKPOINT_VERSION}; pass another checkpoint path")
+        if data["fingerprint"] != key or tuple(data["done"].shape) != tuple(self.done.shape):
+            raise CheckpointError(f"checkpoint {path} belongs to another run (different images, texts, method, "
+                                  f"options, plan or model weights); pass another checkpoint path")
         self.per_t.copy_(data["per_t"])
         self.uncond.copy_(data["uncond"])
+        self.attn_uncond.copy_(data["attn_uncond"])
         self.done.copy_(data["done"])
         return int(self.done.sum())
+
+
+@contextmanager
+def _checkpoint_lock(path: Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` for the run: a second run on the same checkpoint is refused at once,
+    naming the holder, instead of both writing it."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): run unguarded
+        yield
+        return
+    f = open(lock, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise CheckpointError(f"checkpoint {path} is in use by another run (process {holder}); wait for it "
+                                  "to finish or pass another checkpoint path") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+        lock.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -171,6 +239,8 @@ def _deferred_interrupt() -> Iterator[list[bool]]:
         if flag[0]:
             raise KeyboardInterrupt
         flag[0] = True
+        print("\nfastitm: stopping after the batch in flight (Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
 
     signal.signal(signal.SIGINT, handler)
     try:
@@ -181,22 +251,20 @@ def _deferred_interrupt() -> Iterator[list[bool]]:
 
 def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     """The rows to compute, stage by stage, each a stream of per-image chunks. Without elimination,
-    one stage of every row. With it, one stage per round; each is generated after the previous
-    stage's errors are in ``state``."""
+    one stage of every row. With it, one stage per round (:func:`fastitm.methods.elimination_stages`)
+    and a last one for the survivors; each is generated after the previous stage's errors are in
+    ``state``, and survivors are ranked by the mean over every timestep evaluated so far."""
     N, M, T = run.pixels.shape[0], len(run.texts), len(run.plan)
     spec = run.spec
     rounds = spec.options.get("elimination")
     alive = torch.ones(N, M, dtype=torch.bool)
-    if not rounds:
-        yield stage_chunks(alive, list(range(T)), spec.needs_uncond)
-        return
-    order = spread_order(T)
-    start = 0
-    for steps, keep in rounds:
-        yield stage_chunks(alive, order[start:steps], spec.needs_uncond)
-        alive = survivors(state.per_t[:, :, order[:steps]].cpu().mean(dim=2), alive, keep)
-        start = steps
-    yield stage_chunks(alive, order[start:], spec.needs_uncond)
+    stages = elimination_stages(T, rounds, spec.options.get("order", "spread"))
+    seen: list[int] = []
+    for r, ks in enumerate(stages):
+        yield stage_chunks(alive, ks, spec.needs_uncond)
+        if r < len(stages) - 1:
+            seen += ks
+            alive = survivors(state.per_t[:, :, seen].cpu().mean(dim=2), alive, rounds[r][1])
 
 
 def survivors(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch.Tensor:
@@ -213,7 +281,9 @@ def survivors(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch.Ten
 def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) -> ScoreResult:
     M = len(run.texts)
     per_t = state.per_t.cpu().clone()
-    done = state.done[:, :M, :]
+    if run.spec.mix_uncond:  # each text's term is (A_text + A_empty) / 2; the text half is in per_t
+        per_t += 0.5 * state.attn_uncond.cpu()[:, None, :]
+    done = state.done[:, :M, :] & state.done[:, M : M + 1, :] if run.spec.mix_uncond else state.done[:, :M, :]
     per_t[~done] = float("nan")
     finished = done.all(dim=2)
     matrix = per_t.mean(dim=2)
@@ -221,18 +291,21 @@ def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) 
         matrix = matrix.masked_fill(~finished, float("-inf"))  # eliminated candidates
     else:
         matrix = matrix.masked_fill(~finished, float("nan"))
+    if complete:
+        bad = int(torch.isnan(matrix).sum())
+        if bad:  # never silently: NaN scores mean the model overflowed (e.g. fp16) or had NaN weights
+            warnings.warn(f"{bad} of {matrix.numel()} scores are NaN (the UNet or the pooling produced NaN or "
+                          "inf: try dtype fp32/bf16, or check the model's weights)", RuntimeWarning, stacklevel=3)
     return ScoreResult(matrix=matrix, plan=run.plan, method=run.spec.name, options=dict(run.spec.options),
-                       backend=backend, per_timestep=per_t, stats=stats)
+                       backend=backend, per_timestep=per_t, stats=stats, preset=run.preset,
+                       choices=dict(run.choices))
 
 
 @torch.no_grad()
 def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
               checkpoint: str | os.PathLike | None = None, checkpoint_every: float = 60.0) -> ScoreResult:
-    from tqdm.auto import tqdm
-
-    model, plan, spec = run.model, run.plan, run.spec
-    device, dtype = model.device, model.dtype
-    N, M, T = run.pixels.shape[0], len(run.texts), len(plan)
+    spec, device = run.spec, run.model.device
+    N, M, T = run.pixels.shape[0], len(run.texts), len(run.plan)
     bs = default_batch_size(device) if batch_size is None else batch_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"batch_size must be a positive int, got {bs!r}")
@@ -240,19 +313,49 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
 
     state = _State(N, M, T, device)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and not ckpt.parent.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {ckpt.parent} does not exist")
-    key = fingerprint(run) if ckpt is not None else ""
-    resumed = state.load(ckpt, key) if ckpt is not None and ckpt.exists() else 0
+    if ckpt is not None:
+        check_checkpoint_path(ckpt)
+    # The backend the fused ops run on ("auto" resolved), recorded in the result.
+    ran = choose(backend, [torch.empty(0, device=device)], "fastitm.score")
+    with ExitStack() as outer:
+        if ckpt is not None:
+            outer.enter_context(_checkpoint_lock(ckpt))
+        key = fingerprint(run) if ckpt is not None else ""
+        resumed = state.load(ckpt, key) if ckpt is not None and ckpt.exists() else 0
+        return _score(run, state, ran, bs, progress, ckpt, key, resumed, checkpoint_every)
 
-    # Work sharing: every encoder call happens once.
-    z = torch.cat([encode_images(model, run.pixels[a : a + bs], plan, first_index=a) for a in range(0, N, bs)])
+
+def check_checkpoint_path(ckpt: Path) -> None:
+    """Refuse, before any work, a checkpoint path that cannot be written."""
+    if ckpt.is_dir():
+        raise CheckpointError(f"checkpoint path {ckpt} is a folder; give a file path, e.g. {ckpt / 'run.pt'}")
+    if not ckpt.parent.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt.parent} does not exist")
+
+
+@torch.no_grad()
+def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None, ckpt: Path | None, key: str,
+           resumed: int, checkpoint_every: float) -> ScoreResult:
+    from tqdm.auto import tqdm
+
+    model, plan, spec = run.model, run.plan, run.spec
+    device, dtype = model.device, model.dtype
+    N, M, T = run.pixels.shape[0], len(run.texts), len(plan)
+    # Work sharing: every encoder call happens once. With latent="sample_per_timestep" the
+    # posterior's mean and std are kept and each row's sample is drawn from them.
+    per_timestep_latent = plan.latent == "sample_per_timestep"
+    if per_timestep_latent:
+        parts = [encode_posterior(model, run.pixels[a : a + bs]) for a in range(0, N, bs)]
+        z_mean, z_std = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    else:
+        z = torch.cat([encode_images(model, run.pixels[a : a + bs], plan, first_index=a) for a in range(0, N, bs)])
     emb = encode_texts(model, run.texts + ([""] if spec.needs_uncond else []))  # [M (+1), L, D]
     noise = plan.noise.to(device=device, dtype=dtype)
     timesteps = plan.timesteps.to(device)
     v_pred = model.scheduler.config.prediction_type == "v_prediction"
     flat_noise = noise.flatten(1)
     opts = spec.options
+    text_weight = 0.5 if spec.mix_uncond else 1.0
     full_rows = N * T * (M + (1 if spec.needs_uncond else 0))
     computed = 0
     use_graph = graphs_enabled(device)
@@ -282,7 +385,11 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
                 r = rc.to(device)
                 i, j, k = r[:, 0], r[:, 1], r[:, 2]
                 t = timesteps[k]
-                zi, nk = z[i], noise[k]
+                nk = noise[k]
+                if per_timestep_latent:
+                    zi = timestep_latents(model, z_mean[i], z_std[i], plan, rc[:, 0], rc[:, 2])
+                else:
+                    zi = z[i]
                 x = noisy_latents(model, zi, nk, t)
                 cond = emb[torch.where(j < 0, M, j)]
                 pred, pooled = runner(x, t, cond)
@@ -295,7 +402,10 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
                                  err=spec.err, normalize=spec.needs_uncond, backend=backend)
                 if pooled is not None:
                     text_rows = j >= 0
-                    state.per_t[i[text_rows], j[text_rows], k[text_rows]] += pooled[text_rows]
+                    state.per_t[i[text_rows], j[text_rows], k[text_rows]] += text_weight * pooled[text_rows]
+                    if spec.mix_uncond:
+                        empty_rows = ~text_rows
+                        state.attn_uncond[i[empty_rows], k[empty_rows]] = pooled[empty_rows]
                 state.done[cells(rc)] = True
                 computed += len(r)
                 bar.update(len(r))

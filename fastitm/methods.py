@@ -12,31 +12,40 @@ Higher score = better match for every method.
   :func:`fastitm.methods.spread_order`) only each image's best keep_r texts go on; the survivors
   get every timestep of the plan, the others score ``-inf`` (their partial errors stay in
   ``per_timestep``, NaN where not computed). On the command line: ``elimination=2:5,5:1``.
+  ``order="published"`` evaluates each round's strided subset as ``eval_prob_adaptive.py`` does
+  (``idx[T // T_r // 2 :: T // T_r][:T_r]`` minus the timesteps already done, so T_r counts can grow:
+  [2, 5, 10] evaluates 2, 6, 10); the default ``"spread"`` adds timesteps farthest-point first.
 - ``discffusion`` (He et al.): row-wise LogSumExp of the cross-attention logits (``pool="logits"``,
   the published code) or of ``lam`` times the softmax probabilities (``pool="probs"``, the paper's
-  eq. 4), averaged over pixels, heads, the selected layers (``layers="all"`` cross-attention layers,
-  or ``"last"``: the last one of each UNet block, as the published code picks them) and timesteps;
-  ``denoise=True`` adds the denoising term mean_k (u - e) with ``err``.
+  eq. 4), averaged over pixels, heads, the selected layers and timesteps; ``denoise=True`` adds the
+  denoising term mean_k (u - e) with ``err``. Layers (see :func:`fastitm.common.cross_attention_layers`):
+  ``"all"`` cross-attention layers (the paper), ``"last"`` (the last one of each UNet block), or
+  ``"published"`` (the published code's: the last block with cross-attention of each of down, mid
+  and up, every attention of that block). ``mix_uncond=True`` averages each layer's term with the
+  empty-prompt row's, as the published pipeline's mean over its [empty; text] batch does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("diffusion_itm", "diffusion_classifier", "discffusion")
+MAX_LAM = 1e30
 ERRS = ("l2", "mse")
 
 # name -> {option: (default, allowed values or a type)}
 _OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
     "diffusion_itm": {"err": ("l2", ERRS), "normalize": (True, bool)},
-    "diffusion_classifier": {"elimination": (None, "rounds")},
+    "diffusion_classifier": {"elimination": (None, "rounds"), "order": ("spread", ("spread", "published"))},
     "discffusion": {
         "pool": ("logits", ("logits", "probs")),
         "lam": (1.0, float),
-        "layers": ("all", ("all", "last")),
+        "layers": ("all", ("all", "last", "published")),
         "denoise": (False, bool),
         "err": ("l2", ERRS),
+        "mix_uncond": (False, bool),
     },
 }
 
@@ -56,7 +65,7 @@ class MethodSpec:
         if self.name == "diffusion_itm":
             return bool(self.options["normalize"])
         if self.name == "discffusion":
-            return bool(self.options["denoise"])
+            return bool(self.options["denoise"] or self.options["mix_uncond"])
         return False
 
     @property
@@ -67,6 +76,11 @@ class MethodSpec:
     @property
     def needs_attention(self) -> bool:
         return self.name == "discffusion"
+
+    @property
+    def mix_uncond(self) -> bool:
+        """Whether the empty-prompt row's attention term is averaged into every text's."""
+        return self.name == "discffusion" and bool(self.options["mix_uncond"])
 
 
 def parse_rounds(value: Any, what: str = "elimination") -> tuple[tuple[int, int], ...] | None:
@@ -106,6 +120,34 @@ def spread_order(T: int) -> list[int]:
     return chosen
 
 
+def published_stages(T: int, rounds: tuple[tuple[int, int], ...]) -> list[list[int]]:
+    """Diffusion Classifier's published round structure (``eval_prob_adaptive.py``) over plan indices
+    0..T-1: round r evaluates ``idx[T // T_r // 2 :: T // T_r][:T_r]`` minus what earlier rounds
+    evaluated; a final stage evaluates the rest (the published last round, T_r = T)."""
+    done: set[int] = set()
+    stages = []
+    for steps, _ in rounds:
+        stride = T // steps
+        picked = [k for k in list(range(T))[stride // 2 :: stride][:steps] if k not in done]
+        done.update(picked)
+        stages.append(picked)
+    stages.append([k for k in range(T) if k not in done])
+    return stages
+
+
+def elimination_stages(T: int, rounds: tuple[tuple[int, int], ...] | None, order: str = "spread") -> list[list[int]]:
+    """The plan's timestep indices in stages: one per elimination round, then the rest (evaluated
+    for the survivors only). Without rounds, one stage of every timestep."""
+    if not rounds:
+        return [list(range(T))]
+    check_rounds(rounds, T)
+    if order == "published":
+        return published_stages(T, rounds)
+    spread = spread_order(T)
+    bounds = [0] + [steps for steps, _ in rounds] + [T]
+    return [spread[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def check_rounds(rounds: tuple[tuple[int, int], ...] | None, T: int) -> None:
     """Rounds must fit the plan: no round may ask for more timesteps than the plan has."""
     if rounds and rounds[-1][0] > T:
@@ -132,8 +174,12 @@ def resolve_method(method: str, options: dict | None = None) -> MethodSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"option {name!r} of {method!r} must be a number, got {value!r}")
             value = float(value)
-            if not value > 0:
-                raise ValueError(f"option {name!r} of {method!r} must be positive, got {value}")
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError(f"option {name!r} of {method!r} must be a positive finite number, got {value}")
+            if name == "lam" and value > MAX_LAM:
+                # lam multiplies probabilities in float32 and the pooled sums add up to Lq rows of it:
+                # beyond this the sums overflow to inf and the scores to NaN.
+                raise ValueError(f"option 'lam' of {method!r} must be at most {MAX_LAM:g}, got {value:g}")
         elif kind == "rounds":
             value = parse_rounds(value, f"option {name!r} of {method!r}")
         elif value not in kind:

@@ -15,16 +15,17 @@ import torch
 
 from .common import (
     Run,
-    check_backend,
     cross_attention_layers,
     encode_images,
+    encode_posterior,
     encode_texts,
     noisy_latents,
     prepare_run,
     progress_disabled,
     target,
+    timestep_latents,
 )
-from .methods import check_rounds, spread_order
+from .methods import elimination_stages
 from .ops.error_reduce import row_errors_ref
 from .plan import Plan
 from .result import ScoreResult
@@ -71,27 +72,28 @@ def capture_attention_lse(unet, layers: str, pool: str, lam: float):
             h.remove()
 
 
-def eliminate_ref(per_t: torch.Tensor, rounds) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive elimination replayed on complete per-timestep scores [N, M, T]: after round r's
-    first T_r timesteps (in :func:`fastitm.methods.spread_order`), each image keeps its best keep_r
-    texts (ties: lower index). Returns the matrix (-inf for eliminated texts) and the per-timestep
-    scores with NaN where the engine would not have computed them."""
+def eliminate_ref(per_t: torch.Tensor, rounds, order: str = "spread") -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive elimination replayed on complete per-timestep scores [N, M, T]: after round r (its
+    timesteps from :func:`fastitm.methods.elimination_stages`), each image keeps its best keep_r
+    texts by the mean over every timestep evaluated so far (ties: lower index). Returns the matrix
+    (-inf for eliminated texts) and the per-timestep scores with NaN where the engine would not
+    have computed them."""
     N, M, T = per_t.shape
-    check_rounds(rounds, T)
-    order = spread_order(T)
-    seen = torch.full((N, M), T, dtype=torch.long)  # how many timesteps (in order) each text gets
+    stages = elimination_stages(T, rounds, order)
+    masked = per_t.clone()
+    matrix = per_t.mean(dim=2)
     for i in range(N):
         alive = list(range(M))
-        for steps, keep in rounds:
-            partial = {j: per_t[i, j, order[:steps]].mean().item() for j in alive}
+        seen: list[int] = []
+        for (_, keep), stage in zip(rounds, stages):
+            seen += stage
+            partial = {j: per_t[i, j, seen].mean().item() for j in alive}
             ranked = sorted(alive, key=lambda j: (-partial[j], j))
             for j in ranked[keep:]:
-                seen[i, j] = steps
+                later = [k for k in range(T) if k not in seen]
+                masked[i, j, later] = float("nan")
+                matrix[i, j] = float("-inf")
             alive = sorted(ranked[:keep])
-    masked = per_t.clone()
-    for n in range(T):
-        masked[:, :, order[n]].masked_fill_(seen <= n, float("nan"))
-    matrix = per_t.mean(dim=2).masked_fill(seen < T, float("-inf"))
     return matrix, masked
 
 
@@ -107,29 +109,42 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
     empty = encode_texts(model, [""]) if spec.needs_uncond else None
     rows = N * M * T * (2 if spec.needs_uncond else 1)
     bar = tqdm(total=rows, desc=f"reference {spec.name}", unit="row", disable=progress_disabled(progress))
+    opts = spec.options
+
+    def unet_call(x, t, emb):  # -> (prediction, layer-mean attention term or None)
+        if not spec.needs_attention:
+            return unet(x, t, encoder_hidden_states=emb).sample, None
+        with capture_attention_lse(unet, opts["layers"], opts["pool"], opts["lam"]) as rec:
+            pred = unet(x, t, encoder_hidden_states=emb).sample
+        return pred, torch.stack([r.mean() for r in rec]).mean().cpu()
+
     for i in range(N):
-        z = encode_images(model, run.pixels[i : i + 1], plan, first_index=i)
+        if plan.latent == "sample_per_timestep":  # a fresh posterior sample at every timestep
+            mean, std = encode_posterior(model, run.pixels[i : i + 1])
+        else:
+            z = encode_images(model, run.pixels[i : i + 1], plan, first_index=i)
         for j in range(M):
             cond = encode_texts(model, [run.texts[j]])
             for k in range(T):
                 t = plan.timesteps[k : k + 1].to(device)
                 noise = plan.noise[k : k + 1].to(device)
+                if plan.latent == "sample_per_timestep":
+                    z = timestep_latents(model, mean, std, plan, torch.tensor([i]), torch.tensor([k]))
                 x = noisy_latents(model, z, noise, t)
                 tgt = target(model, z, noise, t)
                 value = torch.zeros((), dtype=torch.float32)
-                if spec.needs_attention:
-                    opts = spec.options
-                    with capture_attention_lse(unet, opts["layers"], opts["pool"], opts["lam"]) as rec:
-                        pred = unet(x, t, encoder_hidden_states=cond).sample
-                    value = value + torch.stack([r.mean() for r in rec]).mean().cpu()
-                else:
-                    pred = unet(x, t, encoder_hidden_states=cond).sample
+                pred, attn = unet_call(x, t, cond)
                 bar.update(1)
+                pred_u = attn_u = None
+                if spec.needs_uncond:
+                    pred_u, attn_u = unet_call(x, t, empty)
+                    bar.update(1)
+                if attn is not None:
+                    # mix_uncond: each layer's mean covers the [empty; text] pair of rows.
+                    value = value + ((attn + attn_u) / 2 if spec.mix_uncond else attn)
                 if spec.needs_error:
                     e = row_errors_ref(pred, tgt, None, spec.err)[0].cpu()
                     if spec.needs_uncond:
-                        pred_u = unet(x, t, encoder_hidden_states=empty).sample
-                        bar.update(1)
                         e = e - row_errors_ref(pred_u, tgt, None, spec.err)[0].cpu()
                     value = value - e
                 per_t[i, j, k] = value
@@ -137,7 +152,7 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
     matrix = per_t.mean(dim=2)
     rounds = spec.options.get("elimination")
     if rounds:
-        matrix, per_t = eliminate_ref(per_t, rounds)
+        matrix, per_t = eliminate_ref(per_t, rounds, spec.options.get("order", "spread"))
     return ScoreResult(
         matrix=matrix,
         plan=plan,
@@ -145,6 +160,8 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
         options=dict(spec.options),
         backend="reference",
         per_timestep=per_t,
+        preset=run.preset,
+        choices=dict(run.choices),
         stats={"unet_rows": rows, "vae_images": N, "text_encodes": N * M + (1 if spec.needs_uncond else 0)},
     )
 
@@ -158,9 +175,11 @@ def score(
     timesteps: int | Sequence[int] | None = None,
     seed: int | None = None,
     plan: Plan | None = None,
-    resize: str = "squash",
-    latent: str = "mean",
-    scheme: str = "grid",
+    preset: str | None = None,
+    resize: str | None = None,
+    latent: str | None = None,
+    scheme: str | None = None,
+    noise: str | None = None,
     backend: str = "reference",
     progress: bool | None = None,
     **options: Any,
@@ -170,7 +189,7 @@ def score(
     ``timesteps`` defaults to 10 and ``seed`` to 0 unless a ``plan`` is given. Method options
     (``err``, ``normalize``, ``pool``, ``lam``, ``layers``, ``denoise``) are keyword arguments.
     """
-    check_backend(backend)
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
-                      resize=resize, latent=latent, scheme=scheme, options=options)
+                      resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
+                      backend=backend)
     return score_run(run, progress=progress)

@@ -48,6 +48,10 @@ def winoground(matrix: torch.Tensor) -> dict[str, float]:
 class ScoreResult:
     """``matrix`` [N_images, N_texts] float32, higher = better match; ``plan`` reproduces it.
 
+    ``backend``: the backend the fused ops ran on ("triton", "native" or "reference"); ``preset``
+    and ``choices``: the preset asked for and the run-level choices (resize, latent, scheme, noise)
+    it resolved to.
+
     ``per_timestep`` [N_images, N_texts, T] holds each timestep's contribution (the matrix is its
     mean over T) where the scorer provides it.
     """
@@ -59,6 +63,8 @@ class ScoreResult:
     backend: str = "reference"
     per_timestep: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    preset: str | None = None
+    choices: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -120,7 +126,9 @@ class ScoreResult:
 
         return {
             "method": self.method,
+            "preset": self.preset,
             "options": self.options,
+            "choices": self.choices,
             "backend": self.backend,
             # JSON has no inf/NaN: eliminated (-inf) and unfinished (NaN) pairs are written as null.
             "matrix": [[v if math.isfinite(v) else None for v in row] for row in self.matrix.tolist()],
