@@ -8,7 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastitm-installed
 
-.PHONY: demo test bench clean
+WHEEL_DIR := build/wheel-check
+
+.PHONY: demo test bench clean wheel-check
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +26,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# A normal (non-editable) install from a wheel, into a fresh environment, used from outside the
+# source tree: what a user of `pip install fastitm` gets.
+wheel-check: $(STAMP)
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)/run
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR)/dist .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q $(WHEEL_DIR)/dist/fastitm-*.whl
+	cd $(WHEEL_DIR)/run && ../venv/bin/python -I $(CURDIR)/.ci/wheel_smoke.py
+
 bench: $(STAMP)
 	$(PY) -m pytest -q -s bench
 
 clean:
-	rm -rf build .pytest_cache .benchmarks fastitm/_C*.so fastitm-demo
+	rm -rf build .pytest_cache .benchmarks fastitm/_C*.so fastitm-demo fastitm.egg-info

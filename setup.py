@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_namespace_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -67,9 +67,18 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake finished but no _C library appeared in {out_dir}")
 
 
+def _packages() -> list[str]:
+    """Every folder under fastitm/ (the code packages and the folders of the embedded model's files,
+    which setuptools treats as data packages), plus kernels/ as fastitm.kernels."""
+    found = find_namespace_packages(include=["fastitm", "fastitm.*"], exclude=["*.__pycache__"])
+    return sorted(set(found) | {"fastitm.kernels"})
+
+
 setup(
-    packages=["fastitm", "fastitm.kernels"],
+    packages=_packages(),
     package_dir={"fastitm": "fastitm", "fastitm.kernels": "kernels"},
+    package_data={"fastitm.assets": ["**/*"]},
+    include_package_data=True,
     ext_modules=[CMakeExtension("fastitm._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .inputs import RESIZE_MODES
 from .methods import METHODS
+from .plan import LATENT_MODES, NOISE_MODES, TIMESTEP_SCHEMES
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -49,33 +51,73 @@ def format_table(matrix, row_names: Sequence[str], col_names: Sequence[str], wid
 
 
 def _load(model_arg: str | None, dtype: str, device: str):
-    from . import load_model, testing
-    from .model import _parse_dtype
+    import torch
 
+    from . import load_model, testing
+    from .model import _parse_dtype, check_device
+
+    check_device(device)
     if model_arg == "tiny":
         print("model: random-weight tiny model (fastitm.testing.tiny_model): scores carry no meaning",
               file=sys.stderr)
-        return testing.tiny_model(0).to(device=device, dtype=_parse_dtype(dtype))
+        model = testing.tiny_model(0)
+        if _parse_dtype(dtype) != model.dtype or torch.device(device) != model.device:
+            model.to(device=device, dtype=_parse_dtype(dtype))
+        return model
     return load_model(model_arg, dtype=dtype, device=device)
+
+
+def check_output_path(path: str, what: str) -> None:
+    """An output file's folder must exist and the path must not be a folder: checked before any work,
+    so a run is never lost at the end to a typo."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {p} is a folder; give a file path")
+    if not p.parent.is_dir():
+        raise FileNotFoundError(f"{what}: folder {p.parent} does not exist")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from . import score
+    from .engine import Interrupted, check_checkpoint_path
+    from .model import check_device
+
+    options = dict(args.option or [])
+    if args.json:
+        check_output_path(args.json, "--json")
+    if args.checkpoint:
+        check_checkpoint_path(Path(args.checkpoint))
+    check_device(args.device)
+    # Every argument is checked before the model loads, so bad input fails at once.
+    from . import presets
+    from .common import check_backend
+    from .inputs import check_images, check_resize, prepare_texts
+    from .methods import resolve_method
+    from .plan import check_plan_args
+
+    check_backend(args.backend)
+    choices, opts = presets.resolve(args.method, presets.check_preset(args.preset),
+                                    {"resize": args.resize, "latent": args.latent, "scheme": args.scheme,
+                                     "noise": args.noise}, options)
+    resolve_method(args.method, opts)
+    prepare_texts(args.texts)
+    check_resize(choices["resize"])
+    check_plan_args(args.timesteps, args.seed, choices["scheme"], choices["latent"], choices["noise"])
+    check_images(args.images)
 
     model = _load(args.model, args.dtype, args.device)
-    options = dict(args.option or [])
-    from .engine import Interrupted
-
     try:
         res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
-                    seed=args.seed, resize=args.resize, scheme=args.scheme, backend=args.backend,
-                    batch_size=args.batch_size, progress=None if not args.no_progress else False,
-                    checkpoint=args.checkpoint, **options)
+                    seed=args.seed, preset=args.preset, resize=args.resize, scheme=args.scheme, latent=args.latent,
+                    noise=args.noise, backend=args.backend, batch_size=args.batch_size,
+                    progress=None if not args.no_progress else False, checkpoint=args.checkpoint, **options)
     except Interrupted as e:
         print(f"fastitm: {e}", file=sys.stderr)
         return 130
     names = [Path(p).name for p in args.images]
-    print(f"method: {res.method} {res.options}  timesteps: {res.plan.timesteps.tolist()}  seed: {res.plan.seed}")
+    preset = f"  preset: {res.preset}" if res.preset else ""
+    print(f"method: {res.method} {res.options}{preset}  backend: {res.backend}")
+    print(f"choices: {res.choices}  timesteps: {res.plan.timesteps.tolist()}  seed: {res.plan.seed}")
     print(format_table(res.matrix, names, args.texts))
     if args.json:
         out = res.to_json()
@@ -119,21 +161,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastitm", description="Diffusion models as image-text matchers.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("score", help="score images against texts and print the table")
+    s = sub.add_parser("score", help="score images against texts and print the table",
+                       description="Score every image against every text (higher = better match); prints the "
+                       "table with each image's best text marked '*'.")
     s.add_argument("--model", default=None,
                    help="diffusers model folder (default: the embedded model; 'tiny': random-weight tiny model)")
     s.add_argument("--images", nargs="+", required=True, help="image files")
     s.add_argument("--texts", nargs="+", required=True, help="captions")
-    s.add_argument("--method", default="diffusion_itm", choices=METHODS)
+    s.add_argument("--method", default="diffusion_itm", choices=METHODS,
+                   help="diffusion_itm (Krojer et al.: text-conditioned error minus the empty prompt's), "
+                   "diffusion_classifier (Li et al.: MSE only), discffusion (He et al.: LogSumExp-pooled "
+                   "cross-attention); default diffusion_itm")
+    s.add_argument("--preset", default=None, choices=("published",),
+                   help="'published': every choice as the method's published code makes it (timesteps, "
+                   "layers, latents, resizing, ...); options given explicitly override it")
     s.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
-                   help="method option, e.g. normalize=false, err=mse, pool=probs, elimination=2:5,5:1 (repeatable)")
-    s.add_argument("--timesteps", type=int, default=10)
-    s.add_argument("--scheme", default="grid", choices=("grid", "stratified"))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--resize", default="squash", choices=("squash", "center_crop"))
-    s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"))
+                   help="method option, e.g. normalize=false, err=mse, pool=probs, layers=published, "
+                   "mix_uncond=true, elimination=2:5,5:1, order=published (repeatable)")
+    s.add_argument("--timesteps", type=int, default=None,
+                   help="number of timesteps (default 10), laid out by --scheme")
+    s.add_argument("--scheme", default=None, choices=TIMESTEP_SCHEMES,
+                   help="timestep layout: grid (DiffusionITM's range(10, 990, 1000 // T), default), midpoint "
+                   "(Diffusion Classifier's), discffusion (999 - grid), stratified (random per stratum)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the noise and latent samples (default 0)")
+    s.add_argument("--latent", default=None, choices=LATENT_MODES,
+                   help="image latent: mean (posterior mean, default), sample (one per image), "
+                   "sample_per_timestep (a fresh sample per image and timestep, as the published pipelines)")
+    s.add_argument("--noise", default=None, choices=NOISE_MODES,
+                   help="per_timestep (default) or shared (one noise tensor for every timestep)")
+    s.add_argument("--resize", default=None, choices=RESIZE_MODES,
+                   help="squash (antialiased bicubic, default), squash_pil (PIL bicubic on 8-bit, as the "
+                   "published loaders), center_crop (torchvision's Resize + CenterCrop)")
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"),
+                   help="fused ops: auto (Triton on CUDA, C++ on CPU), or one by name")
     s.add_argument("--batch-size", type=int, default=None, help="UNet rows per forward pass")
     s.add_argument("--checkpoint", default=None,
                    help="save finished work here as it goes; rerun with it to resume after Ctrl-C")
@@ -155,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .ops._backend import BackendUnavailable
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -162,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastitm: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+    except (ValueError, TypeError, FileNotFoundError, OSError, BackendUnavailable) as e:
         print(f"fastitm: error: {e}", file=sys.stderr)
         return 2
 

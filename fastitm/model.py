@@ -173,6 +173,23 @@ def _check_folder(path: Path) -> None:
         raise ModelError(f"{path}/unet holds a {cls}; expected UNet2DConditionModel (SD architecture)")
 
 
+def check_device(device: Any) -> torch.device:
+    """``device`` as a torch.device that exists here; raises ValueError naming what is wrong."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {device!r}: {why} (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
 def embedded_model_path() -> Path | None:
     """The folder of the model shipped inside the package, or None in a build without it."""
     p = Path(__file__).parent / "assets" / "default_model"
@@ -195,6 +212,7 @@ def load_model(
 
     if isinstance(dtype, str):
         dtype = _parse_dtype(dtype)
+    device = check_device(device)
     if path is None:
         path = embedded_model_path()
         if path is None:
@@ -215,7 +233,7 @@ def load_model(
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     model = Model(unet, vae, text_encoder, tokenizer, scheduler, source=str(path))
-    if torch.device(device) != model.device:
+    if device != model.device:
         model.to(device=device)
     return model
 
