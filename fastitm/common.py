@@ -223,6 +223,9 @@ def cross_attention_layers(unet, which: str) -> list[tuple[str, Any]]:
     layers = [(n, m) for n, m in unet.named_modules() if n.endswith("attn2") and getattr(m, "is_cross_attention", True)]
     if not layers:
         raise ValueError("the UNet has no cross-attention (attn2) layers")
+    # diffusers registers up_blocks before mid_block: put them in the order the forward pass runs.
+    stage_rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    layers.sort(key=lambda nm: stage_rank.get(nm[0].split(".")[0], 3))
     if which == "all":
         return layers
     if which == "last":
