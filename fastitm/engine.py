@@ -175,7 +175,9 @@ class _State:
 
     def load(self, path: Path, key: str) -> int:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's own notes on foreign pickles are noise here
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise CheckpointError(f"{path} is not a fastitm checkpoint (it cannot be read as one: "
                                   f"{type(e).__name__}); pass another checkpoint path") from None
