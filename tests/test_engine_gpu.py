@@ -12,7 +12,10 @@ pytestmark = pytest.mark.gpu
 
 TEXTS = ["a red circle", "a blue square left of a dog", "a cat", "green", "a yellow triangle above a circle"]
 CONFIGS = [("diffusion_itm", {}), ("diffusion_classifier", {}), ("discffusion", {"denoise": True}),
-           ("diffusion_classifier", {"elimination": [(2, 2)]})]
+           ("diffusion_classifier", {"elimination": [(2, 2)]}),
+           # the published presets: the mixed attention term, per-timestep latents, published rounds
+           ("discffusion", {"preset": "published"}), ("diffusion_itm", {"preset": "published"}),
+           ("diffusion_classifier", {"preset": "published", "elimination": [(2, 3)]})]
 
 
 @pytest.fixture(scope="module")
