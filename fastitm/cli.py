@@ -79,6 +79,7 @@ def check_output_path(path: str, what: str) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from . import score
+    from .common import check_arguments
     from .engine import Interrupted, check_checkpoint_path
     from .model import check_device
 
@@ -89,21 +90,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         check_checkpoint_path(Path(args.checkpoint))
     check_device(args.device)
     # Every argument is checked before the model loads, so bad input fails at once.
-    from . import presets
-    from .common import check_backend
-    from .inputs import check_images, check_resize, prepare_texts
-    from .methods import resolve_method
-    from .plan import check_plan_args
-
-    check_backend(args.backend)
-    choices, opts = presets.resolve(args.method, presets.check_preset(args.preset),
-                                    {"resize": args.resize, "latent": args.latent, "scheme": args.scheme,
-                                     "noise": args.noise}, options)
-    resolve_method(args.method, opts)
-    prepare_texts(args.texts)
-    check_resize(choices["resize"])
-    check_plan_args(args.timesteps, args.seed, choices["scheme"], choices["latent"], choices["noise"])
-    check_images(args.images)
+    check_arguments(args.images, args.texts, method=args.method, timesteps=args.timesteps, seed=args.seed,
+                    plan=None, resize=args.resize, latent=args.latent, scheme=args.scheme, noise=args.noise,
+                    preset=args.preset, options=options, backend=args.backend)
 
     model = _load(args.model, args.dtype, args.device)
     try:

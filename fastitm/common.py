@@ -75,24 +75,11 @@ def prepare_run(
     """Validate everything before any model work, so a bad argument fails in milliseconds: the
     arguments first, then (loading the embedded model only now when ``model`` is None) what needs
     the model."""
-    from . import presets
     from .model import Model
 
-    check_backend(backend)
-    preset = presets.check_preset(preset)
-    choices, options = presets.resolve(method, preset, {"resize": resize, "latent": latent, "scheme": scheme,
-                                                        "noise": noise}, options)
-    spec = resolve_method(method, options)
-    texts = prepare_texts(texts)
-    check_resize(choices["resize"])
-    if plan is None:
-        check_plan_args(timesteps, seed, choices["scheme"], choices["latent"], choices["noise"])
-    else:
-        if not isinstance(plan, Plan):
-            raise TypeError(f"plan must be a fastitm Plan (res.plan), got {type(plan).__name__}")
-        if timesteps is not None or seed is not None:
-            raise ValueError("pass either plan= or timesteps=/seed=, not both: the plan fixes them")
-    check_images(images)
+    preset, choices, spec, texts = check_arguments(images, texts, method=method, timesteps=timesteps, seed=seed,
+                                                   plan=plan, resize=resize, latent=latent, scheme=scheme,
+                                                   noise=noise, preset=preset, options=options, backend=backend)
     if model is None:
         from .model import load_model
 
@@ -114,6 +101,32 @@ def prepare_run(
     if pred not in ("epsilon", "v_prediction"):
         raise ValueError(f"scheduler prediction_type {pred!r} is not supported (epsilon or v_prediction)")
     return Run(model, pixels, texts, plan, spec, preset, choices)
+
+
+def check_arguments(images: Any, texts: Any, *, method: str, timesteps: Any, seed: Any, plan: Plan | None,
+                    resize: str | None, latent: str | None, scheme: str | None, noise: str | None,
+                    preset: str | None, options: dict, backend: str) -> tuple[str | None, dict, MethodSpec, list[str]]:
+    """Every check that needs no model: the backend's name, the preset and the choices it resolves
+    to (explicit > preset > default), the method and its options, the texts, the plan's arguments,
+    the images' types and paths. Returns (preset, choices, method spec, texts)."""
+    from . import presets
+
+    check_backend(backend)
+    preset = presets.check_preset(preset)
+    choices, options = presets.resolve(method, preset, {"resize": resize, "latent": latent, "scheme": scheme,
+                                                        "noise": noise}, options)
+    spec = resolve_method(method, options)
+    texts = prepare_texts(texts)
+    check_resize(choices["resize"])
+    if plan is None:
+        check_plan_args(timesteps, seed, choices["scheme"], choices["latent"], choices["noise"])
+    else:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a fastitm Plan (res.plan), got {type(plan).__name__}")
+        if timesteps is not None or seed is not None:
+            raise ValueError("pass either plan= or timesteps=/seed=, not both: the plan fixes them")
+    check_images(images)
+    return preset, choices, spec, texts
 
 
 def evaluation_order_noise(plan: Plan, spec: MethodSpec) -> Plan:
