@@ -120,9 +120,9 @@ def fingerprint(run: Run) -> str:
             x = x.detach()
             if x.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
                 x = x.view(torch.int16)
-            x = x.to("cpu").contiguous()
             h.update(f"{tuple(x.shape)}{x.dtype}".encode())
-            h.update(x.numpy().tobytes())
+            x = x.to("cpu").contiguous().reshape(-1)
+            h.update(memoryview(x.numpy()).cast("B"))  # no copy: ~1 GB/s, a few seconds for SD 2.1
         else:
             h.update(repr(x).encode())
         h.update(b"\0")
