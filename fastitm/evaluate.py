@@ -39,6 +39,18 @@ class NegativeReport:
         return [k for k in self.total if self.total[k]]
 
 
+def shared_plan(model, method: str, timesteps: int, seed: int, options: dict):
+    """The one plan every example is scored under, built with the plan choices (scheme, latent,
+    noise) of ``options`` or of its preset; those keys are taken out of ``options``."""
+    from .plan import make_plan
+    from .presets import resolve
+
+    given = {k: options.pop(k, None) for k in ("scheme", "latent", "noise")}
+    choices, _ = resolve(method, options.get("preset"), given, {})
+    return make_plan(model, timesteps, seed=seed, scheme=choices["scheme"], latent=choices["latent"],
+                     noise=choices["noise"])
+
+
 def _check_examples(examples: Sequence[Any]) -> None:
     if len(examples) == 0:
         raise ValueError("no examples to evaluate")
@@ -56,10 +68,9 @@ def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_i
 
     from . import score
     from .common import progress_disabled
-    from .plan import make_plan
 
     _check_examples(examples)
-    plan = make_plan(model, timesteps, seed=seed)
+    plan = shared_plan(model, method, timesteps, seed, options)
     report = None
     for e in tqdm(examples, desc=f"{method} hard negatives", unit="image", disable=progress_disabled(progress)):
         negs = [(k, c) for k, c in e.negatives.items() if kinds is None or k in kinds]
@@ -90,12 +101,11 @@ def image_retrieval(model, examples: Sequence[Any], *, group: int = 10, method: 
 
     from . import score
     from .common import progress_disabled
-    from .plan import make_plan
 
     _check_examples(examples)
     if group < 2:
         raise ValueError(f"group must be at least 2, got {group}")
-    plan = make_plan(model, timesteps, seed=seed)
+    plan = shared_plan(model, method, timesteps, seed, options)
     groups, current, seen = [], [], set()
     for e in examples:  # distinct captions within a group, so each caption has one right image
         if e.caption in seen:

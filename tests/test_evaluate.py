@@ -52,3 +52,21 @@ def test_bad_input(tiny):
         evaluate.image_retrieval(tiny, ex, group=5, timesteps=1)
     with pytest.raises(KeyError, match="swap_objects"):
         evaluate.hard_negatives(tiny, ex, timesteps=1, progress=False).accuracy("swap_objects")
+
+
+def test_presets_reach_the_shared_plan():
+    """evaluate builds one plan for all examples; with a preset it must be the preset's plan (here
+    Discffusion's timesteps and per-timestep latents), the same scores fastitm.score gives."""
+    import fastitm
+    from fastitm import data, evaluate
+
+    model = fastitm.testing.tiny_model(seed=0)
+    ex = data.make_dataset(2, "heldout", seed=1, size=model.resolution)
+    rep = evaluate.hard_negatives(model, ex, method="discffusion", timesteps=2, seed=3, preset="published",
+                                  kinds=["colour"])
+    e = ex[0]
+    res = fastitm.score([e.image], [e.caption, e.negatives["colour"]], model=model, method="discffusion",
+                        timesteps=2, seed=3, preset="published")
+    assert res.plan.timesteps.tolist() == [489, 989]
+    assert rep.rows[0]["score"] == res.matrix[0, 0].item()
+    assert rep.rows[0]["negatives"][0]["score"] == res.matrix[0, 1].item()
