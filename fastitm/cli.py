@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .evaluate.tasks import TASKS
 from .inputs import RESIZE_MODES
 from .methods import METHODS
 from .plan import LATENT_MODES, NOISE_MODES, TIMESTEP_SCHEMES
@@ -118,6 +119,29 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run
+
+    options = dict(args.option or [])
+    for name in ("preset", "resize", "latent", "scheme", "noise"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for report.json, report.md and the plot")
+    model = _load(args.model, args.dtype, args.device)
+    report = run(args.task, args.data, model=model, method=args.method, timesteps=args.timesteps, seed=args.seed,
+                 split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
+                 batch_size=args.batch_size, progress=None if not args.no_progress else False, **options)
+    written = report.save(out)
+    print(report.to_markdown())
+    for what, path in written.items():
+        print(f"wrote {path}")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} item(s) with unreadable images (listed in report.json)", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -191,6 +215,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None, help="write the matrix, plan, method and versions here")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(func=cmd_score)
+
+    e = sub.add_parser("eval", help="evaluate on a benchmark task (published metrics, accuracy vs timesteps)",
+                       description="Score a benchmark task read from its published on-disk format and write "
+                       "report.json, report.md and accuracy_vs_timesteps.png to --out.")
+    e.add_argument("task", choices=sorted(TASKS), help="the task")
+    e.add_argument("--data", required=True, help="the dataset folder (jsonl: the .jsonl file)")
+    e.add_argument("--split", default=None, help="dataset split where the task has several (default: the published one)")
+    e.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")
+    e.add_argument("--method", default="diffusion_itm", choices=METHODS, help="scoring method (default diffusion_itm)")
+    e.add_argument("--preset", default=None, choices=("published",), help="the method's published choices")
+    e.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE", help="method option (repeatable)")
+    e.add_argument("--timesteps", type=int, default=10, help="number of timesteps (default 10)")
+    e.add_argument("--scheme", default=None, choices=TIMESTEP_SCHEMES, help="timestep layout (default grid)")
+    e.add_argument("--latent", default=None, choices=LATENT_MODES, help="image latent (default mean)")
+    e.add_argument("--noise", default=None, choices=NOISE_MODES, help="noise per timestep (default) or shared")
+    e.add_argument("--resize", default=None, choices=RESIZE_MODES, help="resizing (default squash)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the plan (default 0)")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    e.add_argument("--skip-bad", action="store_true", help="skip items whose images cannot be read (listed in the report)")
+    e.add_argument("--out", default="fastitm-eval", help="folder for the report (default fastitm-eval)")
+    e.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"), help="fused ops")
+    e.add_argument("--batch-size", type=int, default=None, help="UNet rows per forward pass")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="accuracy of every method on held-out synthetic images (no downloads)")
     d.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")

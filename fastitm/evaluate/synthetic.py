@@ -42,8 +42,8 @@ class NegativeReport:
 def shared_plan(model, method: str, timesteps: int, seed: int, options: dict):
     """The one plan every example is scored under, built with the plan choices (scheme, latent,
     noise) of ``options`` or of its preset; those keys are taken out of ``options``."""
-    from .plan import make_plan
-    from .presets import resolve
+    from ..plan import make_plan
+    from ..presets import resolve
 
     given = {k: options.pop(k, None) for k in ("scheme", "latent", "noise")}
     choices, _ = resolve(method, options.get("preset"), given, {})
@@ -66,8 +66,8 @@ def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_i
     has); a choice is right when the true caption scores strictly higher than the negative."""
     from tqdm.auto import tqdm
 
-    from . import score
-    from .common import progress_disabled
+    from .. import score
+    from ..common import progress_disabled
 
     _check_examples(examples)
     plan = shared_plan(model, method, timesteps, seed, options)
@@ -99,8 +99,8 @@ def image_retrieval(model, examples: Sequence[Any], *, group: int = 10, method: 
     images x captions, and return (share of captions whose best image is their own, captions)."""
     from tqdm.auto import tqdm
 
-    from . import score
-    from .common import progress_disabled
+    from .. import score
+    from ..common import progress_disabled
 
     _check_examples(examples)
     if group < 2:

@@ -1,0 +1,119 @@
+"""The evaluation report: metrics, per-item scores, accuracy vs number of timesteps, the plan."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class EvalReport:
+    """``metrics``: the task's published metrics (with ``by_tag`` breakdowns); ``items``: per item its
+    id, kind, ``scores`` (the candidates' scores in order; Winoground: the 2x2 matrix [image][text]),
+    ``label`` and tags; ``curve``: per number of timesteps n (the first n of a spread order over the
+    plan), the headline metrics; ``skipped``: unreadable items left out with ``skip_bad``."""
+
+    task: str
+    method: str
+    options: dict
+    metrics: dict
+    items: list[dict]
+    curve: list[dict]
+    plan: dict
+    data: str
+    preset: str | None = None
+    choices: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        from .. import __version__
+
+        return {"task": self.task, "data": self.data, "method": self.method, "preset": self.preset,
+                "options": self.options, "choices": self.choices, "metrics": self.metrics,
+                "accuracy_vs_timesteps": self.curve, "plan": self.plan, "skipped": self.skipped,
+                "stats": self.stats, "items": self.items, "fastitm": __version__}
+
+    def to_markdown(self) -> str:
+        lines = [f"# fastitm eval: {self.task}", "",
+                 f"data: `{self.data}`; method `{self.method}` {self.options}"
+                 + (f", preset `{self.preset}`" if self.preset else ""),
+                 f"timesteps: {self.plan.get('timesteps')}; seed {self.plan.get('seed')}; "
+                 f"{self.metrics.get('items', len(self.items))} items"
+                 + (f"; {len(self.skipped)} skipped (unreadable)" if self.skipped else ""), "",
+                 "| metric | value |", "|---|---|"]
+        for k, v in self.metrics.items():
+            if k != "by_tag":
+                lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        if "ties" in self.metrics:
+            lines += ["", "Ties never count for the ground truth (the published argmax credits them to it)."]
+        by_tag = self.metrics.get("by_tag", {})
+        if by_tag:
+            keys = [k for k in next(iter(by_tag.values())) if k != "items"]
+            lines += ["", "| tag | items | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+            for tag, m in by_tag.items():
+                lines.append(f"| {tag} | {m['items']} | " + " | ".join(
+                    f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k]) for k in keys) + " |")
+        if self.curve:
+            keys = list(self.curve[0]["metrics"])
+            lines += ["", "## Accuracy vs number of timesteps (one run: the first n of a spread order)", "",
+                      "| timesteps | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+            T = len(self.curve)
+            shown = sorted({n for n in (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000) if n <= T} | {T})
+            for row in self.curve:
+                if row["timesteps"] in shown:
+                    lines.append(f"| {row['timesteps']} | " + " | ".join(f"{row['metrics'][k]:.4f}" for k in keys) + " |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | Path) -> Path | None:
+        """Accuracy vs number of timesteps as a PNG (needs matplotlib; None without it or a curve)."""
+        if not self.curve:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        xs = [row["timesteps"] for row in self.curve]
+        for key in self.curve[0]["metrics"]:
+            ax.plot(xs, [row["metrics"][key] for row in self.curve], marker="o" if len(xs) <= 20 else None,
+                    label=key)
+        ax.set_xlabel("number of timesteps (first n of a spread order)")
+        ax.set_ylabel("metric")
+        ax.set_title(f"{self.task}, {self.method}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write report.json, report.md and accuracy_vs_timesteps.png into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = {"json": out / "report.json", "markdown": out / "report.md"}
+        written["json"].write_text(json.dumps(jsonable(self.to_json()), indent=2, allow_nan=False))
+        written["markdown"].write_text(self.to_markdown())
+        png = self.plot(out / "accuracy_vs_timesteps.png")
+        if png is not None:
+            written["plot"] = png
+        return written
+
+
+def jsonable(x: Any) -> Any:
+    """Nested scores for JSON: -inf (eliminated) and NaN as null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    return x
