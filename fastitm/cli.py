@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="the dataset folder (jsonl: the .jsonl file)")
     e.add_argument("--split", default=None, help="dataset split where the task has several (default: the published one)")
     e.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")
-    e.add_argument("--method", default="diffusion_itm", choices=METHODS, help="scoring method (default diffusion_itm)")
+    e.add_argument("--method", default=None, choices=METHODS,
+                   help="scoring method (default diffusion_itm; pets: diffusion_classifier with adaptive elimination)")
     e.add_argument("--preset", default=None, choices=("published",), help="the method's published choices")
     e.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE", help="method option (repeatable)")
     e.add_argument("--timesteps", type=int, default=10, help="number of timesteps (default 10)")

@@ -217,3 +217,150 @@ def test_missing_and_malformed_files_name_the_file(tmp_path):
 def test_cli_eval_errors_exit_2(tmp_path, capsys):
     assert main(["eval", "jsonl", "--data", str(tmp_path / "none.jsonl"), "--model", "tiny", "--no-progress"]) == 2
     assert "none.jsonl: file not found" in capsys.readouterr().err
+
+
+# ---- every other task on a fixture in its published layout, through the CLI -------------------------
+
+def _save(img, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _report(task, root, tmp_path, *extra):
+    out = tmp_path / f"out-{task}"
+    assert main(["eval", task, "--data", str(root), "--model", "tiny", "--timesteps", "2", "--out", str(out),
+                 "--no-progress", *extra]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def _accuracy_by_hand(rep):
+    right = [strict_rank(torch.tensor(r["scores"]), r["label"]) == 0 for r in rep["items"]]
+    return sum(right) / len(right)
+
+
+def test_svo_accuracy_per_negative_type(tmp_path, examples):
+    root = tmp_path / "data"
+    rows = []
+    for n, e in enumerate(examples):
+        _save(e.image, root / "svo" / "images" / f"{n}.jpg")
+    for n in range(0, 6, 2):
+        rows.append({"sentence": examples[n].caption, "pos_id": f"{n}.jpg", "neg_id": f"{n + 1}.jpg",
+                     "neg_type": ["subj", "verb", "obj"][n // 2]})
+    (root / "svo" / "svo.json").write_text(json.dumps(rows))
+    rep = _report("svo", root, tmp_path)
+    assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
+    assert sorted(rep["metrics"]["by_tag"]) == ["neg_type=obj", "neg_type=subj", "neg_type=verb"]
+    assert all(len(r["scores"]) == 2 and r["kind"] == "image" for r in rep["items"])
+
+
+def test_imagecode_static_sets_only(tmp_path, examples):
+    root = tmp_path / "data" / "imagecode"
+    for name in ("open-images-1", "video-clip-7"):
+        for k, e in enumerate(examples):
+            _save(e.image, root / "image-sets" / name / f"img{k}.jpg")
+    (root / "valid_data.json").write_text(json.dumps({
+        "open-images-1": {"3": examples[3].caption, "5": examples[5].caption},
+        "video-clip-7": {"0": "a video frame"}}))
+    rep = _report("imagecode", tmp_path / "data", tmp_path)
+    assert [r["label"] for r in rep["items"]] == [3, 5] and len(rep["items"][0]["scores"]) == 6
+    assert rep["metrics"]["R@1"] == pytest.approx(_accuracy_by_hand(rep))
+    ranks = [strict_rank(torch.tensor(r["scores"]), r["label"]) for r in rep["items"]]
+    assert rep["metrics"]["R@5"] == pytest.approx(sum(r < 5 for r in ranks) / 2)
+
+
+def test_clevr_seven_subtasks(tmp_path, examples):
+    from fastitm.evaluate.tasks import CLEVR_SUBTASKS
+
+    root = tmp_path / "clevr"
+    _save(examples[0].image, root / "images" / "a.png")
+    for sub in CLEVR_SUBTASKS:
+        caps = ["left", "a red circle left of a square", "a red circle right of a square"] if sub == "spatial" \
+            else [examples[0].caption, examples[1].caption]
+        (root / "captions").mkdir(parents=True, exist_ok=True)
+        (root / "captions" / f"{sub}.json").write_text(json.dumps({"a.png": [caps]}))
+    rep = _report("clevr", root, tmp_path)
+    assert len(rep["metrics"]["by_tag"]) == 7 and rep["metrics"]["items"] == 7
+    items = load_task("clevr", root)
+    spatial = next(i for i in items if i.tags["subtask"] == "spatial")
+    assert spatial.texts == ["a red circle left of a square", "a red circle right of a square"]
+    assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
+
+
+@pytest.mark.parametrize("task", ["vg_relation", "vg_attribution"])
+def test_visual_genome_crops_to_the_box(tiny, tmp_path, examples, task):
+    root = tmp_path / "aro"
+    big = Image.new("RGB", (40, 30), "white")
+    big.paste(examples[0].image, (10, 5))
+    _save(big, root / "images" / "1.jpg")
+    name = task.split("_")[1]
+    row = {"image_path": "1.jpg", "bbox_x": 10, "bbox_y": 5, "bbox_w": 16, "bbox_h": 16,
+           "true_caption": examples[0].caption, "false_caption": examples[1].caption,
+           "relation_name": "left of", "attributes": ["red", "blue"]}
+    (root / f"visual_genome_{name}.json").write_text(json.dumps([row, row]))
+    rep = _report(task, root, tmp_path)
+    crop = Image.open(root / "images" / "1.jpg").convert("RGB").crop((10, 5, 26, 21))
+    want = fastitm.score([crop], [examples[0].caption, examples[1].caption], model=tiny, timesteps=2, seed=0).matrix[0]
+    torch.testing.assert_close(torch.tensor(rep["items"][0]["scores"]), want, rtol=1e-5, atol=1e-4)
+    assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
+
+
+def test_pets_uses_diffusion_classifier_with_elimination(tmp_path, examples):
+    root = tmp_path / "pets"
+    classes = ["abyssinian", "basset hound", "beagle", "bombay", "boxer", "pug", "sphynx"]
+    (root).mkdir()
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    _save(examples[0].image, root / "images" / "Basset_hound_12.jpg")
+    _save(examples[1].image, root / "images" / "pug_3.jpg")
+    out = tmp_path / "pets-out"
+    assert main(["eval", "pets", "--data", str(root), "--model", "tiny", "--timesteps", "5", "--out", str(out),
+                 "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"] == "diffusion_classifier" and rep["options"]["elimination"] == [[1, 5], [2, 1]]
+    assert [r["label"] for r in rep["items"]] == [1, 5]
+    for r in rep["items"]:  # one survivor per image, the rest eliminated (null)
+        assert sum(v is not None for v in r["scores"]) == 1
+    right = [r["scores"][r["label"]] is not None for r in rep["items"]]
+    assert rep["metrics"]["accuracy"] == pytest.approx(sum(right) / 2)
+    assert rep["accuracy_vs_timesteps"] == []  # eliminated texts have no full per-timestep scores
+
+
+def test_mmbias_effect_sizes_by_hand(tmp_path, examples):
+    import numpy as np
+
+    root = tmp_path / "data" / "mmbias"
+    good, bad = ["a red circle", "a happy photo"], ["a blue square", "a sad photo", "a broken cross"]
+    root.mkdir(parents=True)
+    (root / "textual_phrases.txt").write_text(json.dumps({"pleasant_phrases": good, "unpleasant_phrases": bad}))
+    groups = {"Christian": "Religion/Christian", "Buddhist": "Religion/Buddhist", "Hindu": "Religion/Hindu",
+              "Jewish": "Religion/Jewish"}
+    for n, (g, folder) in enumerate(groups.items()):
+        for k in range(2):
+            _save(examples[(n + k) % 6].image, root / "data" / "Images" / folder / f"{k}.jpg")
+    rep = _report("bias", tmp_path / "data", tmp_path)
+    phis = {}
+    for r in rep["items"]:
+        s = np.array(r["scores"])
+        phis.setdefault(r["tags"]["group"], []).append(s[:2].mean() - s[2:].mean())
+
+    def d(x, y):
+        return (np.mean(phis[x]) - np.mean(phis[y])) / np.concatenate([phis[x], phis[y]]).std()
+
+    for x, y in [("Christian", "Jewish"), ("Buddhist", "Christian"), ("Buddhist", "Hindu"), ("Buddhist", "Jewish")]:
+        assert rep["metrics"][f"{x}-{y}"] == pytest.approx(d(x, y), rel=1e-6)
+    assert "Christian-Muslim" not in rep["metrics"]  # no Muslim images in this fixture
+
+
+def test_gender_bias_effect_sizes_by_hand(tmp_path, examples):
+    import numpy as np
+
+    root = tmp_path / "gender"
+    for word in ("suit", "apron"):
+        for k in (1, 2, 7, 8):  # <= 6: men, > 6: women
+            _save(examples[k % 6].image, root / f"{word}-images" / f"{k}.jpg")
+    rep = _report("bias_gender", root, tmp_path)
+    phi = {"male": [], "female": []}
+    for r in rep["items"]:
+        phi[r["tags"]["gender"]].append(r["scores"][0] - r["scores"][1])
+    want = (np.mean(phi["male"]) - np.mean(phi["female"])) / np.concatenate([phi["male"], phi["female"]]).std()
+    assert rep["metrics"]["clothes"] == pytest.approx(want, rel=1e-6) and rep["metrics"]["items"] == 8

@@ -36,6 +36,7 @@ class Item:
     texts: list[str]
     label: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    crops: list[tuple[float, float, float, float] | None] | None = None  # per image (left, top, right, bottom)
 
 
 def _read_json(path: Path, expected: str) -> Any:
@@ -178,11 +179,210 @@ def load_flickr30k_image(data_dir: str | Path, split: str | None = None) -> list
     return items
 
 
+# ---- the other GDBench tasks ------------------------------------------------------------------------
+
+def _image_dir_files(folder: Path, pattern: str = "*.jpg") -> list[Path]:
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise DataError(f"{folder}: no {pattern} images found")
+    return files
+
+
+def load_svo(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """``{data}/svo/svo.json``: a list of {sentence, pos_id, neg_id, neg_type}, images in
+    ``{data}/svo/images/{id}``. Pick the image the sentence describes; accuracy per ``neg_type``
+    (subj, verb, obj: the published svo_subj / svo_verb / svo_obj tasks in one run)."""
+    root = Path(data_dir) / "svo"
+    path = root / "svo.json"
+    rows = _read_json(path, "a JSON list of {sentence, pos_id, neg_id, neg_type}")
+    if not isinstance(rows, list) or not rows:
+        raise DataError(f"{path}: expected a non-empty JSON list of {{sentence, pos_id, neg_id, neg_type}}")
+    items = []
+    for n, row in enumerate(rows):
+        missing = [k for k in ("sentence", "pos_id", "neg_id", "neg_type") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DataError(f"{path}: row {n} lacks the field(s) {missing}")
+        items.append(Item(str(n), "image", [str(root / "images" / str(row["pos_id"])),
+                                            str(root / "images" / str(row["neg_id"]))],
+                          [row["sentence"]], 0, {"neg_type": str(row["neg_type"])}))
+    return items
+
+
+def load_imagecode(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """``{data}/imagecode/{split}_data.json`` ({image set: {index: description}}; split "valid" for
+    "val") with the sets in ``{data}/imagecode/image-sets/{set}/img{k}.jpg``; the static sets (from
+    Open Images) only, as the published ``imagecode`` task. Pick the described image of 10."""
+    root = Path(data_dir) / "imagecode"
+    split = "valid" if split in (None, "val") else split
+    path = root / f"{split}_data.json"
+    data = _read_json(path, "a JSON object {image set: {image index: description}}")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object {{image set: {{image index: description}}}}")
+    items = []
+    for img_dir, descs in data.items():
+        if "open-images" not in img_dir:
+            continue  # video frames: the published imagecode_video task
+        if not isinstance(descs, dict):
+            raise DataError(f"{path}: entry {img_dir!r} must map image indices to descriptions")
+        files = _image_dir_files(root / "image-sets" / img_dir)
+        try:
+            files = sorted(files, key=lambda f: int(f.stem[3:]))  # img0.jpg ... img9.jpg
+        except ValueError:
+            raise DataError(f"{root / 'image-sets' / img_dir}: images must be named img<k>.jpg") from None
+        for idx, text in descs.items():
+            k = int(idx)
+            if not 0 <= k < len(files):
+                raise DataError(f"{path}: {img_dir!r} names image {k}, but the set has {len(files)} images")
+            items.append(Item(f"{img_dir}/{k}", "image", [str(f) for f in files], [text], k))
+    if not items:
+        raise DataError(f"{path}: no static (open-images) image sets")
+    return items
+
+
+CLEVR_SUBTASKS = ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
+                  "binding_color_shape", "binding_shape_color")
+
+
+def load_clevr(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """``{data}/captions/{subtask}.json`` ({image file: [[true caption, false caption, ...], ...]}) for
+    the seven subtasks, images in ``{data}/images/``. Pick the caption; accuracy per subtask.
+
+    The published loader means ``spatial`` entries to use their 2nd and 3rd strings, but compares the
+    string literal ``'subtask'`` with ``'spatial'``, so it never does; fastitm does what it means."""
+    root = Path(data_dir)
+    items = []
+    for sub in CLEVR_SUBTASKS:
+        path = root / "captions" / f"{sub}.json"
+        data = _read_json(path, "a JSON object {image file: [[caption, caption, ...], ...]}")
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: expected a JSON object {{image file: [[captions], ...]}}")
+        for img, entries in data.items():
+            for n, caps in enumerate(entries):
+                first = 1 if sub == "spatial" else 0
+                if not isinstance(caps, list) or len(caps) < first + 2:
+                    raise DataError(f"{path}: entry {img!r}[{n}] must be a list of at least {first + 2} captions")
+                items.append(Item(f"{sub}/{img}/{n}", "text", [str(root / "images" / img)],
+                                  [caps[first], caps[first + 1]], 0, {"subtask": sub}))
+    return items
+
+
+def _load_vg(data_dir: str | Path, name: str, tag: Callable[[dict], str]) -> list[Item]:
+    root = Path(data_dir)
+    path = root / f"visual_genome_{name}.json"
+    rows = _read_json(path, "a JSON list of {image_path, bbox_x, bbox_y, bbox_w, bbox_h, true_caption, false_caption}")
+    if not isinstance(rows, list) or not rows:
+        raise DataError(f"{path}: expected a non-empty JSON list")
+    need = ("image_path", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "true_caption", "false_caption")
+    items = []
+    for n, r in enumerate(rows):
+        missing = [k for k in need if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise DataError(f"{path}: row {n} lacks the field(s) {missing}")
+        box = (r["bbox_x"], r["bbox_y"], r["bbox_x"] + r["bbox_w"], r["bbox_y"] + r["bbox_h"])
+        items.append(Item(str(n), "text", [str(root / "images" / r["image_path"])],
+                          [r["true_caption"], r["false_caption"]], 0, {name: tag(r)}, crops=[box]))
+    return items
+
+
+def load_vg_relation(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """ARO's VG-Relation: ``{data}/visual_genome_relation.json`` (image_path, the relation's bounding
+    box, true_caption, false_caption, relation_name), images in ``{data}/images/``, each cropped to
+    its box. Accuracy, and per relation."""
+    return _load_vg(data_dir, "relation", lambda r: str(r.get("relation_name", "")))
+
+
+def load_vg_attribution(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """ARO's VG-Attribution: ``{data}/visual_genome_attribution.json`` (as VG-Relation, with the pair
+    of ``attributes``). Accuracy, and per attribute pair."""
+    return _load_vg(data_dir, "attribution", lambda r: "_".join(map(str, r.get("attributes", []))))
+
+
+def load_pets(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """Oxford-IIIT Pets: ``{data}/classes.txt`` (one lower-case class a line) and
+    ``{data}/images/<Class_Name>_<n>.jpg``; texts "a photo of a <class>", pick the class."""
+    root = Path(data_dir)
+    path = root / "classes.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected one class name a line)")
+    classes = [c for c in path.read_text().splitlines() if c.strip()]
+    if len(classes) < 2:
+        raise DataError(f"{path}: needs at least 2 classes, got {len(classes)}")
+    texts = [f"a photo of a {c}" for c in classes]
+    items = []
+    for f in _image_dir_files(root / "images"):
+        name = " ".join(f.stem.split("_")[:-1]).lower()
+        if name not in classes:
+            raise DataError(f"{f}: class {name!r} (from the file name) is not in {path}")
+        items.append(Item(f.name, "text", [str(f)], texts, classes.index(name)))
+    return items
+
+
+MMBIAS_GROUPS = {  # class -> folder under data/Images, as the published loader globs them
+    "Christian": "Religion/Christian", "Muslim": "Religion/Muslim", "Jewish": "Religion/Jewish",
+    "Hindu": "Religion/Hindu", "Buddhist": "Religion/Buddhist", "American": "Nationality/American",
+    "Arab": "Nationality/Arab", "Heterosexual": "Sexual Orientation/Heterosexual", "LGBT": "Sexual Orientation/LGBT",
+}
+
+
+def load_bias(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """MMBias: ``{data}/mmbias/textual_phrases.txt`` (JSON with ``pleasant_phrases`` and
+    ``unpleasant_phrases``) and ``{data}/mmbias/data/Images/<category>/<group>/*.jpg``. Every image is
+    scored against every phrase; see :func:`fastitm.evaluate.metrics.bias_metrics`."""
+    root = Path(data_dir) / "mmbias"
+    path = root / "textual_phrases.txt"
+    phrases = _read_json(path, 'a JSON object {"pleasant_phrases": [...], "unpleasant_phrases": [...]}')
+    good, bad = (phrases.get("pleasant_phrases"), phrases.get("unpleasant_phrases")) if isinstance(phrases, dict) \
+        else (None, None)
+    for field_name, v in (("pleasant_phrases", good), ("unpleasant_phrases", bad)):
+        if not isinstance(v, list) or not v or not all(isinstance(t, str) for t in v):
+            raise DataError(f"{path}: field {field_name!r} must be a non-empty list of phrases")
+    texts = list(good) + list(bad)
+    items = []
+    for group, folder in MMBIAS_GROUPS.items():
+        for f in sorted((root / "data" / "Images" / folder).glob("*.jpg")):
+            items.append(Item(f"{group}/{f.name}", "text", [str(f)], texts, None,
+                              {"group": group, "pleasant": str(len(good))}))
+    if not items:
+        raise DataError(f"{root / 'data' / 'Images'}: no group images found (expected <category>/<group>/*.jpg)")
+    return items
+
+
+GENDER_TARGETS = {"clothes": ("suit", "apron"), "bags": ("briefcase", "purse"), "drinks": ("beer", "wine")}
+
+
+def load_bias_gender(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """The gender set: ``{data}/<attribute>-images/<n>.jpg`` for suit/apron, briefcase/purse,
+    beer/wine; images numbered up to 6 show men, the others women (as the published loader reads
+    them). Each image is scored against its target's (male, female) attribute words."""
+    root = Path(data_dir)
+    items = []
+    for target, words in GENDER_TARGETS.items():
+        for word in words:
+            for f in sorted((root / f"{word}-images").glob("*.jpg")):
+                try:
+                    gender = "male" if int(f.stem) <= 6 else "female"
+                except ValueError:
+                    raise DataError(f"{f}: gender-set images must be named <number>.jpg") from None
+                items.append(Item(f"{word}/{f.name}", "text", [str(f)], list(words), None,
+                                  {"target": target, "gender": gender}))
+    if not items:
+        raise DataError(f"{root}: no <attribute>-images/*.jpg folders (suit, apron, briefcase, purse, beer, wine)")
+    return items
+
+
 TASKS: dict[str, Callable[..., list[Item]]] = {
     "jsonl": load_jsonl,
     "winoground": load_winoground,
     "flickr30k_text": load_flickr30k_text,
     "flickr30k_image": load_flickr30k_image,
+    "imagecode": load_imagecode,
+    "svo": load_svo,
+    "clevr": load_clevr,
+    "vg_relation": load_vg_relation,
+    "vg_attribution": load_vg_attribution,
+    "pets": load_pets,
+    "bias": load_bias,
+    "bias_gender": load_bias_gender,
 }
 
 
