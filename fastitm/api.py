@@ -28,6 +28,7 @@ def score(
     progress: bool | None = None,
     checkpoint: str | None = None,
     checkpoint_every: float = 60.0,
+    distributed: bool = False,
     **options: Any,
 ) -> ScoreResult:
     """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
@@ -53,6 +54,11 @@ def score(
         them (a checkpoint of another run is refused). Ctrl-C finishes the batch in flight and raises
         :class:`fastitm.engine.Interrupted` (a KeyboardInterrupt) carrying the partial result.
 
+    distributed: shard the images over the ranks of an initialised torch.distributed process group
+        (``torchrun``): each rank scores its share against every text with the engine on its own
+        device, and every rank gets the full result (see :mod:`fastitm.distributed`). Without a
+        process group the call runs in this process alone.
+
     ``res.stats`` counts the work: UNet rows computed, VAE images, text encodes, rows saved by
     adaptive elimination (``diffusion_classifier``, ``elimination=[(T_1, keep_1), ...]``).
     """
@@ -61,5 +67,11 @@ def score(
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
                       backend=backend)
+    if distributed:
+        from .distributed import is_distributed, score_sharded
+
+        if is_distributed():  # with one process (no process group) the same call just runs here
+            return score_sharded(run, backend=backend, batch_size=batch_size, progress=progress,
+                                 checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     return engine.score_run(run, backend=backend, batch_size=batch_size, progress=progress,
                             checkpoint=checkpoint, checkpoint_every=checkpoint_every)

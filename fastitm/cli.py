@@ -120,6 +120,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from . import distributed as dist
     from .evaluate import run
 
     options = dict(args.option or [])
@@ -129,13 +130,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for report.json, report.md and the plot")
-    model = _load(args.model, args.dtype, args.device)
+    if args.checkpoint:
+        check_output_path(args.checkpoint, "--checkpoint")
+    # Under torchrun: one process per GPU (or CPU process with gloo); rank 0 reports.
+    dist.init_from_env(args.device)
+    device = dist.local_device(args.device)
+    model = _load(args.model, args.dtype, device)
     report = run(args.task, args.data, model=model, method=args.method, timesteps=args.timesteps, seed=args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
-                 batch_size=args.batch_size, progress=None if not args.no_progress else False, **options)
+                 batch_size=args.batch_size, progress=None if not args.no_progress else False,
+                 checkpoint=args.checkpoint, **options)
+    if dist.rank() != 0:
+        return 0
     written = report.save(out)
     print(report.to_markdown())
-    for what, path in written.items():
+    for path in written.values():
         print(f"wrote {path}")
     if report.skipped:
         print(f"skipped {len(report.skipped)} item(s) with unreadable images (listed in report.json)", file=sys.stderr)
@@ -236,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="score only the first N items")
     e.add_argument("--skip-bad", action="store_true", help="skip items whose images cannot be read (listed in the report)")
     e.add_argument("--out", default="fastitm-eval", help="folder for the report (default fastitm-eval)")
+    e.add_argument("--checkpoint", default=None,
+                   help="save finished items here (per rank under torchrun); rerun with it to resume")
     e.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
     e.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"), help="fused ops")
     e.add_argument("--batch-size", type=int, default=None, help="UNet rows per forward pass")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")

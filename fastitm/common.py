@@ -30,6 +30,9 @@ class Run:
     spec: MethodSpec
     preset: str | None = None
     choices: dict = field(default_factory=dict)
+    # Global index of pixels[0]: seeds of sampled latents follow the image's index in the whole
+    # request, so a shard of a distributed run draws what one process would.
+    image_offset: int = 0
 
 
 def progress_disabled(progress: bool | None) -> bool | None:

@@ -137,10 +137,22 @@ def fingerprint(run: Run) -> str:
     add((plan.latent, plan.seed, plan.noise_mode))
     add((str(m.dtype), m.scheduler.config.prediction_type, m.scaling_factor))
     add(m.scheduler.alphas_cumprod)
-    for module in (m.unet, m.vae, m.text_encoder):
+    add(model_digest(m))
+    return h.hexdigest()
+
+
+def model_digest(model) -> str:
+    """sha256 over every byte of every parameter and buffer of the UNet, VAE and text encoder (with
+    their names), and the dtype: a merged LoRA or one fine-tuned weight changes it."""
+    h = hashlib.sha256(str(model.dtype).encode())
+    for module in (model.unet, model.vae, model.text_encoder):
         for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-            add(name)
-            add(p)
+            x = p.detach()
+            if x.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+                x = x.view(torch.int16)
+            x = x.to("cpu").contiguous().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(memoryview(x.numpy()).cast("B"))  # no copy: ~1 GB/s, a few seconds for SD 2.1
     return h.hexdigest()
 
 
@@ -350,7 +362,8 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
         parts = [encode_posterior(model, run.pixels[a : a + bs]) for a in range(0, N, bs)]
         z_mean, z_std = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     else:
-        z = torch.cat([encode_images(model, run.pixels[a : a + bs], plan, first_index=a) for a in range(0, N, bs)])
+        off = run.image_offset
+        z = torch.cat([encode_images(model, run.pixels[a : a + bs], plan, first_index=off + a) for a in range(0, N, bs)])
     emb = encode_texts(model, run.texts + ([""] if spec.needs_uncond else []))  # [M (+1), L, D]
     noise = plan.noise.to(device=device, dtype=dtype)
     timesteps = plan.timesteps.to(device)
@@ -389,7 +402,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
                 t = timesteps[k]
                 nk = noise[k]
                 if per_timestep_latent:
-                    zi = timestep_latents(model, z_mean[i], z_std[i], plan, rc[:, 0], rc[:, 2])
+                    zi = timestep_latents(model, z_mean[i], z_std[i], plan, rc[:, 0] + run.image_offset, rc[:, 2])
                 else:
                     zi = z[i]
                 x = noisy_latents(model, zi, nk, t)

@@ -122,14 +122,14 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
         if plan.latent == "sample_per_timestep":  # a fresh posterior sample at every timestep
             mean, std = encode_posterior(model, run.pixels[i : i + 1])
         else:
-            z = encode_images(model, run.pixels[i : i + 1], plan, first_index=i)
+            z = encode_images(model, run.pixels[i : i + 1], plan, first_index=run.image_offset + i)
         for j in range(M):
             cond = encode_texts(model, [run.texts[j]])
             for k in range(T):
                 t = plan.timesteps[k : k + 1].to(device)
                 noise = plan.noise[k : k + 1].to(device)
                 if plan.latent == "sample_per_timestep":
-                    z = timestep_latents(model, mean, std, plan, torch.tensor([i]), torch.tensor([k]))
+                    z = timestep_latents(model, mean, std, plan, torch.tensor([run.image_offset + i]), torch.tensor([k]))
                 x = noisy_latents(model, z, noise, t)
                 tgt = target(model, z, noise, t)
                 value = torch.zeros((), dtype=torch.float32)

@@ -8,6 +8,7 @@ thread a few items ahead, so reading and decoding overlap with scoring.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,69 @@ def curve(items: list[Item], per_t: list[torch.Tensor]) -> list[dict]:
     return rows
 
 
+class _Progress:
+    """Per-item results of this rank, saved atomically to its checkpoint file and reloaded on resume.
+    A file made for another task, data, options, plan or model is refused."""
+
+    def __init__(self, path: Path | None, key: str) -> None:
+        self.path, self.key = path, key
+        self.done: dict[int, tuple[torch.Tensor, torch.Tensor, dict]] = {}
+        self.skipped: dict[int, dict] = {}
+        if path is not None and path.exists():
+            from ..engine import CheckpointError
+
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e:
+                raise CheckpointError(f"{path} is not a fastitm eval checkpoint ({type(e).__name__}); pass "
+                                      "another --checkpoint") from None
+            if not isinstance(data, dict) or data.get("key") != key:
+                raise CheckpointError(f"eval checkpoint {path} belongs to another run (task, data, options, plan "
+                                      "or model); pass another --checkpoint")
+            self.done, self.skipped = data["done"], data["skipped"]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        import os
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"key": self.key, "done": self.done, "skipped": self.skipped}, f)
+        os.replace(tmp, self.path)
+
+
+def _run_key(task, data, method, options, plan, model, items) -> str:
+    import hashlib
+
+    from ..engine import model_digest
+
+    h = hashlib.sha256()
+    for part in (task, str(Path(data).resolve()), method, sorted((k, repr(v)) for k, v in options.items()),
+                 plan.describe(), [i.id for i in items], model_digest(model)):
+        h.update(repr(part).encode() + b"\0")
+    h.update(plan.noise.numpy().tobytes())
+    return h.hexdigest()
+
+
 def run(task: str, data: str | Path, *, model: Any = None, method: str | None = None, timesteps: int = 10,
         seed: int = 0, split: str | None = None, limit: int | None = None, skip_bad: bool = False,
         backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
-        **options: Any) -> EvalReport:
+        checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, **options: Any) -> EvalReport:
     """Evaluate ``model`` on a benchmark task read from ``data`` (see :data:`fastitm.evaluate.TASKS`).
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
     ``scheme``, ``noise``. ``method`` defaults to diffusion_itm (pets: diffusion_classifier with
-    adaptive elimination, see :func:`task_defaults`). ``limit``: score only the first N items. ``skip_bad``: an unreadable image
-    skips its item (listed in ``report.skipped``) instead of stopping the run.
+    adaptive elimination, see :func:`task_defaults`).
+
+    Distributed: when a torch.distributed process group with several ranks is initialised
+    (``torchrun``), each rank scores a contiguous shard of the items and every rank returns the same
+    full report (each item exactly once). ``checkpoint``: a file (per rank: ``<file>.rank<r>-of-<n>``)
+    where finished items are saved every ``checkpoint_every`` seconds, on errors and on Ctrl-C;
+    rerunning resumes with only the missing items. ``limit``: score only the first N items.
+    ``skip_bad``: an unreadable image skips its item (listed in ``report.skipped``) instead of
+    stopping the run.
     """
     from tqdm.auto import tqdm
 
@@ -114,7 +168,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         options = {**defaults, **options}
     plan_options = dict(options)
     # Check the scoring arguments before reading any data or loading a model.
-    check_arguments([torch.zeros(3, 1, 1)], ["x"], method=method, timesteps=timesteps, seed=seed, plan=None,
+    preset, choices, spec, _ = check_arguments([torch.zeros(3, 1, 1)], ["x"], method=method, timesteps=timesteps, seed=seed, plan=None,
                     resize=options.get("resize"), latent=options.get("latent"), scheme=options.get("scheme"),
                     noise=options.get("noise"), preset=options.get("preset"),
                     options={k: v for k, v in options.items()
@@ -133,39 +187,70 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         raise ValueError("choosing among images needs normalize=True for diffusion_itm (the unconditional "
                          "error makes scores of different images comparable)")
 
-    scored: list[Item] = []
-    matrices: list[torch.Tensor] = []
-    per_t: list[torch.Tensor] = []
-    records: list[dict] = []
-    skipped: list[dict] = []
-    last = None
-    with ThreadPoolExecutor(max_workers=2) as pool, \
-            tqdm(total=len(items), desc=f"fastitm eval {task}", unit="item", disable=progress_disabled(progress),
-                 dynamic_ncols=True) as bar:
-        for item, fut in _prefetch(items, pool):
-            try:
-                images = fut.result()
-            except BadImage as e:
-                if not skip_bad:
-                    raise BadImage(f"{e} (pass --skip-bad / skip_bad=True to skip such items)") from None
-                skipped.append({"id": item.id, "error": str(e)})
-                bar.update(1)
-                continue
-            last = score(images, item.texts, model=model, method=method, plan=plan, backend=backend,
-                         batch_size=batch_size, progress=False, **plan_options)
-            scored.append(item)
-            matrices.append(last.matrix)
-            per_t.append(last.per_timestep)
-            cands = last.matrix.tolist() if item.kind == "group" else (
-                last.matrix[0] if item.kind == "text" else last.matrix[:, 0]).tolist()
-            records.append({"id": item.id, "kind": item.kind, "scores": jsonable(cands), "label": item.label,
-                            "tags": item.tags})
-            bar.update(1)
+    from .. import distributed as dist
+
+    offset, mine = dist.shard_items(items)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        if dist.is_distributed():
+            ckpt = ckpt.with_name(f"{ckpt.name}.rank{dist.rank()}-of-{dist.world_size()}")
+        if not ckpt.parent.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {ckpt.parent} does not exist")
+    state = _Progress(ckpt, _run_key(task, data, method, plan_options, plan, model, items) if ckpt else "")
+    last_save = time.monotonic()
+    todo = [(offset + n, item) for n, item in enumerate(mine) if offset + n not in state.done
+            and offset + n not in state.skipped]
+    show = progress_disabled(progress) if dist.rank() == 0 else True
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool, \
+                tqdm(total=len(items), initial=max(0, len(items) - len(todo) * dist.world_size()),
+                     desc=f"fastitm eval {task}", unit="item", disable=show, dynamic_ncols=True) as bar:
+            for (idx, _), (item, fut) in zip(todo, _prefetch([it for _, it in todo], pool)):
+                try:
+                    images = fut.result()
+                except BadImage as e:
+                    if not skip_bad:
+                        raise BadImage(f"{e} (pass --skip-bad / skip_bad=True to skip such items)") from None
+                    state.skipped[idx] = {"id": item.id, "error": str(e)}
+                    bar.update(dist.world_size())
+                    continue
+                res = score(images, item.texts, model=model, method=method, plan=plan, backend=backend,
+                            batch_size=batch_size, progress=False, **plan_options)
+                cands = res.matrix.tolist() if item.kind == "group" else (
+                    res.matrix[0] if item.kind == "text" else res.matrix[:, 0]).tolist()
+                state.done[idx] = (res.matrix, res.per_timestep,
+                                   {"id": item.id, "kind": item.kind, "scores": jsonable(cands), "label": item.label,
+                                    "tags": item.tags})
+                bar.update(dist.world_size())
+                if time.monotonic() - last_save >= checkpoint_every:
+                    state.save()
+                    last_save = time.monotonic()
+    finally:  # finished work is kept on errors and Ctrl-C alike
+        state.save()
+    parts = dist.gather((state.done, state.skipped))
+    done: dict = {}
+    skipped_all: dict = {}
+    for d, sk in parts:
+        done.update(d)
+        skipped_all.update(sk)
+    order = sorted(done)
+    scored = [items[n] for n in order]
+    matrices = [done[n][0] for n in order]
+    per_t = [done[n][1] for n in order]
+    records = [done[n][2] for n in order]
+    skipped = [skipped_all[n] for n in sorted(skipped_all)]
     if not scored:
         raise DataError(f"no item of {data} could be scored ({len(skipped)} skipped)")
+    from ..ops._backend import choose
+
+    opts = dict(spec.options)
+    choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)
     metrics = task_metrics(scored, matrices)
-    eliminated = bool(last.options.get("elimination"))
-    return EvalReport(task=task, method=last.method, options=jsonable(dict(last.options)), metrics=metrics,
+    eliminated = bool(opts.get("elimination"))
+    return EvalReport(task=task, method=spec.name, options=jsonable(opts), metrics=metrics,
                       items=records, curve=[] if eliminated else curve(scored, per_t), plan=plan.describe(),
-                      data=str(data), preset=last.preset, choices=dict(last.choices), skipped=skipped,
-                      stats={"items": len(scored), "skipped": len(skipped), "backend": last.backend})
+                      data=str(data), preset=preset, choices=choices, skipped=skipped,
+                      stats={"items": len(scored), "skipped": len(skipped),
+                             "backend": choose(backend, [torch.empty(0, device=model.device)], "fastitm eval"),
+                             "ranks": dist.world_size()})

@@ -1,0 +1,130 @@
+"""Evaluation and scoring on torch.distributed: two CPU processes (gloo) against one, and resuming a
+killed run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastitm
+from fastitm import data
+from fastitm.distributed import shard_bounds
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("set")
+    ex = data.make_dataset(7, "heldout", seed=5, size=16)
+    lines = []
+    for n, e in enumerate(ex):
+        e.image.save(root / f"{n}.png")
+        lines.append({"image": f"{n}.png", "texts": [e.caption, *list(e.negatives.values())[:2]], "label": 0})
+    f = root / "set.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines))
+    return f
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _eval(args, nproc, out):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = launcher + ["-m", "fastitm", "eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--out", str(out),
+                      "--no-progress", *args]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def test_shards_cover_every_item_once():
+    for n in (0, 1, 5, 7, 16):
+        for ranks in (1, 2, 3, 4):
+            got = [i for r in range(ranks) for i in range(*shard_bounds(n, ranks, r))]
+            assert got == list(range(n))
+
+
+def test_two_gloo_processes_give_the_one_process_report_bit_for_bit(jsonl, tmp_path):
+    one = _eval(["--data", str(jsonl)], 1, tmp_path / "one")
+    ckpt = tmp_path / "ck.pt"
+    two = _eval(["--data", str(jsonl), "--checkpoint", str(ckpt)], 2, tmp_path / "two")
+    assert two["stats"]["ranks"] == 2 and one["stats"]["ranks"] == 1
+    for key in ("metrics", "items", "accuracy_vs_timesteps", "plan"):
+        assert two[key] == one[key], key  # the same floats, each item once
+    # Each rank kept its own checkpoint of its own shard (4 + 3 of 7 items); a rerun resumes from them.
+    shards = [torch.load(tmp_path / f"ck.pt.rank{r}-of-2", weights_only=False)["done"] for r in range(2)]
+    assert sorted(shards[0]) == [0, 1, 2, 3] and sorted(shards[1]) == [4, 5, 6]
+    again = _eval(["--data", str(jsonl), "--checkpoint", str(ckpt)], 2, tmp_path / "again")
+    assert again["items"] == one["items"] and again["metrics"] == one["metrics"]
+
+
+def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch):
+    import fastitm.evaluate.runner as runner
+
+    tiny = fastitm.testing.tiny_model(seed=0)
+    full = fastitm.evaluate.run("jsonl", jsonl, model=tiny, timesteps=3)
+    ckpt = tmp_path / "eval.pt"
+    real, calls = fastitm.score, [0]
+
+    def dying(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt  # as Ctrl-C or a kill between items
+        return real(*a, **k)
+
+    monkeypatch.setattr(fastitm, "score", dying)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt)
+    monkeypatch.setattr(fastitm, "score", real)
+    assert ckpt.exists() and len(torch.load(ckpt, weights_only=False)["done"]) == 3
+    counted = [0]
+
+    def counting(*a, **k):
+        counted[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(fastitm, "score", counting)
+    resumed = runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt)
+    assert counted[0] == 4  # only the missing items
+    assert resumed.to_json()["items"] == full.to_json()["items"] and resumed.metrics == full.metrics
+    assert resumed.curve == full.curve
+    with pytest.raises(ValueError, match="belongs to another run"):
+        runner.run("jsonl", jsonl, model=tiny, timesteps=2, checkpoint=ckpt)
+
+
+SCORE_SCRIPT = """
+import sys, torch, torch.distributed as dist, fastitm
+dist.init_process_group("gloo")
+model = fastitm.testing.tiny_model(seed=0)
+imgs = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+res = fastitm.score(imgs, ["a red circle", "a cat", "green"], model=model, timesteps=3, latent="sample_per_timestep",
+                    distributed=True, batch_size=4)
+if dist.get_rank() == 0:
+    torch.save({"matrix": res.matrix, "per_t": res.per_timestep, "ranks": res.stats["ranks"]}, sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_score_distributed_equals_one_process(tmp_path):
+    script = tmp_path / "score.py"
+    script.write_text(SCORE_SCRIPT)
+    out = tmp_path / "res.pt"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(out)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(out)
+    model = fastitm.testing.tiny_model(seed=0)
+    imgs = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    one = fastitm.score(imgs, ["a red circle", "a cat", "green"], model=model, timesteps=3,
+                        latent="sample_per_timestep", distributed=True, batch_size=4)  # no group: one process
+    assert got["ranks"] == 2
+    # Image shards keep their global seeds: the same latents, the same scores (to fp32 rounding of
+    # differently packed batches).
+    torch.testing.assert_close(got["matrix"], one.matrix, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["per_t"], one.per_timestep, rtol=1e-5, atol=1e-5)
