@@ -364,3 +364,55 @@ def test_gender_bias_effect_sizes_by_hand(tmp_path, examples):
         phi[r["tags"]["gender"]].append(r["scores"][0] - r["scores"][1])
     want = (np.mean(phi["male"]) - np.mean(phi["female"])) / np.concatenate([phi["male"], phi["female"]]).std()
     assert rep["metrics"]["clothes"] == pytest.approx(want, rel=1e-6) and rep["metrics"]["items"] == 8
+
+
+def test_order_perturbations_by_hand(monkeypatch):
+    import random
+
+    from fastitm.evaluate import order
+
+    tags = {"red": "JJ", "small": "JJ", "dog": "NN", "cat": "NN", "ball": "NN"}
+    monkeypatch.setattr(order, "TAGGER", lambda t: [(w, tags.get(w, "VB")) for w in t.split()])
+    monkeypatch.setattr(order, "TOKENIZER", lambda t: t.split())
+    text = "a red dog chases a small cat with ball"
+    out = order.shuffle_nouns_and_adj(text, random.Random(0)).split()
+    # only nouns move among noun slots and adjectives among adjective slots
+    assert sorted(out[i] for i in (2, 6, 8)) == ["ball", "cat", "dog"] and sorted(out[i] for i in (1, 5)) == ["red", "small"]
+    assert [out[i] for i in (0, 3, 4, 7)] == ["a", "chases", "a", "with"]
+    rest = order.shuffle_allbut_nouns_and_adj(text, random.Random(1)).split()
+    assert [rest[i] for i in (1, 2, 5, 6, 8)] == ["red", "dog", "small", "cat", "ball"]
+    within = order.shuffle_within_trigrams(text, random.Random(2)).split()
+    assert [sorted(within[i : i + 3]) for i in (0, 3, 6)] == [sorted(text.split()[i : i + 3]) for i in (0, 3, 6)]
+    tri = order.shuffle_trigrams(text, random.Random(3)).split()
+    grams = [" ".join(tri[i : i + 3]) for i in (0, 3, 6)]
+    assert sorted(grams) == sorted(" ".join(text.split()[i : i + 3]) for i in (0, 3, 6))
+    assert order.pre_caption('A Dog: "runs"!  Fast.', 3) == "a dog runs"
+    opts = order.caption_options("A red dog chases a small cat.", 0, seed=1)
+    assert opts[0] == "a red dog chases a small cat" and len(opts) == 5
+    assert opts == order.caption_options("A red dog chases a small cat.", 0, seed=1)  # seeded: repeatable
+
+
+def test_coco_order_through_the_cli(tmp_path, examples, monkeypatch):
+    from fastitm.evaluate import order
+
+    monkeypatch.setattr(order, "TAGGER", lambda t: [(w, "NN" if len(w) > 4 else "JJ") for w in t.split()])
+    monkeypatch.setattr(order, "TOKENIZER", lambda t: t.split())
+    root = tmp_path / "data" / "coco_order"
+    _save(examples[0].image, root / "val2014" / "x.jpg")
+    (root / "coco_karpathy_test.json").write_text(json.dumps(
+        [{"image": "val2014/x.jpg", "caption": [examples[0].caption, examples[2].caption]}]))
+    rep = _report("coco_order", tmp_path / "data", tmp_path)
+    assert rep["metrics"]["items"] == 2 and all(len(r["scores"]) == 5 for r in rep["items"])
+    assert rep["metrics"]["R@1"] == pytest.approx(_accuracy_by_hand(rep))
+
+
+def test_order_tasks_say_what_model_is_missing(tmp_path, monkeypatch):
+    from fastitm.evaluate import order
+
+    monkeypatch.setattr(order, "TAGGER", None)
+    monkeypatch.setitem(__import__("sys").modules, "spacy", None)  # as if spaCy were not installed
+    root = tmp_path / "flickr30k"
+    root.mkdir()
+    (root / "flickr30k_val.json").write_text(json.dumps([{"image": "a.jpg", "caption": ["a dog"]}]))
+    with pytest.raises(DataError, match="en_core_web_sm"):
+        load_task("flickr30k_order", tmp_path)

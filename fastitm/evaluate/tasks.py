@@ -370,6 +370,42 @@ def load_bias_gender(data_dir: str | Path, split: str | None = None) -> list[Ite
     return items
 
 
+def _load_order(data_dir: Path, file: str) -> list[Item]:
+    from .order import MissingModel, caption_options
+
+    path = data_dir / file
+    anns = _read_json(path, 'a JSON list of {"image": path, "caption": [captions]} (the Karpathy split file)')
+    if not isinstance(anns, list) or not anns:
+        raise DataError(f"{path}: expected a non-empty JSON list of {{image, caption}}")
+    items = []
+    for a, ann in enumerate(anns):
+        if not isinstance(ann, dict) or "image" not in ann or "caption" not in ann:
+            raise DataError(f"{path}: entry {a} needs the fields 'image' and 'caption'")
+        caps = ann["caption"] if isinstance(ann["caption"], list) else [ann["caption"]]
+        for c, cap in enumerate(caps):
+            try:
+                texts = caption_options(cap, len(items))
+            except MissingModel as e:
+                raise DataError(str(e)) from None
+            items.append(Item(f"{a}/{c}", "text", [str(data_dir / ann["image"])], texts, 0))
+    return items
+
+
+def load_coco_order(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """ARO's COCO-Order: ``{data}/coco_order/coco_karpathy_{split}.json`` (split "test" by default, as
+    published), images under ``{data}/coco_order/``; each caption against four shufflings of itself
+    (:mod:`fastitm.evaluate.order`). Accuracy = the published Precision@1."""
+    root = Path(data_dir) / "coco_order"
+    return _load_order(root, f"coco_karpathy_{split or 'test'}.json")
+
+
+def load_flickr30k_order(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """ARO's Flickr30k-Order: ``{data}/flickr30k/flickr30k_{split}.json`` (split "val" by default),
+    images under ``{data}/flickr30k/``; as COCO-Order."""
+    root = Path(data_dir) / "flickr30k"
+    return _load_order(root, f"flickr30k_{split or 'val'}.json")
+
+
 TASKS: dict[str, Callable[..., list[Item]]] = {
     "jsonl": load_jsonl,
     "winoground": load_winoground,
@@ -380,6 +416,8 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
     "clevr": load_clevr,
     "vg_relation": load_vg_relation,
     "vg_attribution": load_vg_attribution,
+    "coco_order": load_coco_order,
+    "flickr30k_order": load_flickr30k_order,
     "pets": load_pets,
     "bias": load_bias,
     "bias_gender": load_bias_gender,
