@@ -73,18 +73,21 @@ def test_flickr30k_text_retrieval_cli(tiny, tiny_dir, flickr_dir, tmp_path, exam
     assert curve[-1]["metrics"]["R@1"] == pytest.approx(rep["metrics"]["R@1"])
 
 
-def test_flickr30k_image_retrieval_keeps_every_fifth_caption(tiny, flickr_dir, examples):
-    rep = fastitm.evaluate.run("flickr30k_image", flickr_dir, model=tiny, timesteps=T)
-    assert rep.metrics["items"] == 6  # 30 captions, every 5th
+def test_flickr30k_image_retrieval_keeps_every_fifth_caption(tiny, tiny_dir, flickr_dir, examples, tmp_path):
+    out = tmp_path / "img"
+    assert main(["eval", "flickr30k_image", "--data", str(flickr_dir), "--model", str(tiny_dir), "--timesteps",
+                 str(T), "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["metrics"]["items"] == 6  # 30 captions, every 5th
     items = load_task("flickr30k_image", flickr_dir)
     assert [i.texts[0] for i in items] == [e.caption for e in examples]
     ranks = []
-    for item, rec in zip(items, rep.items):
+    for item, rec in zip(items, rep["items"]):
         imgs = [Image.open(p).convert("RGB") for p in item.images]
         s = scores(tiny, imgs, item.texts).matrix[:, 0]
         torch.testing.assert_close(torch.tensor(rec["scores"]), s, rtol=1e-5, atol=1e-4)
         ranks.append(strict_rank(s, 0))
-    assert rep.metrics["R@1"] == pytest.approx(sum(r == 0 for r in ranks) / len(ranks))
+    assert rep["metrics"]["R@1"] == pytest.approx(sum(r == 0 for r in ranks) / len(ranks))
 
 
 def test_first_timesteps_of_the_curve_by_hand(tiny, flickr_dir):
