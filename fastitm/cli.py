@@ -91,6 +91,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         check_checkpoint_path(Path(args.checkpoint))
     check_device(args.device)
     # Every argument is checked before the model loads, so bad input fails at once.
+    args.method = args.method or "diffusion_itm"
     check_arguments(args.images, args.texts, method=args.method, timesteps=args.timesteps, seed=args.seed,
                     plan=None, resize=args.resize, latent=args.latent, scheme=args.scheme, noise=args.noise,
                     preset=args.preset, options=options, backend=args.backend)
@@ -136,7 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dist.init_from_env(args.device)
     device = dist.local_device(args.device)
     model = _load(args.model, args.dtype, device)
-    report = run(args.task, args.data, model=model, method=args.method, timesteps=args.timesteps, seed=args.seed,
+    report = run(args.task, args.data, model=model, method=args.method,
+                 timesteps=10 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
                  batch_size=args.batch_size, progress=None if not args.no_progress else False,
                  checkpoint=args.checkpoint, **options)
@@ -179,79 +181,71 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scoring_arguments() -> argparse.ArgumentParser:
+    """The arguments ``score`` and ``eval`` share: the model, the method and every scoring choice."""
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("--model", default=None,
+                   help="diffusers model folder (default: the embedded model; 'tiny': random-weight tiny model)")
+    c.add_argument("--method", default=None, choices=METHODS,
+                   help="diffusion_itm (Krojer et al.: text-conditioned error minus the empty prompt's; the default), "
+                   "diffusion_classifier (Li et al.: MSE only; eval pets' default, with adaptive elimination), "
+                   "discffusion (He et al.: LogSumExp-pooled cross-attention)")
+    c.add_argument("--preset", default=None, choices=("published",),
+                   help="'published': every choice as the method's published code makes it (timesteps, "
+                   "layers, latents, resizing, ...); options given explicitly override it")
+    c.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
+                   help="method option, e.g. normalize=false, err=mse, pool=probs, layers=published, "
+                   "mix_uncond=true, elimination=2:5,5:1, order=published (repeatable)")
+    c.add_argument("--timesteps", type=int, default=None,
+                   help="number of timesteps (default 10), laid out by --scheme")
+    c.add_argument("--scheme", default=None, choices=TIMESTEP_SCHEMES,
+                   help="timestep layout: grid (DiffusionITM's range(10, 990, 1000 // T), default), midpoint "
+                   "(Diffusion Classifier's), discffusion (999 - grid), stratified (random per stratum)")
+    c.add_argument("--seed", type=int, default=None, help="seed of the noise and latent samples (default 0)")
+    c.add_argument("--latent", default=None, choices=LATENT_MODES,
+                   help="image latent: mean (posterior mean, default), sample (one per image), "
+                   "sample_per_timestep (a fresh sample per image and timestep, as the published pipelines)")
+    c.add_argument("--noise", default=None, choices=NOISE_MODES,
+                   help="per_timestep (default) or shared (one noise tensor for every timestep)")
+    c.add_argument("--resize", default=None, choices=RESIZE_MODES,
+                   help="squash (antialiased bicubic, default), squash_pil (PIL bicubic on 8-bit, as the "
+                   "published loaders), center_crop (torchvision's Resize + CenterCrop)")
+    c.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
+    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
+    c.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"),
+                   help="fused ops: auto (Triton on CUDA, C++ on CPU), or one by name")
+    c.add_argument("--batch-size", type=int, default=None, help="UNet rows per forward pass")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return c
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastitm", description="Diffusion models as image-text matchers.")
     sub = p.add_subparsers(dest="command", required=True)
+    scoring = _scoring_arguments()
 
-    s = sub.add_parser("score", help="score images against texts and print the table",
+    s = sub.add_parser("score", parents=[scoring], help="score images against texts and print the table",
                        description="Score every image against every text (higher = better match); prints the "
                        "table with each image's best text marked '*'.")
-    s.add_argument("--model", default=None,
-                   help="diffusers model folder (default: the embedded model; 'tiny': random-weight tiny model)")
     s.add_argument("--images", nargs="+", required=True, help="image files")
     s.add_argument("--texts", nargs="+", required=True, help="captions")
-    s.add_argument("--method", default="diffusion_itm", choices=METHODS,
-                   help="diffusion_itm (Krojer et al.: text-conditioned error minus the empty prompt's), "
-                   "diffusion_classifier (Li et al.: MSE only), discffusion (He et al.: LogSumExp-pooled "
-                   "cross-attention); default diffusion_itm")
-    s.add_argument("--preset", default=None, choices=("published",),
-                   help="'published': every choice as the method's published code makes it (timesteps, "
-                   "layers, latents, resizing, ...); options given explicitly override it")
-    s.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
-                   help="method option, e.g. normalize=false, err=mse, pool=probs, layers=published, "
-                   "mix_uncond=true, elimination=2:5,5:1, order=published (repeatable)")
-    s.add_argument("--timesteps", type=int, default=None,
-                   help="number of timesteps (default 10), laid out by --scheme")
-    s.add_argument("--scheme", default=None, choices=TIMESTEP_SCHEMES,
-                   help="timestep layout: grid (DiffusionITM's range(10, 990, 1000 // T), default), midpoint "
-                   "(Diffusion Classifier's), discffusion (999 - grid), stratified (random per stratum)")
-    s.add_argument("--seed", type=int, default=None, help="seed of the noise and latent samples (default 0)")
-    s.add_argument("--latent", default=None, choices=LATENT_MODES,
-                   help="image latent: mean (posterior mean, default), sample (one per image), "
-                   "sample_per_timestep (a fresh sample per image and timestep, as the published pipelines)")
-    s.add_argument("--noise", default=None, choices=NOISE_MODES,
-                   help="per_timestep (default) or shared (one noise tensor for every timestep)")
-    s.add_argument("--resize", default=None, choices=RESIZE_MODES,
-                   help="squash (antialiased bicubic, default), squash_pil (PIL bicubic on 8-bit, as the "
-                   "published loaders), center_crop (torchvision's Resize + CenterCrop)")
-    s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
-    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    s.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"),
-                   help="fused ops: auto (Triton on CUDA, C++ on CPU), or one by name")
-    s.add_argument("--batch-size", type=int, default=None, help="UNet rows per forward pass")
     s.add_argument("--checkpoint", default=None,
                    help="save finished work here as it goes; rerun with it to resume after Ctrl-C")
     s.add_argument("--json", default=None, help="write the matrix, plan, method and versions here")
-    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(func=cmd_score)
 
-    e = sub.add_parser("eval", help="evaluate on a benchmark task (published metrics, accuracy vs timesteps)",
+    e = sub.add_parser("eval", parents=[scoring],
+                       help="evaluate on a benchmark task (published metrics, accuracy vs timesteps)",
                        description="Score a benchmark task read from its published on-disk format and write "
                        "report.json, report.md and accuracy_vs_timesteps.png to --out.")
     e.add_argument("task", choices=sorted(TASKS), help="the task")
     e.add_argument("--data", required=True, help="the dataset folder (jsonl: the .jsonl file)")
     e.add_argument("--split", default=None, help="dataset split where the task has several (default: the published one)")
-    e.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")
-    e.add_argument("--method", default=None, choices=METHODS,
-                   help="scoring method (default diffusion_itm; pets: diffusion_classifier with adaptive elimination)")
-    e.add_argument("--preset", default=None, choices=("published",), help="the method's published choices")
-    e.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE", help="method option (repeatable)")
-    e.add_argument("--timesteps", type=int, default=10, help="number of timesteps (default 10)")
-    e.add_argument("--scheme", default=None, choices=TIMESTEP_SCHEMES, help="timestep layout (default grid)")
-    e.add_argument("--latent", default=None, choices=LATENT_MODES, help="image latent (default mean)")
-    e.add_argument("--noise", default=None, choices=NOISE_MODES, help="noise per timestep (default) or shared")
-    e.add_argument("--resize", default=None, choices=RESIZE_MODES, help="resizing (default squash)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the plan (default 0)")
     e.add_argument("--limit", type=int, default=None, help="score only the first N items")
     e.add_argument("--skip-bad", action="store_true", help="skip items whose images cannot be read (listed in the report)")
     e.add_argument("--out", default="fastitm-eval", help="folder for the report (default fastitm-eval)")
     e.add_argument("--checkpoint", default=None,
                    help="save finished items here (per rank under torchrun); rerun with it to resume")
-    e.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
-    e.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"), help="fused ops")
-    e.add_argument("--batch-size", type=int, default=None, help="UNet rows per forward pass")
-    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="accuracy of every method on held-out synthetic images (no downloads)")

@@ -147,20 +147,24 @@ def load_winoground(data_dir: str | Path, split: str | None = None) -> list[Item
 
 # ---- flickr30k: CLIP top-10 re-ranking --------------------------------------------------------------
 
+def _read_candidates(path: Path, key: str, values: str) -> list[tuple[str, list[str]]]:
+    """A JSON object {key: [candidates, the true one first]}, checked; its entries in file order."""
+    data = _read_json(path, f"a JSON object {{{key}: [{values}, the true one first]}}")
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON object {{{key}: [{values}]}}")
+    for k, v in data.items():
+        if not isinstance(v, list) or len(v) < 2 or not all(isinstance(c, str) for c in v):
+            raise DataError(f"{path}: entry {k!r:.60} must be a list of at least 2 {values}, got {v!r:.80}")
+    return list(data.items())
+
+
 def load_flickr30k_text(data_dir: str | Path, split: str | None = None) -> list[Item]:
     """``{data}/flickr30k/{split}_top10_RN50x64_text.json``: {image path: [10 captions]}, the true
     caption first. Text retrieval: pick the caption."""
     data_dir = Path(data_dir)
     path = data_dir / "flickr30k" / f"{split or 'val'}_top10_RN50x64_text.json"
-    data = _read_json(path, "a JSON object {image path: [10 captions, the true one first]}")
-    if not isinstance(data, dict) or not data:
-        raise DataError(f"{path}: expected a non-empty JSON object {{image path: [captions]}}")
-    items = []
-    for img, caps in data.items():
-        if not isinstance(caps, list) or len(caps) < 2 or not all(isinstance(c, str) for c in caps):
-            raise DataError(f"{path}: entry {img!r} must be a list of at least 2 captions, got {caps!r:.80}")
-        items.append(Item(img, "text", [str(_resolve(data_dir, img))], caps, 0))
-    return items
+    return [Item(img, "text", [str(_resolve(data_dir, img))], caps, 0)
+            for img, caps in _read_candidates(path, "image path", "captions")]
 
 
 def load_flickr30k_image(data_dir: str | Path, split: str | None = None) -> list[Item]:
@@ -168,15 +172,9 @@ def load_flickr30k_image(data_dir: str | Path, split: str | None = None) -> list
     first; like the published loader, every 5th caption (the first of each image's five)."""
     data_dir = Path(data_dir)
     path = data_dir / "flickr30k" / f"{split or 'val'}_top10_RN50x64.json"
-    data = _read_json(path, "a JSON object {caption: [10 image paths, the true one first]}")
-    if not isinstance(data, dict) or not data:
-        raise DataError(f"{path}: expected a non-empty JSON object {{caption: [image paths]}}")
-    items = []
-    for n, (cap, imgs) in enumerate(list(data.items())[::5]):
-        if not isinstance(imgs, list) or len(imgs) < 2 or not all(isinstance(p, str) for p in imgs):
-            raise DataError(f"{path}: entry {cap!r:.60} must be a list of at least 2 image paths")
-        items.append(Item(str(n), "image", [str(_resolve(data_dir, p)) for p in imgs], [cap], 0))
-    return items
+    entries = _read_candidates(path, "caption", "image paths")[::5]
+    return [Item(str(n), "image", [str(_resolve(data_dir, p)) for p in imgs], [cap], 0)
+            for n, (cap, imgs) in enumerate(entries)]
 
 
 # ---- the other GDBench tasks ------------------------------------------------------------------------
