@@ -22,6 +22,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("pooled"), py::arg("mask"), py::arg("B"),
         py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"), py::arg("scale"), py::arg("probs"),
         py::arg("lam"), py::arg("half"));
+  m.def("cross_attention_lse_bwd", &fastitm::cross_attention_lse_bwd, py::call_guard<py::gil_scoped_release>(),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("dpooled"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("mask"), py::arg("B"), py::arg("H"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
+        py::arg("scale"), py::arg("probs"), py::arg("lam"));
   m.def("error_reduce", &fastitm::error_reduce, py::call_guard<py::gil_scoped_release>(), py::arg("pred"),
         py::arg("target"), py::arg("R"), py::arg("Rt"), py::arg("F"), py::arg("row_target"), py::arg("row_image"),
         py::arg("row_text"), py::arg("row_timestep"), py::arg("N"), py::arg("M"), py::arg("T"), py::arg("mse"),

@@ -11,6 +11,11 @@ void cross_attention_lse(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
                          int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, double scale, bool probs,
                          double lam, bool half);
 
+// Backward of cross_attention_lse, float32: dout [B,H,Lq,D], dpooled [B,H] -> dq [B,H,Lq,D], dk/dv [B,H,Lk,D].
+void cross_attention_lse_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout, uintptr_t dpooled, uintptr_t dq,
+                             uintptr_t dk, uintptr_t dv, uintptr_t mask, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
+                             int64_t D, double scale, bool probs, double lam);
+
 // pred [R,F] and target [Rt,F] (float32, or float16 when half); row_* int64 [R]. Writes uncond
 // [N,T], row_err [R], and per_t [N,M,T] / scores [N,M] (float32) when their pointers are non-zero.
 void error_reduce(uintptr_t pred, uintptr_t target, int64_t R, int64_t Rt, int64_t F, uintptr_t row_target,

@@ -139,3 +139,148 @@ def cross_attention_lse_fwd(
         num_warps=4 if block_d <= 64 else 8,
     )
     return out, partial.sum(dim=1).view(B, H)
+
+
+@triton.jit
+def _cross_attention_lse_bwd_kernel(
+    Q, K, V, DO, DPOOL, DQ, DK_PART, DV_PART, MASK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_maskb,
+    H, Lq, Lk, D, n_mblocks,
+    scale, lam,
+    POOL_PROBS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """For BLOCK_M query rows of one (batch, head): recompute S and P in registers, then
+    dQ rows = scale dS K (stored), and this block's share of dK = scale dS^T Q and dV = P^T dO
+    (stored as partials [bh, mblock, Lk, D], summed on the host in a fixed order: deterministic)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    n_ok = offs_n < Lk
+    d_ok = offs_d < D
+    md = m_ok[:, None] & d_ok[None, :]
+    nd = n_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=md, other=0.0)
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=nd, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=nd, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=md, other=0.0)
+    keep = n_ok
+    if HAS_MASK:
+        km = tl.load(MASK + b * stride_maskb + offs_n, mask=n_ok, other=0)
+        keep = keep & (km != 0)
+
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(keep[None, :], s * scale, float("-inf"))
+    row_max = tl.max(s, axis=1)
+    p = tl.exp(s - row_max[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    p = tl.where(m_ok[:, None], p, 0.0)  # rows past Lq contribute nothing
+
+    dof = do.to(tl.float32)
+    if IEEE:
+        o = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        dp = tl.dot(dof, tl.trans(v.to(tl.float32)), input_precision="ieee")
+    else:
+        o = tl.dot(p.to(v.dtype), v)
+        dp = tl.dot(do, tl.trans(v))
+    delta = tl.sum(dof * o, axis=1)
+    ds = p * (dp - delta[:, None])
+    g = tl.load(DPOOL + pid_bh)
+    if POOL_PROBS:
+        x = tl.where(keep[None, :], lam * p, float("-inf"))
+        x_max = tl.max(x, axis=1)
+        r = tl.exp(x - x_max[:, None])
+        r = r / tl.sum(r, axis=1)[:, None]
+        r = tl.where(keep[None, :], r, 0.0)
+        ds += g * lam * p * (r - tl.sum(p * r, axis=1)[:, None])
+    else:
+        ds += g * p
+    ds = tl.where(m_ok[:, None] & keep[None, :], ds, 0.0)
+
+    if IEEE:
+        dq = tl.dot(ds, k.to(tl.float32), input_precision="ieee") * scale
+        dk = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee") * scale
+        dv = tl.dot(tl.trans(p), dof, input_precision="ieee")
+    else:
+        dq = tl.dot(ds.to(k.dtype), k) * scale
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=md)
+    part = (pid_bh * n_mblocks + pid_m) * Lk * D
+    tl.store(DK_PART + part + offs_n[:, None] * D + offs_d[None, :], dk, mask=nd)
+    tl.store(DV_PART + part + offs_n[:, None] * D + offs_d[None, :], dv, mask=nd)
+
+
+def cross_attention_lse_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    d_pooled: torch.Tensor,
+    scale: float,
+    pool: str,
+    lam: float,
+    key_mask: torch.Tensor | None = None,
+    block_m: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher. q [B, H, Lq, D], k/v [B, H, Lk, D], d_out [B, H, Lq, D], d_pooled [B, H] float32
+    -> (dq, dk, dv) in the inputs' dtypes. dK and dV partials per row block are float32, reduced here."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    block_n = max(16, triton.next_power_of_2(Lk))
+    block_d = max(16, triton.next_power_of_2(D))
+    if block_m is None:
+        # The backward holds ~3x the forward's tiles (dS, dP, the partials): smaller row blocks.
+        block_m = 32 if block_d <= 64 else 16
+        if q.device.type == "cpu":
+            block_m = 64
+    n_mblocks = triton.cdiv(Lq, block_m)
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    dk_part = torch.empty((B * H, n_mblocks, Lk, D), dtype=torch.float32, device=q.device)
+    dv_part = torch.empty_like(dk_part)
+    if key_mask is not None:
+        mask = key_mask.to(torch.int8).contiguous()
+        mask_stride = mask.stride(0)
+    else:
+        mask, mask_stride = dk_part, 0  # never read: HAS_MASK is False
+    d_pooled = d_pooled.float().contiguous()
+    grid = (n_mblocks, B * H)
+    _cross_attention_lse_bwd_kernel[grid](
+        q, k, v, d_out, d_pooled, dq, dk_part, dv_part, mask,
+        *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *dq.stride(),
+        mask_stride,
+        H, Lq, Lk, D, n_mblocks,
+        float(scale), float(lam),
+        POOL_PROBS=(pool == "probs"),
+        HAS_MASK=key_mask is not None,
+        IEEE=(q.dtype == torch.float32),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=4 if block_d <= 64 else 8,
+    )
+    dk = dk_part.sum(dim=1).view(B, H, Lk, D).to(k.dtype)
+    dv = dv_part.sum(dim=1).view(B, H, Lk, D).to(v.dtype)
+    return dq, dk, dv

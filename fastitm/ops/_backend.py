@@ -49,7 +49,7 @@ def native_status() -> str | None:
 
 
 # Must equal FASTITM_NATIVE_ABI in csrc/fastitm.h.
-NATIVE_ABI = 2
+NATIVE_ABI = 3
 
 
 def env_backend() -> str:

@@ -8,6 +8,17 @@
 ``key_mask`` [B, Lk] (True = keep) removes keys from the softmax and from the pooling alike.
 Backends: "triton" (kernels/cross_attention_lse.py), "native" (csrc/cross_attention_lse.cpp),
 "reference" (:func:`cross_attention_lse_ref`, which materializes S).
+
+Differentiable in q, k and v (for fine-tuning): the backward recomputes S from q and k, as the
+forward does, and never stores the map between the passes. With g = d(pooled) per (b, h) and
+delta_i = dO_i . O_i:
+
+    dV = P^T dO,  dS = P * (dO V^T - delta) + g * dLSE/dS,  dQ = scale dS K,  dK = scale dS^T Q
+    dLSE/dS = P                                   (pool="logits")
+            = lam P * (R - rowsum(P * R)),  R = softmax(lam P)   (pool="probs")
+
+:func:`cross_attention_lse_bwd_ref` is that formula in PyTorch (checked with gradcheck in float64);
+the Triton and C++ backward kernels are checked against it.
 """
 
 from __future__ import annotations
@@ -53,7 +64,46 @@ def cross_attention_lse_ref(
         if key_mask is not None:
             x = x.masked_fill(~key_mask[:, None, None, :].to(torch.bool), float("-inf"))
         lse = torch.logsumexp(x, dim=-1)
-    return out, lse.float().sum(dim=-1)
+    # pooled is float32 (float64 stays float64, for gradcheck)
+    return out, lse.to(torch.float64 if lse.dtype == torch.float64 else torch.float32).sum(dim=-1)
+
+
+def cross_attention_lse_bwd_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    d_pooled: torch.Tensor,
+    scale: float,
+    pool: str = "logits",
+    lam: float = 1.0,
+    key_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward formula (module docstring), materialized: d_out [B, H, Lq, D], d_pooled [B, H]
+    -> (dq, dk, dv) in the inputs' dtypes, computed in float32 (float64 stays float64)."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf, do = q.to(work), k.to(work), v.to(work), d_out.to(work)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    masked = None if key_mask is None else ~key_mask[:, None, None, :].to(torch.bool)
+    if masked is not None:
+        s = s.masked_fill(masked, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p, vf)
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    delta = (do * o).sum(dim=-1, keepdim=True)
+    ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta)
+    g = d_pooled.to(work)[:, :, None, None]
+    if pool == "logits":
+        ds = ds + g * p
+    else:
+        x = lam * p
+        if masked is not None:
+            x = x.masked_fill(masked, float("-inf"))
+        r = torch.softmax(x, dim=-1)
+        ds = ds + g * lam * p * (r - (p * r).sum(dim=-1, keepdim=True))
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def check_inputs(q, k, v, scale, pool, lam, key_mask) -> float:
@@ -101,6 +151,12 @@ def cross_attention_lse(
     """
     scale = check_inputs(q, k, v, scale, pool, lam, key_mask)
     which = choose(backend, [q, k, v], "cross_attention_lse")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _CrossAttentionLSE.apply(q, k, v, scale, pool, float(lam), key_mask, which)
+    return _forward(which, q, k, v, scale, pool, lam, key_mask)
+
+
+def _forward(which, q, k, v, scale, pool, lam, key_mask):
     if which == "triton":
         from ..kernels.cross_attention_lse import cross_attention_lse_fwd
 
@@ -110,6 +166,59 @@ def cross_attention_lse(
 
         return native_cross_attention_lse(_C, q, k, v, scale, pool, float(lam), key_mask)
     return cross_attention_lse_ref(q, k, v, scale, pool, lam, key_mask)
+
+
+class _CrossAttentionLSE(torch.autograd.Function):
+    """Forward on the chosen backend saving only q, k, v (and the mask); backward recomputes S on the
+    same backend. Nothing of size [Lq, Lk] lives between the passes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, pool, lam, key_mask, which):
+        out, pooled = _forward(which, q, k, v, scale, pool, lam, key_mask)
+        ctx.save_for_backward(q, k, v, key_mask)
+        ctx.scale, ctx.pool, ctx.lam, ctx.which = scale, pool, lam, which
+        return out, pooled
+
+    @staticmethod
+    def backward(ctx, d_out, d_pooled):
+        q, k, v, key_mask = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(q)
+        if d_pooled is None:
+            d_pooled = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device)
+        dq, dk, dv = cross_attention_lse_backward(q, k, v, d_out, d_pooled, ctx.scale, ctx.pool, ctx.lam, key_mask,
+                                                  ctx.which)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def cross_attention_lse_backward(q, k, v, d_out, d_pooled, scale, pool, lam, key_mask, which):
+    """dq, dk, dv on backend ``which`` (already resolved by the forward)."""
+    d_pooled = d_pooled.float().contiguous()
+    if which == "triton":
+        from ..kernels.cross_attention_lse import cross_attention_lse_bwd
+
+        return cross_attention_lse_bwd(q, k, v, d_out, d_pooled, scale, pool, lam, key_mask)
+    if which == "native":
+        from .. import _C
+
+        return native_cross_attention_lse_bwd(_C, q, k, v, d_out, d_pooled, scale, pool, lam, key_mask)
+    return cross_attention_lse_bwd_ref(q, k, v, d_out, d_pooled, scale, pool, lam, key_mask)
+
+
+def native_cross_attention_lse_bwd(_C, q, k, v, d_out, d_pooled, scale, pool, lam, key_mask):
+    """Launcher for the C++ backward: float32 contiguous buffers (other dtypes are cast around it)."""
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v, do = (t.float().contiguous() for t in (q, k, v, d_out))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
+    _C.cross_attention_lse_bwd(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), do.data_ptr(), d_pooled.data_ptr(),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if mask is None else mask.data_ptr(),
+        B, H, Lq, Lk, D, scale, pool == "probs", lam,
+    )
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
 
 
 def native_cross_attention_lse(_C, q, k, v, scale, pool, lam, key_mask):
