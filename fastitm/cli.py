@@ -153,6 +153,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    model = _load(args.model, args.dtype, args.device)
+    command = "fastitm finetune " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    out = finetune(args.recipe, args.data, out=args.out, model=model, rank=args.rank, steps=args.steps, lr=args.lr,
+                   batch_size=args.batch_size, examples=args.examples, seed=args.seed,
+                   progress=None if not args.no_progress else False, command=command)
+    print(f"wrote the adapter and its card to {out}; load it with fastitm.load_model(..., lora={str(out)!r})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -247,6 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None,
                    help="save finished items here (per rank under torchrun); rerun with it to resume")
     e.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("finetune", help="train a LoRA adapter (HardNeg-DiffusionITM or Discffusion few-shot)",
+                       description="Fine-tune the UNet with a LoRA adapter; rerun the same command to resume.")
+    f.add_argument("--recipe", required=True, choices=("hardneg", "discffusion"), help="the training recipe")
+    f.add_argument("--data", default="synthetic", help="'synthetic' (fastitm.data's training split) or a .jsonl file")
+    f.add_argument("--out", required=True, help="folder for the adapter, its card and the checkpoint")
+    f.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")
+    f.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4, as published)")
+    f.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000 hardneg, 300 discffusion)")
+    f.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4)")
+    f.add_argument("--batch-size", type=int, default=None, help="examples per step (default 16 hardneg, 8 discffusion)")
+    f.add_argument("--examples", type=int, default=None,
+                   help="training examples (default 4000 hardneg, 1200 discffusion: 5%% of the training split)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
+    f.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    f.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("demo", help="accuracy of every method on held-out synthetic images (no downloads)")
     d.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")

@@ -201,11 +201,13 @@ def load_model(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    lora: str | os.PathLike | None = None,
 ) -> Model:
     """Load a Stable-Diffusion-architecture model saved in diffusers layout, with no network access.
 
     ``path`` holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``. With no
-    path, the model embedded in the package is loaded.
+    path, the model embedded in the package is loaded. ``lora``: a folder written by ``fastitm
+    finetune``; its adapter is put on the UNet.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -235,6 +237,10 @@ def load_model(
     model = Model(unet, vae, text_encoder, tokenizer, scheduler, source=str(path))
     if device != model.device:
         model.to(device=device)
+    if lora is not None:
+        from .finetune.lora import load_adapter
+
+        load_adapter(model, lora)
     return model
 
 

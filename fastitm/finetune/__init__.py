@@ -1,0 +1,13 @@
+"""Fine-tuning with LoRA: HardNeg-DiffusionITM and Discffusion's few-shot prompt learning.
+
+``fastitm finetune --recipe hardneg|discffusion --data synthetic|FILE.jsonl --out DIR`` or
+:func:`finetune`; the adapter loads with ``fastitm.load_model(path, lora=DIR)``.
+See :mod:`fastitm.finetune.recipes` for the losses and :mod:`fastitm.finetune.lora` for the adapters.
+"""
+
+from .examples import TrainExample, load_examples
+from .lora import add_lora, load_adapter, save_adapter
+from .loop import DEFAULTS, RECIPES, finetune
+
+__all__ = ["DEFAULTS", "RECIPES", "TrainExample", "add_lora", "finetune", "load_adapter", "load_examples",
+           "save_adapter"]

@@ -1,0 +1,81 @@
+"""LoRA adapters on the UNet's attention projections, through peft (diffusers' adapter support).
+
+Saved as ``adapter_model.safetensors`` + ``adapter_config.json`` (peft's LoraConfig) + a card
+(``README.md`` and ``training.json``) in one folder; ``fastitm.load_model(path, lora=FOLDER)`` loads
+them onto the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# attn1 is self-attention, attn2 cross-attention; each has to_q, to_k, to_v and to_out.0.
+TARGETS = {
+    "all": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+    "cross": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",
+}
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def add_lora(unet, rank: int = 4, targets: str = "all", seed: int = 0) -> list[torch.nn.Parameter]:
+    """Add a rank-``rank`` LoRA adapter (alpha = rank: scale 1) to the UNet's attention projections
+    (``targets`` "all" or "cross"); returns its trainable parameters. B starts at zero, so the
+    adapted model starts equal to the base model."""
+    from peft import LoraConfig
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+    if targets not in TARGETS:
+        raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {sorted(TARGETS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # A's initialisation
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=TARGETS[targets]))
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def adapter_state(unet) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_adapter(unet, out: str | Path, rank: int, targets: str) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(unet), str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "targets": targets,
+                                          "target_modules": TARGETS[targets], "format": "fastitm-lora-1"}, indent=2))
+    return out
+
+
+def load_adapter(model, folder: str | Path) -> None:
+    """Put the adapter saved in ``folder`` onto ``model.unet`` (frozen, for scoring)."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (WEIGHTS, CONFIG):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"LoRA adapter folder {folder} has no {name} (made by fastitm finetune)")
+    cfg = json.loads((folder / CONFIG).read_text())
+    if cfg.get("format") != "fastitm-lora-1":
+        raise ValueError(f"{folder / CONFIG} is not a fastitm LoRA adapter config")
+    model.unet.add_adapter(LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"]))
+    state = load_file(str(folder / WEIGHTS))
+    result = set_peft_model_state_dict(model.unet, {k: v.to(model.device, model.dtype) for k, v in state.items()})
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"{folder}: adapter weights {missing[:3]} do not fit this model's UNet")
+    model.unet.requires_grad_(False)
+    model.unet.eval()
+    model.source = f"{model.source} + lora:{folder}"
