@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import data
@@ -51,6 +52,30 @@ def _table(reports, kinds) -> str:
     return "\n".join(lines)
 
 
+# recipe -> the method its adapter is evaluated with
+ADAPTER_METHODS = {"hardneg": "diffusion_itm", "discffusion": "discffusion"}
+
+
+def shipped_adapters() -> dict[str, Path]:
+    """The LoRA adapters shipped in fastitm/assets/adapters/<recipe> (those present)."""
+    root = Path(__file__).parent / "assets" / "adapters"
+    return {r: root / r for r in ADAPTER_METHODS if (root / r / "adapter_model.safetensors").is_file()}
+
+
+def adapter_reports(model_path, examples, timesteps: int, seed: int) -> list:
+    """(recipe, report) for each shipped adapter on the embedded model, scored with its method."""
+    from . import evaluate, load_model
+
+    if model_path is not None:
+        return []
+    out = []
+    for recipe, folder in shipped_adapters().items():
+        tuned = load_model(lora=folder)
+        out.append((recipe, evaluate.hard_negatives(tuned, examples, method=ADAPTER_METHODS[recipe],
+                                                    timesteps=timesteps, seed=seed)))
+    return out
+
+
 def run_demo(out_dir: str = "fastitm-demo", timesteps: int = 10, seed: int = 0, n: int = 48,
              model_path: str | None = None) -> int:
     from . import evaluate, load_model
@@ -86,6 +111,12 @@ def run_demo(out_dir: str = "fastitm-demo", timesteps: int = 10, seed: int = 0, 
             where = f" (see its model card, {card})" if card is not None and card.is_file() else ""
             print(f"note: {r.method} is near chance here ({mean:.2f} over all kinds): the embedded model is tiny and "
                   f"was trained for denoising only{where}")
+    tuned = adapter_reports(model_path, examples, timesteps, seed)
+    if tuned:
+        print("\nfine-tuned LoRA adapters shipped with the package (fastitm finetune), same images and plan:")
+        base = {r.method: r for r in reports}
+        print(_table([x for name, r in tuned for x in (base[r.method], replace(r, method=f"{r.method} +{name}"))],
+                     data.NEGATIVE_KINDS))
     acc, count = evaluate.image_retrieval(model, examples, group=8, timesteps=timesteps, seed=seed)
     print(f"\nimage retrieval, diffusion_itm normalized, groups of 8 images: {acc:.2f} of {count} captions "
           f"find their own image (chance 0.125)")
