@@ -44,11 +44,11 @@ def save_grid(images, captions, correct, path: Path, truths=None, cell: int = 14
 
 
 def _table(reports, kinds) -> str:
-    head = f"{'method':<22}" + "".join(f"{k:>17}" for k in kinds)
+    head = f"{'method':<26}" + "".join(f"{k:>17}" for k in kinds)
     lines = [head, "-" * len(head)]
     for r in reports:
         cells = "".join(f"{(f'{r.accuracy(k):.2f} ({r.total[k]})' if r.total.get(k) else '-'):>17}" for k in kinds)
-        lines.append(f"{r.method:<22}" + cells)
+        lines.append(f"{r.method:<26}" + cells)
     return "\n".join(lines)
 
 

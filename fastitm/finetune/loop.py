@@ -141,8 +141,11 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
         raise TypeError(f"model must be a fastitm Model or a folder, got {type(model).__name__}")
     exs = load_examples(data, examples, seed=seed, size=model.resolution)
     out.mkdir(parents=True, exist_ok=True)
+    from ..model import embedded_model_path
+
+    source = "the embedded default model" if model.source == str(embedded_model_path()) else model.source
     args = {"recipe": recipe, "data": str(data), "rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size,
-            "examples": len(exs), "seed": seed, "targets": d["targets"], "model": model.source}
+            "examples": len(exs), "seed": seed, "targets": d["targets"], "model": source}
     params = add_lora(model.unet, rank, d["targets"], seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
