@@ -65,8 +65,9 @@ def shipped_adapters() -> dict[str, Path]:
 def adapter_reports(model_path, examples, timesteps: int, seed: int) -> list:
     """(recipe, report) for each shipped adapter on the embedded model, scored with its method."""
     from . import evaluate, load_model
+    from .model import embedded_model_path
 
-    if model_path is not None:
+    if model_path is not None or embedded_model_path() is None:  # the adapters fit the embedded model only
         return []
     out = []
     for recipe, folder in shipped_adapters().items():
