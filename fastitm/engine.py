@@ -117,12 +117,7 @@ def fingerprint(run: Run) -> str:
 
     def add(x) -> None:
         if isinstance(x, torch.Tensor):
-            x = x.detach()
-            if x.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
-                x = x.view(torch.int16)
-            h.update(f"{tuple(x.shape)}{x.dtype}".encode())
-            x = x.to("cpu").contiguous().reshape(-1)
-            h.update(memoryview(x.numpy()).cast("B"))  # no copy: ~1 GB/s, a few seconds for SD 2.1
+            hash_tensor(h, x)
         else:
             h.update(repr(x).encode())
         h.update(b"\0")
@@ -147,13 +142,19 @@ def model_digest(model) -> str:
     h = hashlib.sha256(str(model.dtype).encode())
     for module in (model.unet, model.vae, model.text_encoder):
         for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-            x = p.detach()
-            if x.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
-                x = x.view(torch.int16)
-            x = x.to("cpu").contiguous().reshape(-1)
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            h.update(memoryview(x.numpy()).cast("B"))  # no copy: ~1 GB/s, a few seconds for SD 2.1
+            h.update(name.encode())
+            hash_tensor(h, p)
     return h.hexdigest()
+
+
+def hash_tensor(h, x: torch.Tensor) -> None:
+    """Feed a tensor's shape, dtype and every byte of its data into the hash ``h``."""
+    x = x.detach()
+    h.update(f"{tuple(x.shape)}{x.dtype}".encode())
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+        x = x.view(torch.int16)
+    x = x.to("cpu").contiguous().reshape(-1)
+    h.update(memoryview(x.numpy()).cast("B"))  # no copy: ~1 GB/s, a few seconds for SD 2.1
 
 
 class CheckpointError(ValueError):

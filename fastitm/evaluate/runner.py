@@ -126,13 +126,13 @@ class _Progress:
 def _run_key(task, data, method, options, plan, model, items) -> str:
     import hashlib
 
-    from ..engine import model_digest
+    from ..engine import hash_tensor, model_digest
 
     h = hashlib.sha256()
     for part in (task, str(Path(data).resolve()), method, sorted((k, repr(v)) for k, v in options.items()),
                  plan.describe(), [i.id for i in items], model_digest(model)):
         h.update(repr(part).encode() + b"\0")
-    h.update(plan.noise.numpy().tobytes())
+    hash_tensor(h, plan.noise)
     return h.hexdigest()
 
 

@@ -44,12 +44,11 @@ def _embed(model, texts: list[str]) -> torch.Tensor:
 
 
 def _latents(model, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    from ..common import scale_latents
+    from ..common import encode_posterior, scale_latents
 
-    with torch.no_grad():
-        dist = model.vae.encode(pixels).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device, dist.mean.dtype)
-        return scale_latents(model, dist.mean + dist.std * eps)  # a posterior sample, as published
+    mean, std = encode_posterior(model, pixels)
+    eps = torch.randn(mean.shape, generator=gen).to(mean.device, mean.dtype)
+    return scale_latents(model, mean + std * eps)  # a posterior sample, as published
 
 
 def _noised(model, z, gen):
