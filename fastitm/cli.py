@@ -82,15 +82,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     from . import score
     from .common import check_arguments
     from .engine import Interrupted, check_checkpoint_path
-    from .model import check_device
 
     options = dict(args.option or [])
     if args.json:
         check_output_path(args.json, "--json")
     if args.checkpoint:
         check_checkpoint_path(Path(args.checkpoint))
-    check_device(args.device)
-    # Every argument is checked before the model loads, so bad input fails at once.
+    # Every argument is checked before the model loads (_load checks the device first), so bad input
+    # fails at once.
     args.method = args.method or "diffusion_itm"
     check_arguments(args.images, args.texts, method=args.method, timesteps=args.timesteps, seed=args.seed,
                     plan=None, resize=args.resize, latent=args.latent, scheme=args.scheme, noise=args.noise,
