@@ -51,13 +51,19 @@ def format_table(matrix, row_names: Sequence[str], col_names: Sequence[str], wid
     return "\n".join(lines)
 
 
-def _load(model_arg: str | None, dtype: str, device: str):
+def _load(model_arg: str | None, dtype: str, device: str, method: str | None = None):
+    """The model the command asked for; the device, and (from the folder's model_index.json alone)
+    whether its family supports ``method``, are checked before any weight is read."""
     import torch
 
     from . import load_model, testing
     from .model import _parse_dtype, check_device
 
     check_device(device)
+    if method is not None and model_arg not in (None, "tiny") and Path(model_arg).expanduser().is_dir():
+        from .families import detect
+
+        detect(Path(model_arg).expanduser())[0].check_method(method)
     if model_arg == "tiny":
         print("model: random-weight tiny model (fastitm.testing.tiny_model): scores carry no meaning",
               file=sys.stderr)
@@ -95,7 +101,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     plan=None, resize=args.resize, latent=args.latent, scheme=args.scheme, noise=args.noise,
                     preset=args.preset, options=options, backend=args.backend)
 
-    model = _load(args.model, args.dtype, args.device)
+    model = _load(args.model, args.dtype, args.device, args.method)
     try:
         res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
                     seed=args.seed, preset=args.preset, resize=args.resize, scheme=args.scheme, latent=args.latent,
@@ -106,6 +112,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 130
     names = [Path(p).name for p in args.images]
     preset = f"  preset: {res.preset}" if res.preset else ""
+    print(f"model: {model.source} ({model.spec.label})")
     print(f"method: {res.method} {res.options}{preset}  backend: {res.backend}")
     print(f"choices: {res.choices}  timesteps: {res.plan.timesteps.tolist()}  seed: {res.plan.seed}")
     print(format_table(res.matrix, names, args.texts))
@@ -135,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Under torchrun: one process per GPU (or CPU process with gloo); rank 0 reports.
     dist.init_from_env(args.device)
     device = dist.local_device(args.device)
-    model = _load(args.model, args.dtype, device)
+    model = _load(args.model, args.dtype, device, args.method)
     report = run(args.task, args.data, model=model, method=args.method,
                  timesteps=10 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
@@ -178,8 +185,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .model import embedded_model_path
+    from .model import describe_folder, embedded_model_path
 
+    if args.model is not None:
+        d = describe_folder(args.model)
+        if args.json:
+            print(json.dumps(d, indent=2))
+            return 0
+        print(f"model: {d['source']}")
+        print(f"family: {d['family']} ({d['label']})")
+        print(f"prediction: {d['prediction']}   resolution: {d['resolution']} px   latents: "
+              f"{'x'.join(map(str, d['latent_shape']))}   training timesteps: {d['num_train_timesteps']}")
+        for name, cls in d["components"].items():
+            print(f"  {name:<15} {cls:<30} {_count(d['parameters'][name])} parameters")
+        print(f"methods: {', '.join(d['methods'])}")
+        return 0
     print(f"fastitm {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"cuda available: {torch.cuda.is_available()}")
     print(f"embedded model: {embedded_model_path() or 'none shipped'}")
@@ -190,6 +210,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"native extension: not available ({e})")
     return 0
+
+
+def _count(n: int) -> str:
+    """1234567 -> "1.235 M"; whole numbers below a thousand as they are."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return str(n)
 
 
 def _scoring_arguments() -> argparse.ArgumentParser:
@@ -285,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 
-    i = sub.add_parser("info", help="versions and available backends")
+    i = sub.add_parser("info", help="versions and available backends; with --model, what a model folder holds")
+    i.add_argument("--model", default=None,
+                   help="a diffusers model folder: print its family, components, parameter counts and the methods "
+                        "it supports (read from the configs; no weights are loaded)")
+    i.add_argument("--json", action="store_true", help="with --model: print the description as JSON")
     i.set_defaults(func=cmd_info)
     return p
 

@@ -15,6 +15,7 @@ import torch
 from .inputs import check_images, check_resize, prepare_images, prepare_texts
 from .methods import MethodSpec, check_rounds, elimination_stages, resolve_method
 from .ops._backend import BACKENDS
+from .families import concat_cond
 from .plan import Plan, cell_seed, check_plan_args, make_plan
 
 
@@ -89,6 +90,7 @@ def prepare_run(
         model = load_model()
     if not isinstance(model, Model):
         raise TypeError(f"model must be a fastitm Model (see fastitm.load_model), got {type(model).__name__}")
+    model.spec.check_method(spec.name)
     check_backend_runs(backend, model.device)
     pixels = prepare_images(images, model.resolution, choices["resize"])
     if plan is None:
@@ -100,9 +102,6 @@ def prepare_run(
         choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)
     plan.check_model(model)
     check_rounds(spec.options.get("elimination"), len(plan))
-    pred = model.scheduler.config.prediction_type
-    if pred not in ("epsilon", "v_prediction"):
-        raise ValueError(f"scheduler prediction_type {pred!r} is not supported (epsilon or v_prediction)")
     return Run(model, pixels, texts, plan, spec, preset, choices)
 
 
@@ -144,22 +143,31 @@ def evaluation_order_noise(plan: Plan, spec: MethodSpec) -> Plan:
 
 @torch.no_grad()
 def encode_texts(model, texts: list[str]) -> torch.Tensor:
-    """Texts -> CLIP last hidden states [M, L, D] (L = tokenizer.model_max_length, 77 for SD)."""
-    tok = model.tokenizer
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    lengths = tok(texts, truncation=False).input_ids
-    long = [j for j, t in enumerate(lengths) if len(t) > tok.model_max_length]
-    if long:
-        warnings.warn(f"texts {long} exceed {tok.model_max_length} tokens and were truncated", stacklevel=3)
-    return model.text_encoder(ids.to(model.device))[0]
+    """Texts -> the text encoder's hidden states [M, L, D] (SD 1.x/2.x: CLIP's last hidden states,
+    L = 77); the denoiser's ``encoder_hidden_states``. Other families need more than this tensor:
+    use :func:`encode_conditioning`."""
+    return model.spec.encode(model, texts)["hidden"]
+
+
+@torch.no_grad()
+def encode_conditioning(model, texts: list[str], empty: bool = False) -> dict[str, torch.Tensor]:
+    """Texts -> the family's conditioning, a dict of tensors with one row per text (hidden states,
+    and for SDXL / SD 3 the pooled embeddings and time ids); with ``empty``, the empty prompt's row
+    (as the family's pipeline makes it) is appended last."""
+    spec = model.spec
+    cond = spec.encode(model, texts) if texts else None
+    if not empty:
+        return cond
+    uncond = spec.encode_empty(model)
+    return uncond if cond is None else concat_cond(cond, uncond)
 
 
 @torch.no_grad()
 def encode_posterior(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """pixels [n, 3, R, R] in [-1, 1] -> the VAE posterior's mean and std [n, C, h, w] (unscaled)."""
-    dist = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
-    return dist.mean, dist.std
+    # The VAE may run in float32 while the model is in fp16 (force_upcast, as SDXL's pipeline does).
+    dist = model.vae.encode(pixels.to(model.device, model.vae.dtype)).latent_dist
+    return dist.mean.to(model.dtype), dist.std.to(model.dtype)
 
 
 def scale_latents(model, z: torch.Tensor) -> torch.Tensor:
@@ -205,15 +213,21 @@ def timestep_latents(model, mean: torch.Tensor, std: torch.Tensor, plan: Plan, i
 
 
 def noisy_latents(model, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(abar_t) z + sqrt(1 - abar_t) noise, by the scheduler's own add_noise."""
-    return model.scheduler.add_noise(z, noise.to(z.dtype), t)
+    """The noised latent at plan timesteps ``t`` [n]: sqrt(abar_t) z + sqrt(1 - abar_t) noise by the
+    scheduler's add_noise (SD, SDXL), or (1 - sigma) z + sigma noise (flow matching)."""
+    return model.spec.noisy(model, z, noise, t)
 
 
 def target(model, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to predict: the noise, or the velocity for v-prediction models."""
-    if model.scheduler.config.prediction_type == "v_prediction":
-        return model.scheduler.get_velocity(z, noise.to(z.dtype), t)
-    return noise.to(z.dtype)
+    """What the denoiser is trained to predict: the noise, the velocity (v-prediction), or the
+    flow velocity noise - z."""
+    return model.spec.target(model, z, noise, t)
+
+
+def denoise(model, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], denoiser=None) -> torch.Tensor:
+    """The denoiser's prediction for latents ``x`` [n, C, h, w] at timesteps ``t`` [n] with the
+    conditioning rows ``cond`` (see :func:`encode_conditioning`)."""
+    return model.spec.forward(model.unet if denoiser is None else denoiser, x, t, cond)
 
 
 def _block_of(name: str) -> str:

@@ -28,34 +28,40 @@ class _Captured:
     graph: Any
     x: torch.Tensor
     t: torch.Tensor
-    cond: torch.Tensor
+    cond: dict
     pred: torch.Tensor
     pooled: torch.Tensor | None
 
 
 class UNetRunner:
-    """``runner(x [n, C, h, w], t [n] int64, cond [n, L, D]) -> (pred [n, C, h, w], pooled [n] or None)``.
+    """``runner(x [n, C, h, w], t [n] int64, cond) -> (pred [n, C, h, w], pooled [n] or None)``.
 
+    ``cond``: the conditioning rows, a dict of tensors each [n, ...] (``{"hidden": [n, L, D]}`` for
+    SD; SDXL and SD 3 add pooled embeddings and time ids), or a bare [n, L, D] hidden-state tensor.
+    ``forward(unet, x, t, cond)``: how the model family calls its denoiser (default: SD's UNet call).
     ``sink``: the :class:`fastitm.attention.PooledScores` of installed fused processors, or None.
     ``bucket``: the batch size graphs are captured for (every call has n <= bucket).
     ``use_graph``: capture and replay (CUDA only); otherwise run eagerly through the same interface.
     """
 
-    def __init__(self, unet, sink=None, *, bucket: int, use_graph: bool, warmup: int = 2) -> None:
+    def __init__(self, unet, sink=None, *, bucket: int, use_graph: bool, warmup: int = 2, forward=None) -> None:
         if use_graph and unet.device.type != "cuda":
             raise ValueError("CUDA graphs need the UNet on a CUDA device")
         self.unet, self.sink, self.bucket, self.use_graph, self.warmup = unet, sink, bucket, use_graph, warmup
+        self.forward = forward if forward is not None else _sd_forward
         self._captured: _Captured | None = None
         self.replays = 0
 
     def _forward(self, x, t, cond):
         if self.sink is not None:
             self.sink.reset()
-        pred = self.unet(x, t, encoder_hidden_states=cond).sample
+        pred = self.forward(self.unet, x, t, cond)
         pooled = self.sink.row_scores().float() if self.sink is not None else None
         return pred, pooled
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond):
+        if isinstance(cond, torch.Tensor):
+            cond = {"hidden": cond}
         n = x.shape[0]
         if n > self.bucket:
             raise ValueError(f"{n} rows exceed the runner's batch bucket {self.bucket}")
@@ -66,7 +72,8 @@ class UNetRunner:
         c = self._captured
         c.x[:n].copy_(x)
         c.t[:n].copy_(t)
-        c.cond[:n].copy_(cond)
+        for key, value in cond.items():
+            c.cond[key][:n].copy_(value)
         c.graph.replay()
         self.replays += 1
         return c.pred[:n], (None if c.pooled is None else c.pooled[:n])
@@ -74,7 +81,8 @@ class UNetRunner:
     def _capture(self, x, t, cond) -> _Captured:
         # Static inputs start as real rows (repeated), so warm-up and padding never see garbage.
         fill = torch.arange(self.bucket, device=x.device) % x.shape[0]
-        sx, st, sc = x[fill].clone(), t[fill].clone(), cond[fill].clone()
+        sx, st = x[fill].clone(), t[fill].clone()
+        sc = {key: value[fill].clone() for key, value in cond.items()}
         # Warm-up on a side stream: lazy initialisation (cuDNN/cuBLAS handles, Triton compilation)
         # must happen before capture, and not on the stream being captured.
         side = torch.cuda.Stream(device=x.device)
@@ -87,3 +95,7 @@ class UNetRunner:
         with torch.cuda.graph(graph):
             pred, pooled = self._forward(sx, st, sc)
         return _Captured(graph, sx, st, sc, pred, pooled)
+
+
+def _sd_forward(unet, x, t, cond):
+    return unet(x, t, encoder_hidden_states=cond["hidden"]).sample

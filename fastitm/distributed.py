@@ -92,7 +92,7 @@ def score_sharded(run, *, backend: str, batch_size: int | None, progress: bool |
              "per_rank": [p[2] for p in parts]}
     return ScoreResult(matrix=matrix, plan=run.plan, method=run.spec.name, options=dict(run.spec.options),
                        backend=parts[0][3], per_timestep=per_t, stats=stats, preset=run.preset,
-                       choices=dict(run.choices))
+                       choices=dict(run.choices), family=run.model.family)
 
 
 def shard_items(items: Sequence[Any]) -> tuple[int, list[Any]]:

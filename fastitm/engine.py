@@ -33,21 +33,22 @@ import torch
 from .attention import lse_pooling
 from .common import (
     Run,
+    encode_conditioning,
     encode_images,
     encode_posterior,
-    encode_texts,
     noisy_latents,
     progress_disabled,
     target,
     timestep_latents,
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
+from .families import take_cond
 from .methods import check_rounds, elimination_stages
 from .ops._backend import choose
 from .ops.error_reduce import error_reduce
 from .result import ScoreResult
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 _CHECKPOINT_KEYS = ("version", "fingerprint", "per_t", "uncond", "attn_uncond", "done")
 
 
@@ -130,17 +131,17 @@ def fingerprint(run: Run) -> str:
     add(plan.timesteps)
     add(plan.noise)
     add((plan.latent, plan.seed, plan.noise_mode))
-    add((str(m.dtype), m.scheduler.config.prediction_type, m.scaling_factor))
-    add(m.scheduler.alphas_cumprod)
+    add((m.family, str(m.dtype), m.prediction, m.scaling_factor))
+    add(sorted((k, v) for k, v in m.scheduler.config.items() if not k.startswith("_")))
     add(model_digest(m))
     return h.hexdigest()
 
 
 def model_digest(model) -> str:
-    """sha256 over every byte of every parameter and buffer of the UNet, VAE and text encoder (with
-    their names), and the dtype: a merged LoRA or one fine-tuned weight changes it."""
-    h = hashlib.sha256(str(model.dtype).encode())
-    for module in (model.unet, model.vae, model.text_encoder):
+    """sha256 over every byte of every parameter and buffer of the denoiser, VAE and text encoders
+    (with their names), the family and the dtype: a merged LoRA or one fine-tuned weight changes it."""
+    h = hashlib.sha256(f"{model.family}:{model.dtype}".encode())
+    for module in model.networks:
         for name, p in list(module.named_parameters()) + list(module.named_buffers()):
             h.update(name.encode())
             hash_tensor(h, p)
@@ -313,7 +314,7 @@ def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) 
                           "inf: try dtype fp32/bf16, or check the model's weights)", RuntimeWarning, stacklevel=3)
     return ScoreResult(matrix=matrix, plan=run.plan, method=run.spec.name, options=dict(run.spec.options),
                        backend=backend, per_timestep=per_t, stats=stats, preset=run.preset,
-                       choices=dict(run.choices))
+                       choices=dict(run.choices), family=run.model.family)
 
 
 @torch.no_grad()
@@ -365,10 +366,10 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     else:
         off = run.image_offset
         z = torch.cat([encode_images(model, run.pixels[a : a + bs], plan, first_index=off + a) for a in range(0, N, bs)])
-    emb = encode_texts(model, run.texts + ([""] if spec.needs_uncond else []))  # [M (+1), L, D]
+    emb = encode_conditioning(model, run.texts, empty=spec.needs_uncond)  # rows: the M texts (+ the empty prompt)
     noise = plan.noise.to(device=device, dtype=dtype)
     timesteps = plan.timesteps.to(device)
-    v_pred = model.scheduler.config.prediction_type == "v_prediction"
+    noise_target = model.spec.target_is_noise(model)
     flat_noise = noise.flatten(1)
     opts = spec.options
     text_weight = 0.5 if spec.mix_uncond else 1.0
@@ -385,7 +386,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
         sink = None
         if spec.needs_attention:
             sink = stack.enter_context(lse_pooling(model.unet, opts["layers"], opts["pool"], opts["lam"], backend))
-        runner = UNetRunner(model.unet, sink, bucket=bs, use_graph=use_graph)
+        runner = UNetRunner(model.unet, sink, bucket=bs, use_graph=use_graph, forward=model.spec.forward)
         last_save = time.monotonic()
         bar.update(resumed)  # resumed work counts as done on the bar
 
@@ -407,13 +408,13 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
                 else:
                     zi = z[i]
                 x = noisy_latents(model, zi, nk, t)
-                cond = emb[torch.where(j < 0, M, j)]
+                cond = take_cond(emb, torch.where(j < 0, M, j))
                 pred, pooled = runner(x, t, cond)
                 if spec.needs_error:
-                    if v_pred:
-                        tgt, row_target = target(model, zi, nk, t).flatten(1), torch.arange(len(r), device=device)
-                    else:  # the target is the plan's noise row: no per-row copy
+                    if noise_target:  # the target is the plan's noise row: no per-row copy
                         tgt, row_target = flat_noise, k
+                    else:
+                        tgt, row_target = target(model, zi, nk, t).flatten(1), torch.arange(len(r), device=device)
                     error_reduce(pred.flatten(1), tgt, row_target, i, j, k, state.uncond, per_t=state.per_t,
                                  err=spec.err, normalize=spec.needs_uncond, backend=backend)
                 if pooled is not None:

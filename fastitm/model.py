@@ -1,45 +1,37 @@
-"""Loading a Stable-Diffusion-architecture model in diffusers layout, strictly offline.
+"""Loading a diffusion model in diffusers layout, strictly offline, whatever its family.
 
-A :class:`Model` bundles the five diffusers components the scorers need. Every scorer reads the noise
-schedule from a :class:`~diffusers.DDPMScheduler` rebuilt from the saved scheduler config, whatever
-scheduler class the checkpoint names: scoring only needs ``alphas_cumprod`` and ``add_noise``, which
-all of Stable Diffusion's training-compatible schedulers share.
+A :class:`Model` bundles the components the scorers need; its ``family`` (:mod:`fastitm.families`)
+says how texts are encoded, how latents are noised and what the denoiser predicts: Stable Diffusion
+1.x/2.x (epsilon or v-prediction), SDXL, and SD 3 / 3.5 (flow matching). The family is recognised
+from ``model_index.json``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+from .families import Family, ModelError, detect
+from .families import get as get_family
 
-# Files whose presence marks a component folder as complete (any one of each tuple).
-_REQUIRED_FILES = {
-    "unet": ("config.json",),
-    "vae": ("config.json",),
-    "text_encoder": ("config.json",),
-    "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
-    "scheduler": ("scheduler_config.json",),
-}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-class ModelError(ValueError):
-    """A model folder is missing a component or holds a model of another architecture."""
+__all__ = ["Model", "ModelError", "check_device", "embedded_model_path", "load_model"]
 
 
 @dataclass
 class Model:
-    """A Stable-Diffusion-architecture model: the five diffusers components and where they live.
+    """A diffusion model: its components, its family and where it was loaded from.
 
-    ``latent_shape`` is (C, h, w) of one image latent; ``resolution`` the image side in pixels.
+    ``unet`` is the denoiser: a UNet2DConditionModel (SD 1.x/2.x, SDXL) or, for SD 3, the
+    SD3Transformer2DModel; one name so every scorer drives every family. ``text_encoder`` and
+    ``tokenizer`` are the first text encoder's; further ones (``text_encoder_2``, ``tokenizer_3``,
+    ...) are in ``parts`` and read with :meth:`part`. ``pipeline_config``: pipeline-level settings
+    from model_index.json (SDXL's ``force_zeros_for_empty_prompt``).
     """
 
     unet: Any
@@ -48,12 +40,32 @@ class Model:
     tokenizer: Any
     scheduler: Any
     source: str = "memory"
+    family: str = "sd"
+    parts: dict = field(default_factory=dict)
+    pipeline_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        get_family(self.family)  # an unknown family name fails here
         check_architecture(self)
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in self.networks:
             m.eval()
             m.requires_grad_(False)
+
+    @property
+    def spec(self) -> Family:
+        """The :class:`~fastitm.families.base.Family` that scores this model."""
+        return get_family(self.family)
+
+    def part(self, name: str) -> Any:
+        """A component by its folder name ("text_encoder_2", "tokenizer_3", ...), or None."""
+        if name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            return getattr(self, name)
+        return self.parts.get(name)
+
+    @property
+    def networks(self) -> list[Any]:
+        """The torch modules: denoiser, VAE and text encoders."""
+        return self.spec.networks(self)
 
     @property
     def device(self) -> torch.device:
@@ -69,12 +81,11 @@ class Model:
 
     @property
     def resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.spec.resolution(self)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        s = int(self.unet.config.sample_size)
-        return (int(self.unet.config.in_channels), s, s)
+        return self.spec.latent_shape(self)
 
     @property
     def scaling_factor(self) -> float:
@@ -82,95 +93,65 @@ class Model:
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+        return self.spec.num_train_timesteps(self)
+
+    @property
+    def prediction(self) -> str:
+        """What the denoiser predicts: "epsilon", "v_prediction" or "flow"."""
+        return self.spec.prediction(self)
+
+    def describe(self) -> dict:
+        """Family, component classes, parameter counts, prediction, resolution, supported methods."""
+        return self.spec.describe(self)
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "Model":
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in self.networks:
             m.to(device=device, dtype=dtype)
+        if dtype is not None:
+            keep_vae_fp32(self)
         return self
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save all five components in diffusers layout (safetensors) under ``path``."""
+        """Save every component in diffusers layout (safetensors) under ``path``, with the
+        model_index.json of the family's pipeline."""
+        import json
+
+        spec = self.spec
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        for name in COMPONENTS:
-            getattr(self, name).save_pretrained(path / name)
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", type(self.unet).__name__],
-            "vae": ["diffusers", type(self.vae).__name__],
-            "text_encoder": ["transformers", type(self.text_encoder).__name__],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", type(self.scheduler).__name__],
-        }
-        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+        names = [spec.denoiser, "vae", "scheduler"] + [n for pair in spec.text_parts for n in pair]
+        with _quiet_loading():  # no per-shard progress bars
+            for name in names:
+                obj = self.unet if name == spec.denoiser else self.part(name)
+                if obj is not None:
+                    obj.save_pretrained(path / name)
+        (path / "model_index.json").write_text(json.dumps(spec.model_index(self), indent=2))
         return path
 
 
+def keep_vae_fp32(model: Model) -> None:
+    """A VAE whose config asks for ``force_upcast`` (SDXL's overflows in fp16) stays in float32,
+    as the pipelines keep it; images are encoded in float32 and the latents cast to the model's dtype."""
+    if model.dtype == torch.float16 and getattr(model.vae.config, "force_upcast", False):
+        model.vae.to(dtype=torch.float32)
+
+
 def check_architecture(model: Model) -> None:
-    """Raise :class:`ModelError` naming the mismatch when the components do not form an SD model."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    """Raise :class:`ModelError` naming the mismatch when the components do not form a model of its family."""
+    from diffusers import AutoencoderKL
 
-    expected = {
-        "unet": UNet2DConditionModel,
-        "vae": AutoencoderKL,
-        "text_encoder": CLIPTextModel,
-    }
+    spec = model.spec
+    expected = {"unet": spec.denoiser_class(), "vae": AutoencoderKL}
+    expected.update(spec.text_encoder_classes())
     for name, cls in expected.items():
-        obj = getattr(model, name)
+        obj = model.part(name)
+        if obj is None and name == "text_encoder_3" and spec.name == "sd3":
+            continue  # SD 3 without T5
         if not isinstance(obj, cls):
-            raise ModelError(
-                f"{name} is a {type(obj).__name__}, expected {cls.__name__}: fastitm scores with "
-                "Stable-Diffusion-architecture models"
-            )
-    unet_cfg, vae_cfg = model.unet.config, model.vae.config
-    hidden = model.text_encoder.config.hidden_size
-    if unet_cfg.cross_attention_dim != hidden:
-        raise ModelError(
-            f"unet.cross_attention_dim={unet_cfg.cross_attention_dim} does not match the text "
-            f"encoder's hidden_size={hidden}"
-        )
-    if unet_cfg.in_channels != vae_cfg.latent_channels:
-        raise ModelError(
-            f"unet.in_channels={unet_cfg.in_channels} does not match vae.latent_channels="
-            f"{vae_cfg.latent_channels}"
-        )
-    if getattr(unet_cfg, "addition_embed_type", None) is not None:
-        raise ModelError(
-            f"unet.addition_embed_type={unet_cfg.addition_embed_type!r} (an SDXL-style UNet needs "
-            "extra conditioning); fastitm supports SD 1.x/2.x-architecture UNets"
-        )
-    if not hasattr(model.scheduler, "alphas_cumprod"):
-        raise ModelError(f"scheduler {type(model.scheduler).__name__} has no alphas_cumprod")
-
-
-def _check_folder(path: Path) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"model folder not found: {path}")
-    if not path.is_dir():
-        raise ModelError(f"model path is not a folder: {path}")
-    missing = []
-    for name in COMPONENTS:
-        sub = path / name
-        if not sub.is_dir():
-            missing.append(f"{name}/ (folder missing)")
-            continue
-        if not any((sub / f).is_file() for f in _REQUIRED_FILES[name]):
-            missing.append(f"{name}/{_REQUIRED_FILES[name][0]}")
-            continue
-        if name in ("unet", "vae", "text_encoder") and not any(
-            f.name.endswith(_WEIGHT_SUFFIXES) for f in sub.iterdir()
-        ):
-            missing.append(f"{name}/ weights (*.safetensors or *.bin)")
-    if missing:
-        raise ModelError(
-            f"{path} is not a complete diffusers Stable Diffusion folder; missing: " + ", ".join(missing)
-        )
-    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-    cls = unet_cfg.get("_class_name", "UNet2DConditionModel")
-    if cls != "UNet2DConditionModel":
-        raise ModelError(f"{path}/unet holds a {cls}; expected UNet2DConditionModel (SD architecture)")
+            what = spec.denoiser if name == "unet" else name
+            raise ModelError(f"{what} is a {type(obj).__name__}, expected {cls.__name__}: a {spec.label} model has "
+                             f"{', '.join(c.__name__ for c in expected.values())}")
+    spec.check(model)
 
 
 def check_device(device: Any) -> torch.device:
@@ -203,15 +184,14 @@ def load_model(
     device: str | torch.device = "cpu",
     lora: str | os.PathLike | None = None,
 ) -> Model:
-    """Load a Stable-Diffusion-architecture model saved in diffusers layout, with no network access.
+    """Load a diffusion model saved in diffusers layout, with no network access.
 
-    ``path`` holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``. With no
-    path, the model embedded in the package is loaded. ``lora``: a folder written by ``fastitm
-    finetune``; its adapter is put on the UNet.
+    The family is recognised from ``model_index.json`` (see :mod:`fastitm.families`): SD 1.x/2.x
+    (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), SDXL (plus
+    ``text_encoder_2/``, ``tokenizer_2/``), SD 3 / 3.5 (``transformer/`` and up to three text
+    encoders). With no path, the model embedded in the package is loaded. ``lora``: a folder
+    written by ``fastitm finetune``; its adapter is put on the UNet.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     if isinstance(dtype, str):
         dtype = _parse_dtype(dtype)
     device = check_device(device)
@@ -222,26 +202,40 @@ def load_model(
                 "this fastitm build has no embedded model (fastitm/assets/default_model is missing); pass a diffusers model folder, or "
                 "use fastitm.testing.tiny_model() for a random-weight model of the same architecture"
             )
-    path = Path(path).expanduser()
-    _check_folder(path)
-    kw = dict(local_files_only=True)
-    with warnings.catch_warnings(), _quiet_loading():
-        # diffusers/transformers warn about unused config keys of newer/older versions and about
-        # optional speed-ups (accelerate); harmless here, and noise in a command's output.
-        warnings.simplefilter("ignore")
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-    model = Model(unet, vae, text_encoder, tokenizer, scheduler, source=str(path))
+    model = _build(Path(path).expanduser(), dtype, meta=False)
+    spec = model.spec
+    keep_vae_fp32(model)
     if device != model.device:
         model.to(device=device)
     if lora is not None:
+        if spec.name != "sd":
+            raise ValueError(f"LoRA adapters from fastitm finetune are for SD 1.x/2.x models; {path} is {spec.label}")
         from .finetune.lora import load_adapter
 
         load_adapter(model, lora)
     return model
+
+
+def describe_folder(path: str | os.PathLike) -> dict:
+    """What :func:`load_model` would load from ``path``, read from the configs alone (the networks
+    are built on the meta device: no weights are read, so this takes a second even for SD 3)."""
+    return _build(Path(path).expanduser(), torch.float32, meta=True).describe()
+
+
+def _build(path: Path, dtype: torch.dtype, meta: bool) -> Model:
+    if not path.exists():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise ModelError(f"model path is not a folder: {path}")
+    spec, index = detect(path)
+    spec.check_folder(path)
+    with warnings.catch_warnings(), _quiet_loading():
+        # diffusers/transformers warn about unused config keys of newer/older versions and about
+        # optional speed-ups (accelerate); harmless here, and noise in a command's output.
+        warnings.simplefilter("ignore")
+        comps = spec.load(path, dtype, index, meta=meta)
+    main = {k: comps.pop(k) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    return Model(**main, source=str(path), family=spec.name, parts=comps, pipeline_config=spec.pipeline_config(index))
 
 
 @contextmanager

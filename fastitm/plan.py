@@ -45,6 +45,10 @@ class Plan:
     scheme: str = "explicit"
     meta: dict = field(default_factory=dict)
     noise_mode: str = "per_timestep"
+    # The model family the plan was made for ("sd", "sdxl", "sd3"): a timestep means a different
+    # noise level in each (DDPM alphas vs flow-matching sigma), so another family refuses the plan.
+    # None: a plan built by hand or saved before families were recorded.
+    family: str | None = None
 
     def __post_init__(self) -> None:
         self.timesteps = torch.as_tensor(self.timesteps, dtype=torch.long).cpu()
@@ -74,9 +78,13 @@ class Plan:
             "noise": self.noise_mode,
             "noise_shape": list(self.noise.shape),
             "noise_dtype": str(self.noise.dtype).replace("torch.", ""),
+            "family": self.family,
         }
 
     def check_model(self, model) -> None:
+        if self.family is not None and self.family != model.family:
+            raise ValueError(f"this plan was made for a {self.family!r} model and cannot score a {model.family!r} "
+                             f"model (a timestep means another noise level there); make a new plan for it")
         if tuple(self.noise.shape[1:]) != tuple(model.latent_shape):
             raise ValueError(
                 f"plan noise is for latents of shape {tuple(self.noise.shape[1:])}, but the model's "
@@ -89,7 +97,8 @@ class Plan:
     def save(self, path) -> None:
         torch.save(
             {"timesteps": self.timesteps, "noise": self.noise, "latent": self.latent,
-             "seed": self.seed, "scheme": self.scheme, "meta": self.meta, "noise_mode": self.noise_mode},
+             "seed": self.seed, "scheme": self.scheme, "meta": self.meta, "noise_mode": self.noise_mode,
+             "family": self.family},
             path,
         )
 
@@ -267,4 +276,5 @@ def make_plan(
         eps = torch.randn((1, *model.latent_shape), generator=gen, dtype=torch.float32).expand(shape).contiguous()
     else:
         eps = torch.randn(shape, generator=gen, dtype=torch.float32)
-    return Plan(torch.tensor(ts, dtype=torch.long), eps, latent=latent, seed=seed, scheme=scheme, noise_mode=noise)
+    return Plan(torch.tensor(ts, dtype=torch.long), eps, latent=latent, seed=seed, scheme=scheme, noise_mode=noise,
+                family=model.family)

@@ -16,9 +16,10 @@ import torch
 from .common import (
     Run,
     cross_attention_layers,
+    denoise,
+    encode_conditioning,
     encode_images,
     encode_posterior,
-    encode_texts,
     noisy_latents,
     prepare_run,
     progress_disabled,
@@ -106,16 +107,16 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
     unet, device, dtype = model.unet, model.device, model.dtype
     N, M, T = run.pixels.shape[0], len(run.texts), len(plan)
     per_t = torch.zeros(N, M, T, dtype=torch.float32)
-    empty = encode_texts(model, [""]) if spec.needs_uncond else None
+    empty = encode_conditioning(model, [], empty=True) if spec.needs_uncond else None
     rows = N * M * T * (2 if spec.needs_uncond else 1)
     bar = tqdm(total=rows, desc=f"reference {spec.name}", unit="row", disable=progress_disabled(progress))
     opts = spec.options
 
     def unet_call(x, t, emb):  # -> (prediction, layer-mean attention term or None)
         if not spec.needs_attention:
-            return unet(x, t, encoder_hidden_states=emb).sample, None
+            return denoise(model, x, t, emb), None
         with capture_attention_lse(unet, opts["layers"], opts["pool"], opts["lam"]) as rec:
-            pred = unet(x, t, encoder_hidden_states=emb).sample
+            pred = denoise(model, x, t, emb)
         return pred, torch.stack([r.mean() for r in rec]).mean().cpu()
 
     for i in range(N):
@@ -124,7 +125,7 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
         else:
             z = encode_images(model, run.pixels[i : i + 1], plan, first_index=run.image_offset + i)
         for j in range(M):
-            cond = encode_texts(model, [run.texts[j]])
+            cond = encode_conditioning(model, [run.texts[j]])
             for k in range(T):
                 t = plan.timesteps[k : k + 1].to(device)
                 noise = plan.noise[k : k + 1].to(device)
@@ -162,6 +163,7 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
         per_timestep=per_t,
         preset=run.preset,
         choices=dict(run.choices),
+        family=model.family,
         stats={"unet_rows": rows, "vae_images": N, "text_encodes": N * M + (1 if spec.needs_uncond else 0)},
     )
 

@@ -48,7 +48,7 @@ def winoground(matrix: torch.Tensor) -> dict[str, float]:
 class ScoreResult:
     """``matrix`` [N_images, N_texts] float32, higher = better match; ``plan`` reproduces it.
 
-    ``backend``: the backend the fused ops ran on ("triton", "native" or "reference"); ``preset``
+    ``family``: the model family scored (:mod:`fastitm.families`); ``backend``: the backend the fused ops ran on ("triton", "native" or "reference"); ``preset``
     and ``choices``: the preset asked for and the run-level choices (resize, latent, scheme, noise)
     it resolved to.
 
@@ -65,6 +65,7 @@ class ScoreResult:
     stats: dict = field(default_factory=dict)
     preset: str | None = None
     choices: dict = field(default_factory=dict)
+    family: str | None = None  # the model family scored ("sd", "sdxl", "sd3")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -126,6 +127,7 @@ class ScoreResult:
 
         return {
             "method": self.method,
+            "family": self.family,
             "preset": self.preset,
             "options": self.options,
             "choices": self.choices,

@@ -53,11 +53,13 @@ def tiny_tokenizer(words=_TINY_WORDS):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int = 8) -> Model:
-    """A random-weight model of the Stable Diffusion architecture, built in well under a second.
+def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int = 8,
+               prediction_type: str = "epsilon") -> Model:
+    """A random-weight model of the Stable Diffusion 1.x/2.x architecture, built in well under a second.
 
     UNet2DConditionModel (two resolutions, cross-attention in both), AutoencoderKL (scale factor 2,
     so images are ``2 * sample_size`` pixels), a 2-layer CLIPTextModel and a small CLIP tokenizer.
+    ``prediction_type="v_prediction"`` gives an SD 2.x-768-style v-prediction model.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -103,9 +105,103 @@ def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int
             )
         )
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
     )
     return Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"tiny_model(seed={seed})")
+
+
+def _tiny_vae(latent_channels: int, sample_size: int, **kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                         latent_channels=latent_channels, layers_per_block=1, norm_num_groups=16,
+                         sample_size=2 * sample_size, **kw)
+
+
+def _tiny_clip(cls, tokenizer, hidden: int, layers: int = 2, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    extra = {} if projection_dim is None else {"projection_dim": projection_dim}
+    return cls(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **extra))
+
+
+def tiny_sdxl_model(seed: int = 0, *, sample_size: int = 8, force_zeros_for_empty_prompt: bool = True) -> Model:
+    """A random-weight model of the SDXL architecture: a UNet with ``text_time`` added conditioning
+    (6 time ids x 8 + a 16-wide pooled text embedding), a down block without cross-attention and a
+    cross-attention block of 2 transformer layers, two CLIP text encoders (24 + 40 = 64-wide
+    context; the second with a projection, its tokenizer padding with "!" as SDXL's does)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tok1 = tiny_tokenizer()
+    tok2 = tiny_tokenizer()
+    tok2.pad_token = "!"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=64,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 16, norm_num_groups=16,
+        )
+        vae = _tiny_vae(4, sample_size, scaling_factor=0.13025)
+        te1 = _tiny_clip(CLIPTextModel, tok1, 24)
+        te2 = _tiny_clip(CLIPTextModelWithProjection, tok2, 40, projection_dim=16)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    return Model(unet, vae, te1, tok1, scheduler, source=f"tiny_sdxl_model(seed={seed})", family="sdxl",
+                 parts={"text_encoder_2": te2, "tokenizer_2": tok2},
+                 pipeline_config={"force_zeros_for_empty_prompt": force_zeros_for_empty_prompt})
+
+
+def tiny_t5_tokenizer(words=_TINY_WORDS):
+    """A T5 (SentencePiece-unigram) tokenizer over ``words`` and single letters, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words]
+    vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,'-"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def tiny_sd3_model(seed: int = 0, *, sample_size: int = 8, t5: bool = True) -> Model:
+    """A random-weight model of the SD 3 architecture: an SD3Transformer2DModel (2 joint blocks,
+    patch 2, 8 latent channels, 64-wide joint attention), a VAE with a shift factor, two CLIP text
+    encoders with projections (16 + 24 wide, zero-padded to 64), a 1-layer T5 encoder (``t5=False``:
+    none, as SD 3 allows) and the flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tok1, tok2 = tiny_tokenizer(), tiny_tokenizer()
+    tok2.pad_token = "!"
+    tok3 = tiny_t5_tokenizer() if t5 else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=2, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=32,
+            pos_embed_max_size=sample_size // 2,
+        )
+        vae = _tiny_vae(8, sample_size, scaling_factor=1.5305, shift_factor=0.0609)
+        te1 = _tiny_clip(CLIPTextModelWithProjection, tok1, 16, projection_dim=16)
+        te2 = _tiny_clip(CLIPTextModelWithProjection, tok2, 24, projection_dim=16)
+        te3 = None
+        if t5:
+            te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_ff=64, d_kv=16, num_layers=1,
+                                          num_heads=2, pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return Model(transformer, vae, te1, tok1, scheduler, source=f"tiny_sd3_model(seed={seed})", family="sd3",
+                 parts={"text_encoder_2": te2, "tokenizer_2": tok2, "text_encoder_3": te3, "tokenizer_3": tok3})
 
 
 def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) -> Model:

@@ -57,3 +57,21 @@ def test_low_precision_rankings(method, opts, dtype):
     gaps = (truth.matrix[:, :, None] - truth.matrix[:, None, :]).abs()
     same = (fast.matrix[:, :, None] > fast.matrix[:, None, :]) == (truth.matrix[:, :, None] > truth.matrix[:, None, :])
     assert same[gaps > tol].all()
+
+
+@pytest.mark.parametrize("family,method", [("sdxl", "diffusion_itm"), ("sdxl", "discffusion"),
+                                           ("sd3", "diffusion_itm"), ("sd3", "diffusion_classifier")])
+def test_cuda_graphs_for_every_family(monkeypatch, family, method):
+    # SDXL's added conditions and SD 3's pooled projections are static buffers of the captured graph too.
+    build = {"sdxl": fastitm.testing.tiny_sdxl_model, "sd3": fastitm.testing.tiny_sd3_model}[family]
+    model = build(seed=0).to(device="cuda")
+    imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(model=model, method=method, timesteps=4, seed=1, batch_size=7)
+    monkeypatch.setenv("FASTITM_CUDA_GRAPHS", "0")
+    eager = fastitm.score(imgs, TEXTS, **kw)
+    monkeypatch.setenv("FASTITM_CUDA_GRAPHS", "1")
+    graphed = fastitm.score(imgs, TEXTS, **kw)
+    assert graphed.stats["cuda_graphs"] and graphed.stats["graph_replays"] > 0
+    assert_close(graphed.matrix, eager.matrix, rtol=1e-5, atol=2e-5)
+    ref = fastitm.reference.score(imgs, TEXTS, model=model, method=method, plan=graphed.plan)
+    assert_close(graphed.matrix, ref.matrix, rtol=1e-4, atol=1e-4)

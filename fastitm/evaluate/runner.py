@@ -181,6 +181,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         model = load_model()
     if not isinstance(model, Model):
         raise TypeError(f"model must be a fastitm Model (see fastitm.load_model), got {type(model).__name__}")
+    model.spec.check_method(spec.name)
     plan = shared_plan(model, method, timesteps, seed, plan_options)
     if any(i.kind in ("image", "group") for i in items) and method == "diffusion_itm" \
             and plan_options.get("normalize") is False:

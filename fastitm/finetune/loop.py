@@ -138,6 +138,9 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
         model = load_model(model)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a fastitm Model or a folder, got {type(model).__name__}")
+    if model.family != "sd":
+        # The recipes follow the published SD 1.x/2.x code (one text encoder, UNet cross-attention).
+        raise ValueError(f"fine-tuning recipes are for SD 1.x/2.x models; {model.source} is {model.spec.label}")
     exs = load_examples(data, examples, seed=seed, size=model.resolution)
     out.mkdir(parents=True, exist_ok=True)
     from ..model import embedded_model_path
