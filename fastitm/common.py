@@ -6,16 +6,15 @@ only differ in how they organise the UNet work, which is what the parity tests c
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from .families import concat_cond
 from .inputs import check_images, check_resize, prepare_images, prepare_texts
 from .methods import MethodSpec, check_rounds, elimination_stages, resolve_method
 from .ops._backend import BACKENDS
-from .families import concat_cond
 from .plan import Plan, cell_seed, check_plan_args, make_plan
 
 

@@ -6,6 +6,7 @@ import torch
 
 from .model import Model
 
+
 # One character per byte, as CLIP's byte-level BPE sees it (GPT-2's printable mapping of bytes).
 def _byte_alphabet() -> list[str]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -209,22 +210,15 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
     latents, UNet 320/640/1280/1280 with linear projections and head dims 5/10/20/20, a 23-layer
     1024-wide CLIP text encoder). Random weights give true timings: for benchmarks, not scores.
     The tokenizer is :func:`tiny_tokenizer` (its ids all fall inside the model's vocabulary)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .families.architectures import build_denoiser
 
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            attention_head_dim=(5, 10, 20, 20),
-            cross_attention_dim=1024,
-            use_linear_projection=True,
-            layers_per_block=2,
-        )
+        unet = build_denoiser("sd21_base", device="cpu")
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
