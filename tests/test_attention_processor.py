@@ -39,3 +39,29 @@ def test_unet_output_unchanged_and_pooled_matches_hooks(triton_interpret, tiny, 
     # the stock processors are back
     procs = {type(p).__name__ for p in tiny.unet.attn_processors.values()}
     assert procs == {"AttnProcessor2_0"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdxl_width_cross_attention(triton_interpret, backend):
+    """One attn2 of SDXL base's 1280-wide blocks as released: 20 heads of 64, a 2048-wide context
+    (both text encoders' states) with 77 keys; the fused processor against the stock one."""
+    from diffusers.models.attention_processor import Attention
+
+    from fastitm.attention import LSEPoolingAttnProcessor, PooledScores
+
+    g = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        attn = Attention(query_dim=1280, cross_attention_dim=2048, heads=20, dim_head=64, bias=False).eval()
+    hidden = torch.randn(2, 37, 1280, generator=g)  # 37 query rows: not a multiple of any block size
+    context = torch.randn(2, 77, 2048, generator=g)
+    with torch.no_grad():
+        stock = attn(hidden, encoder_hidden_states=context)
+        q = attn.to_q(hidden).view(2, 37, 20, 64).transpose(1, 2)
+        k = attn.to_k(context).view(2, 77, 20, 64).transpose(1, 2)
+        want = fastitm.reference.attention_lse_ref(q, k, attn.scale, "logits", 1.0).mean(dim=1)
+        sink = PooledScores()
+        attn.set_processor(LSEPoolingAttnProcessor("sdxl", sink, backend=backend))
+        fused = attn(hidden, encoder_hidden_states=context)
+    assert_close(fused, stock, rtol=1e-5, atol=1e-5, name="output")
+    assert_close(sink.row_scores(), want, rtol=1e-5, atol=1e-5, name="pooled")
