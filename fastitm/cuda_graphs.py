@@ -12,6 +12,7 @@ that safe). ``FASTITM_CUDA_GRAPHS=0`` turns graphs off; on the CPU the runner is
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ class UNetRunner:
             raise ValueError("CUDA graphs need the UNet on a CUDA device")
         self.unet, self.sink, self.bucket, self.use_graph, self.warmup = unet, sink, bucket, use_graph, warmup
         self.forward = forward if forward is not None else _sd_forward
+        self.fallback: str | None = None  # why capture failed, when it did
         self._captured: _Captured | None = None
         self.replays = 0
 
@@ -68,7 +70,17 @@ class UNetRunner:
         if not self.use_graph:
             return self._forward(x, t, cond)
         if self._captured is None:
-            self._captured = self._capture(x, t, cond)
+            try:
+                self._captured = self._capture(x, t, cond)
+            except Exception as e:  # noqa: BLE001 - any capture failure: a run must not be lost to it
+                # A model or processor that cannot be captured (a host sync, an unsupported op on
+                # this GPU or driver) runs eagerly: slower, same numbers.
+                self.use_graph = False
+                self.fallback = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                warnings.warn(f"CUDA graph capture failed ({self.fallback}); running the denoiser eagerly",
+                              RuntimeWarning, stacklevel=2)
+                _end_failed_capture(x.device)
+                return self._forward(x, t, cond)
         c = self._captured
         c.x[:n].copy_(x)
         c.t[:n].copy_(t)
@@ -99,3 +111,12 @@ class UNetRunner:
 
 def _sd_forward(unet, x, t, cond):
     return unet(x, t, encoder_hidden_states=cond["hidden"]).sample
+
+
+def _end_failed_capture(device) -> None:
+    """After a failed capture, let pending work finish so the eager run starts on a clean stream."""
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - the eager run reports any lasting error itself
+            pass

@@ -2,6 +2,12 @@
 
 ``FASTITM_BACKEND=auto|triton|native|reference`` overrides the choice of ``backend="auto"``.
 ``TRITON_INTERPRET=1`` lets the Triton backend run on CPU tensors (slowly: for tests).
+
+Safe first contact: before ``backend="auto"`` first uses a Triton kernel on a device and dtype, the
+op's self-check compiles it and compares it with the reference on a small input; if compiling or the
+comparison fails, a warning says why (once) and the op runs on the PyTorch reference. A user on a GPU
+we could not test never loses a run to our kernel. ``backend="triton"`` named explicitly is not
+second-guessed: its failures raise.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import Callable
 
 import torch
 
@@ -94,10 +101,19 @@ def choose(backend: str, tensors: list[torch.Tensor], op: str) -> str:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run: " + "; ".join(why))
         return backend
     device = tensors[0].device.type
-    # On CPU the native op is the fast path even under TRITON_INTERPRET=1 (the interpreter is for
-    # checking kernels, not for speed); Triton runs on CPU only when asked for by name.
-    preferred = "triton" if device == "cuda" else "native"
+    preferred = _preferred(device)
     why = reasons_against(preferred, tensors)
+    if not why and preferred == "triton":
+        failed = first_contact(op, tensors[0].device, tensors[0].dtype)
+        if failed is None:
+            return preferred
+        key = f"{op}:first-contact:{tensors[0].device}:{tensors[0].dtype}"
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"{op}: the Triton kernel failed its first check on this device ({failed}); using the "
+                          "PyTorch reference instead (same numbers, slower). backend='triton' would raise.",
+                          RuntimeWarning, stacklevel=3)
+        return "reference"
     if not why:
         return preferred
     if preferred == "triton" and device == "cpu" and not reasons_against("native", tensors):
@@ -107,3 +123,47 @@ def choose(backend: str, tensors: list[torch.Tensor], op: str) -> str:
         _warned.add(key)
         warnings.warn(f"{op}: falling back to the PyTorch reference: " + "; ".join(why), stacklevel=3)
     return "reference"
+
+
+def _preferred(device_type: str) -> str:
+    # On CPU the native op is the fast path even under TRITON_INTERPRET=1 (the interpreter is for
+    # checking kernels, not for speed); Triton runs on CPU only when asked for by name.
+    return "triton" if device_type == "cuda" else "native"
+
+
+# op name -> self-check(device, dtype) returning None (the kernel matched the reference) or a reason.
+_SELF_CHECKS: dict[str, Callable[[torch.device, torch.dtype], str | None]] = {}
+_first_contact: dict[tuple, str | None] = {}
+
+
+def register_self_check(op: str, check: Callable[[torch.device, torch.dtype], str | None]) -> None:
+    """Register the op's Triton self-check (each op module registers its own at import)."""
+    _SELF_CHECKS[op] = check
+
+
+def first_contact(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the Triton kernel(s) of ``op`` compiled and matched the reference on a small input
+    on ``device`` in ``dtype``, else why not. Checked once per (op, device, dtype). An op with no
+    self-check of its own (e.g. "fastitm.score") stands for every registered kernel."""
+    names = [op] if op in _SELF_CHECKS else sorted(_SELF_CHECKS)
+    for name in names:
+        key = (name, str(device), dtype)
+        if key not in _first_contact:
+            try:
+                _first_contact[key] = _SELF_CHECKS[name](device, dtype)
+            except Exception as e:  # a compilation error, an unsupported instruction, a launch failure
+                _first_contact[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if _first_contact[key] is not None:
+            return f"{name}: {_first_contact[key]}"
+    return None
+
+
+def reset_first_contact() -> None:
+    """Forget the self-check results and warnings (tests)."""
+    _first_contact.clear()
+    _warned.clear()
+
+
+def self_check_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) of a self-check against the float32 reference: well above rounding, far below a bug."""
+    return {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2)}.get(dtype, (6e-2, 6e-2))

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ._backend import choose
+from ._backend import choose, register_self_check, self_check_tolerance
 
 POOLS = ("logits", "probs")
 MAX_LK = 256
@@ -239,3 +239,26 @@ def native_cross_attention_lse(_C, q, k, v, scale, pool, lam, key_mask):
         pool == "probs", lam, q.dtype == torch.float16,
     )
     return out, pooled
+
+
+def _self_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The Triton forward against the float32 reference on a small awkward input (37 query rows, 77
+    keys, head dim 40, one masked key), both pools: None, or what went wrong."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 40, generator=g) for n in (37, 77, 77))
+    mask = torch.ones(2, 77, dtype=torch.bool)
+    mask[1, 70:] = False
+    rtol, atol = self_check_tolerance(dtype)
+    for pool, key_mask in (("logits", None), ("probs", mask)):
+        qd, kd, vd = (x.to(device, dtype) for x in (q, k, v))
+        md = None if key_mask is None else key_mask.to(device)
+        out, pooled = _forward("triton", qd, kd, vd, 40 ** -0.5, pool, 1.5, md)
+        want_out, want_pooled = cross_attention_lse_ref(qd.float(), kd.float(), vd.float(), 40 ** -0.5, pool, 1.5, md)
+        for name, got, want in (("output", out.float(), want_out), ("pooled", pooled / 37, want_pooled / 37)):
+            if not torch.allclose(got, want, rtol=rtol, atol=atol):
+                err = (got - want).abs().max().item()
+                return f"{name} ({pool}) differs from the reference by up to {err:.3g} (tolerance {atol:g})"
+    return None
+
+
+register_self_check("cross_attention_lse", _self_check)
