@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 
 @triton.jit
 def _cross_attention_lse_fwd_kernel(
@@ -112,11 +114,24 @@ def cross_attention_lse_fwd(
     Lk = k.shape[2]
     block_n = max(16, triton.next_power_of_2(Lk))
     block_d = max(16, triton.next_power_of_2(D))
+    num_warps = 4 if block_d <= 64 else 8
     if block_m is None:
         # Keep the q/k/v tiles within registers/shared memory for the widest heads (D=160 -> 256).
         block_m = 64 if block_d <= 64 else 32
         if q.device.type == "cpu":  # the interpreter: fewer, larger programs run faster
             block_m = 64
+        if _tuning.enabled(q.device):
+            key = ("cross_attention_lse_fwd", triton.next_power_of_2(Lq), block_n, block_d, q.dtype, pool,
+                   key_mask is not None)
+            configs = [(bm, nw) for bm in (32, 64, 128) for nw in (4, 8) if bm * block_d <= 128 * 128]
+            block_m, num_warps = _tuning.pick(key, configs, lambda c: _launch_fwd(
+                q, k, v, scale, pool, lam, key_mask, c[0], block_n, block_d, c[1]))
+    return _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_m, block_n, block_d, num_warps)
+
+
+def _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_m, block_n, block_d, num_warps):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
     n_mblocks = triton.cdiv(Lq, block_m)
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     partial = torch.empty((B * H, n_mblocks), dtype=torch.float32, device=q.device)
@@ -136,7 +151,7 @@ def cross_attention_lse_fwd(
         HAS_MASK=key_mask is not None,
         IEEE=(q.dtype == torch.float32),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4 if block_d <= 64 else 8,
+        num_warps=num_warps,
     )
     return out, partial.sum(dim=1).view(B, H)
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 
 @triton.jit
 def _error_reduce_fwd_kernel(
@@ -77,9 +79,25 @@ def error_reduce_fwd(pred, target, row_target, row_image, row_text, row_timestep
     for name, buf in (("uncond", uncond), ("per_t", per_t), ("scores", scores)):
         if buf is not None and not buf.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the Triton backend")
+    num_warps = 4
+    block_f = min(block_f, max(16, triton.next_power_of_2(F)))
+    if _tuning.enabled(pred.device):
+        # Candidates run on scratch copies of the score buffers: the kernel writes them in place.
+        key = ("error_reduce", triton.next_power_of_2(F), pred.dtype, bool(mse))
+        configs = [(bf, nw) for bf in (256, 512, 1024, 2048) for nw in (2, 4, 8) if bf <= max(256, 2 * F)]
+        scratch = [None if b is None else b.clone() for b in (uncond, per_t, scores)]
+        block_f, num_warps = _tuning.pick(key, configs, lambda c: _launch(
+            pred, target, row_target, row_image, row_text, row_timestep, *scratch, mse, normalize, M, c[0], c[1]))
+    return _launch(pred, target, row_target, row_image, row_text, row_timestep, uncond, per_t, scores, mse,
+                   normalize, M, block_f, num_warps)
+
+
+def _launch(pred, target, row_target, row_image, row_text, row_timestep, uncond, per_t, scores, mse, normalize, M,
+            block_f, num_warps):
+    R, F = pred.shape
+    T = uncond.shape[1]
     row_err = torch.empty(R, dtype=torch.float32, device=pred.device)
     dummy = row_err
-    block_f = min(block_f, max(16, triton.next_power_of_2(F)))
     for phase in (0, 1):
         _error_reduce_fwd_kernel[(R,)](
             pred, target, row_target, row_image, row_text, row_timestep, uncond,
@@ -88,6 +106,6 @@ def error_reduce_fwd(pred, target, row_target, row_image, row_text, row_timestep
             F, M, T,
             PHASE=phase, MSE=bool(mse), NORMALIZE=bool(normalize),
             HAS_PER_T=per_t is not None, HAS_SCORES=scores is not None,
-            BLOCK_F=block_f,
+            BLOCK_F=block_f, num_warps=num_warps,
         )
     return row_err
