@@ -45,6 +45,15 @@ class LSEPoolingAttnProcessor:
         self.name, self.sink, self.pool, self.lam, self.backend = name, sink, pool, lam, backend
         self.key_mask = key_mask
 
+    @torch.compiler.disable
+    def _fused(self, q, k, v, scale):
+        # Outside torch.compile's graph: the op hands raw pointers to C++ or launches Triton, and the
+        # sink is Python state; the rest of the denoiser compiles around this call.
+        out, pooled = cross_attention_lse(q, k, v, scale=scale, pool=self.pool, lam=self.lam, key_mask=self.key_mask,
+                                          backend=self.backend)
+        self.sink.add(self.name, pooled / q.shape[2])
+        return out
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
         if encoder_hidden_states is None:
@@ -76,9 +85,7 @@ class LSEPoolingAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        out, pooled = cross_attention_lse(q, k, v, scale=attn.scale, pool=self.pool, lam=self.lam,
-                                          key_mask=self.key_mask, backend=self.backend)
-        self.sink.add(self.name, pooled / q.shape[2])
+        out = self._fused(q, k, v, attn.scale)
         hidden_states = out.transpose(1, 2).reshape(B, -1, heads * d).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

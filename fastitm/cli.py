@@ -51,13 +51,14 @@ def format_table(matrix, row_names: Sequence[str], col_names: Sequence[str], wid
     return "\n".join(lines)
 
 
-def _load(model_arg: str | None, dtype: str, device: str, method: str | None = None):
+def _load(model_arg: str | None, dtype: str, device: str, method: str | None = None, levers: dict | None = None):
     """The model the command asked for; the device, and (from the folder's model_index.json alone)
     whether its family supports ``method``, are checked before any weight is read."""
     import torch
 
     from . import load_model, testing
     from .model import _parse_dtype, check_device
+    from .speed import apply, default_dtype
 
     check_device(device)
     if method is not None and model_arg not in (None, "tiny") and Path(model_arg).expanduser().is_dir():
@@ -68,10 +69,11 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
         print("model: random-weight tiny model (fastitm.testing.tiny_model): scores carry no meaning",
               file=sys.stderr)
         model = testing.tiny_model(0)
-        if _parse_dtype(dtype) != model.dtype or torch.device(device) != model.device:
-            model.to(device=device, dtype=_parse_dtype(dtype))
-        return model
-    return load_model(model_arg, dtype=dtype, device=device)
+        want = default_dtype(torch.device(device)) if dtype == "auto" else _parse_dtype(dtype)
+        if want != model.dtype or torch.device(device) != model.device:
+            model.to(device=device, dtype=want)
+        return apply(model, **levers) if levers else model
+    return load_model(model_arg, dtype=dtype, device=device, **(levers or {}))
 
 
 def check_output_path(path: str, what: str) -> None:
@@ -101,7 +103,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     plan=None, resize=args.resize, latent=args.latent, scheme=args.scheme, noise=args.noise,
                     preset=args.preset, options=options, backend=args.backend)
 
-    model = _load(args.model, args.dtype, args.device, args.method)
+    model = _load(args.model, args.dtype, args.device, args.method, _levers(args))
     try:
         res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
                     seed=args.seed, preset=args.preset, resize=args.resize, scheme=args.scheme, latent=args.latent,
@@ -142,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Under torchrun: one process per GPU (or CPU process with gloo); rank 0 reports.
     dist.init_from_env(args.device)
     device = dist.local_device(args.device)
-    model = _load(args.model, args.dtype, device, args.method)
+    model = _load(args.model, args.dtype, device, args.method, _levers(args))
     report = run(args.task, args.data, model=model, method=args.method,
                  timesteps=10 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
@@ -212,6 +214,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _levers(args: argparse.Namespace) -> dict:
+    return {"channels_last": args.channels_last, "fuse_qkv": args.fuse_qkv, "compile": args.compile}
+
+
 def _count(n: int) -> str:
     """1234567 -> "1.235 M"; whole numbers below a thousand as they are."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -249,11 +255,17 @@ def _scoring_arguments() -> argparse.ArgumentParser:
     c.add_argument("--resize", default=None, choices=RESIZE_MODES,
                    help="squash (antialiased bicubic, default), squash_pil (PIL bicubic on 8-bit, as the "
                    "published loaders), center_crop (torchvision's Resize + CenterCrop)")
-    c.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
+    c.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="model precision (auto: bf16 on CUDA, fp32 on the CPU)")
+    c.add_argument("--channels-last", action="store_true", help="UNet convolutions in channels-last layout (GPU lever)")
+    c.add_argument("--fuse-qkv", action="store_true", help="fused self-attention QKV projections (GPU lever)")
+    c.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU lever; first batch slow)")
     c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
     c.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"),
                    help="fused ops: auto (Triton on CUDA, C++ on CPU), or one by name")
-    c.add_argument("--batch-size", type=int, default=None, help="UNet rows per forward pass")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="denoiser rows per forward pass (default: from the device: on CUDA what fits half the free "
+                        "memory, on the CPU 32 for small latents)")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return c
 

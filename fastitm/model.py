@@ -43,6 +43,7 @@ class Model:
     family: str = "sd"
     parts: dict = field(default_factory=dict)
     pipeline_config: dict = field(default_factory=dict)
+    levers: dict = field(default_factory=dict)  # the speed levers applied (fastitm.speed.apply)
 
     def __post_init__(self) -> None:
         get_family(self.family)  # an unknown family name fails here
@@ -180,9 +181,12 @@ def embedded_model_path() -> Path | None:
 def load_model(
     path: str | os.PathLike | None = None,
     *,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     lora: str | os.PathLike | None = None,
+    channels_last: bool = False,
+    fuse_qkv: bool = False,
+    compile: bool | str = False,
 ) -> Model:
     """Load a diffusion model saved in diffusers layout, with no network access.
 
@@ -191,10 +195,18 @@ def load_model(
     ``text_encoder_2/``, ``tokenizer_2/``), SD 3 / 3.5 (``transformer/`` and up to three text
     encoders). With no path, the model embedded in the package is loaded. ``lora``: a folder
     written by ``fastitm finetune``; its adapter is put on the UNet.
+
+    ``dtype``: None or "auto" picks bfloat16 on CUDA and float32 on the CPU; "fp32", "fp16", "bf16"
+    or a torch dtype. ``channels_last``, ``fuse_qkv``, ``compile``: the optional speed levers of
+    :func:`fastitm.speed.apply` (all off by default).
     """
+    from .speed import apply, check_cpu_dtype, default_dtype
+
+    device = check_device(device)
+    dtype = default_dtype(device) if dtype is None or dtype == "auto" else dtype
     if isinstance(dtype, str):
         dtype = _parse_dtype(dtype)
-    device = check_device(device)
+    check_cpu_dtype(dtype, device)
     if path is None:
         path = embedded_model_path()
         if path is None:
@@ -213,6 +225,8 @@ def load_model(
         from .finetune.lora import load_adapter
 
         load_adapter(model, lora)
+    if channels_last or fuse_qkv or compile:
+        apply(model, channels_last=channels_last, fuse_qkv=fuse_qkv, compile=compile)
     return model
 
 

@@ -1,0 +1,125 @@
+"""Speed levers: the dtype and batch size chosen by device, and optional model transforms.
+
+Every lever keeps the numbers (each has a CPU correctness test against the untransformed model) and
+has a ``gpu``-marked benchmark (``bench/test_levers_bench.py``). What is on by default:
+
+- dtype: bfloat16 on CUDA (the GPU's fast matrix units; a UNet's scores in bf16 stay within bf16's
+  rounding of the fp32 ones), float32 on the CPU. ``dtype="bf16"`` on a CPU works everywhere, and is
+  fast only with AVX512-BF16 or AMX (:func:`cpu_bf16_support` says which).
+- batch size: on CUDA the largest power of two whose activations fit a fraction of the free memory
+  (measured by a 2-row probe of the denoiser); on the CPU 32 rows for small latents (the UNet's rows/s
+  there keep growing up to about 32), fewer as latents grow.
+- off until a GPU benchmark decides: ``channels_last`` (UNet convolutions in NHWC), ``fuse_qkv``
+  (diffusers' fused QKV projections of self-attention), ``compile`` (``torch.compile`` of the
+  denoiser; composes with the CUDA graph runner, which captures the compiled forward).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any
+
+import torch
+
+# CPU batch size: 32 rows up to 32x32 latents, then as many rows as hold 32 * 32 * 32 latent pixels
+# (64x64 latents: 8 rows; 128x128: 2).
+CPU_MAX_BATCH = 32
+CPU_BATCH_PIXELS = 32 * 32 * 32
+CUDA_MEMORY_FRACTION = 0.5
+CUDA_MAX_BATCH = 128
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a CUDA device that supports it, float32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_support() -> str | None:
+    """The CPU's native bfloat16 instructions ("amx_bf16", "avx512_bf16"), or None without them."""
+    try:
+        flags = set()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return None
+    for name in ("amx_bf16", "avx512_bf16"):
+        if name in flags:
+            return name
+    return None
+
+
+def check_cpu_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Warn, naming what the CPU lacks, when bfloat16 runs on a CPU without native bf16 instructions
+    (it works, converted in software, and is usually slower than float32 there)."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_support() is None \
+            and os.environ.get("FASTITM_QUIET_BF16") != "1":
+        warnings.warn("dtype bf16 on a CPU without AVX512-BF16 or AMX: it runs with converted float32 arithmetic "
+                      "and is usually slower than fp32 here; use dtype fp32 on this CPU", RuntimeWarning, stacklevel=3)
+
+
+def default_batch_size(model) -> int:
+    """Rows per denoiser call when the caller gives none (see the module docstring)."""
+    if model.device.type == "cuda":
+        cached = getattr(model, "_fastitm_batch_size", None)
+        if cached is None:
+            cached = cuda_batch_size(model)
+            model._fastitm_batch_size = cached  # once per model: the probe costs a denoiser call
+        return cached
+    _, h, w = model.latent_shape
+    return max(1, min(CPU_MAX_BATCH, CPU_BATCH_PIXELS // (h * w)))
+
+
+@torch.no_grad()
+def cuda_batch_size(model, fraction: float = CUDA_MEMORY_FRACTION, cap: int = CUDA_MAX_BATCH) -> int:
+    """The largest power of two (at most ``cap``) whose denoiser activations, measured by a 2-row probe,
+    fit ``fraction`` of the device's free memory."""
+    device = model.device
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    cond = model.spec.encode_empty(model)
+    cond = {k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}
+    x = torch.zeros(2, *model.latent_shape, device=device, dtype=model.dtype)
+    t = torch.full((2,), model.num_train_timesteps // 2, device=device, dtype=torch.long)
+    model.spec.forward(model.unet, x, t, cond)
+    torch.cuda.synchronize(device)
+    per_row = max(1, (torch.cuda.max_memory_allocated(device) - base) // 2)
+    rows = int(fraction * free // per_row)
+    bs = 1
+    while bs * 2 <= min(rows, cap):
+        bs *= 2
+    return bs
+
+
+def apply(model, *, channels_last: bool = False, fuse_qkv: bool = False, compile: bool | str = False) -> Any:
+    """Apply the optional levers to ``model`` in place and return it.
+
+    ``channels_last``: the UNet's weights and activations in NHWC (a transformer denoiser has no
+    convolutions to reorder: ignored there). ``fuse_qkv``: diffusers' ``fuse_qkv_projections`` (one
+    matmul for the self-attention Q, K and V; the cross-attention processors fastitm installs read the
+    unfused K and V, which diffusers keeps). ``compile``: ``torch.compile`` the denoiser's forward in
+    place (True: the default inductor backend; a string names another backend, e.g. "eager" to check
+    tracing without a compiler).
+    """
+    unet = model.unet
+    if channels_last and hasattr(unet, "conv_in"):
+        unet.to(memory_format=torch.channels_last)
+    if fuse_qkv:
+        if not hasattr(unet, "fuse_qkv_projections"):
+            raise ValueError(f"{type(unet).__name__} has no fuse_qkv_projections")
+        unet.fuse_qkv_projections()
+    if compile:
+        backend = "inductor" if compile is True else str(compile)
+        unet.compile(backend=backend, dynamic=False)
+    model.levers = {"channels_last": bool(channels_last), "fuse_qkv": bool(fuse_qkv),
+                    "compile": compile if isinstance(compile, str) else bool(compile)}
+    return model
