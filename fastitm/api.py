@@ -29,6 +29,7 @@ def score(
     checkpoint: str | None = None,
     checkpoint_every: float = 60.0,
     distributed: bool = False,
+    pairs: Any = None,
     **options: Any,
 ) -> ScoreResult:
     """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
@@ -47,7 +48,10 @@ def score(
         grid, seed 0, posterior-mean latents, noise per timestep); or pass ``plan=res.plan`` to
         reproduce a result exactly. ``timesteps`` is a count (int) or an explicit list.
     backend: "auto" | "triton" | "native" | "reference" for the fused ops.
-    batch_size: UNet rows per forward pass (default: 32 on CUDA, 8 on CPU); memory is bounded by it.
+    batch_size: denoiser rows per forward pass (default from the device, :func:`fastitm.speed.default_batch_size`:
+        on CUDA what fits half the free memory, on the CPU 32 for small latents); memory is bounded by it.
+    pairs: bool [len(images), len(texts)]: score only these pairs (the others are NaN), e.g. each image
+        against its own candidate captions in one call, so the denoiser's batches stay full.
     progress: show a progress bar with rows per second (default: only on a terminal).
     checkpoint: a file where finished cells are saved every ``checkpoint_every`` seconds, on Ctrl-C
         and at the end; rerunning with the same inputs, plan and path resumes without recomputing
@@ -66,7 +70,7 @@ def score(
 
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
-                      backend=backend)
+                      backend=backend, pairs=pairs)
     if distributed:
         from .distributed import is_distributed, score_sharded
 

@@ -33,6 +33,14 @@ class Run:
     # Global index of pixels[0]: seeds of sampled latents follow the image's index in the whole
     # request, so a shard of a distributed run draws what one process would.
     image_offset: int = 0
+    # Which (image, text) pairs to score, bool [N, M]; None: all of them.
+    pairs: torch.Tensor | None = None
+
+    def requested(self) -> torch.Tensor:
+        """bool [N, M]: the pairs to score."""
+        if self.pairs is not None:
+            return self.pairs
+        return torch.ones(self.pixels.shape[0], len(self.texts), dtype=torch.bool)
 
 
 def progress_disabled(progress: bool | None) -> bool | None:
@@ -74,6 +82,7 @@ def prepare_run(
     noise: str | None = None,
     preset: str | None = None,
     backend: str = "auto",
+    pairs: Any = None,
 ) -> Run:
     """Validate everything before any model work, so a bad argument fails in milliseconds: the
     arguments first, then (loading the embedded model only now when ``model`` is None) what needs
@@ -101,7 +110,23 @@ def prepare_run(
         choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)
     plan.check_model(model)
     check_rounds(spec.options.get("elimination"), len(plan))
-    return Run(model, pixels, texts, plan, spec, preset, choices)
+    return Run(model, pixels, texts, plan, spec, preset, choices,
+               pairs=None if pairs is None else check_pairs(pairs, pixels.shape[0], len(texts)))
+
+
+def check_pairs(pairs: Any, n_images: int, n_texts: int) -> torch.Tensor:
+    """``pairs``: which (image, text) cells to score, a bool [N_images, N_texts] tensor or nested list."""
+    try:
+        mask = torch.as_tensor(pairs)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"pairs must be a bool [images, texts] tensor or nested list, got {type(pairs).__name__}") from None
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pairs must be boolean (True: score this image-text pair), got dtype {mask.dtype}")
+    if tuple(mask.shape) != (n_images, n_texts):
+        raise ValueError(f"pairs must have shape [images, texts] = [{n_images}, {n_texts}], got {tuple(mask.shape)}")
+    if not bool(mask.any()):
+        raise ValueError("pairs selects no image-text pair")
+    return mask.cpu().clone()
 
 
 def check_arguments(images: Any, texts: Any, *, method: str, timesteps: Any, seed: Any, plan: Plan | None,

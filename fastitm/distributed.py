@@ -81,7 +81,8 @@ def score_sharded(run, *, backend: str, batch_size: int | None, progress: bool |
     ckpt = f"{checkpoint}.rank{rank()}-of-{world_size()}" if checkpoint else None
     part = None
     if stop > start:
-        shard = replace(run, pixels=run.pixels[start:stop], image_offset=run.image_offset + start)
+        shard = replace(run, pixels=run.pixels[start:stop], image_offset=run.image_offset + start,
+                        pairs=None if run.pairs is None else run.pairs[start:stop])
         part = score_run(shard, backend=backend, batch_size=batch_size, progress=progress if rank() == 0 else False,
                          checkpoint=ckpt, checkpoint_every=checkpoint_every)
     parts = gather(None if part is None else (part.matrix, part.per_timestep, part.stats, part.backend))

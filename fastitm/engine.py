@@ -46,6 +46,7 @@ from .families import take_cond
 from .methods import check_rounds, elimination_stages
 from .ops._backend import choose
 from .ops.error_reduce import error_reduce
+from .speed import default_batch_size
 from .result import ScoreResult
 
 CHECKPOINT_VERSION = 3
@@ -67,10 +68,6 @@ class Interrupted(KeyboardInterrupt):
         self.partial, self.checkpoint, self.rows_done, self.rows_total = partial, checkpoint, rows_done, rows_total
 
 
-def default_batch_size(device: torch.device) -> int:
-    return 32 if device.type == "cuda" else 8
-
-
 def image_rows(i: int, texts: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     """[len(ks) * len(texts), 3] int64 rows (image i, text or -1, timestep), grouped by timestep
     with the texts in the given order (the unconditional -1 first when present)."""
@@ -86,6 +83,8 @@ def stage_chunks(alive: torch.Tensor, ks: list[int], needs_uncond: bool) -> Iter
         return
     for i in range(alive.shape[0]):
         texts = alive[i].nonzero().flatten()
+        if not len(texts):  # nothing asked of this image (pairs=) or nothing left: not even its empty row
+            continue
         if needs_uncond:
             texts = torch.cat([torch.tensor([-1]), texts])
         if len(texts):
@@ -131,6 +130,7 @@ def fingerprint(run: Run) -> str:
     add(plan.timesteps)
     add(plan.noise)
     add((plan.latent, plan.seed, plan.noise_mode))
+    add(run.pairs)
     add((m.family, str(m.dtype), m.prediction, m.scaling_factor))
     add(sorted((k, v) for k, v in m.scheduler.config.items() if not k.startswith("_")))
     add(model_digest(m))
@@ -273,7 +273,7 @@ def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     N, M, T = run.pixels.shape[0], len(run.texts), len(run.plan)
     spec = run.spec
     rounds = spec.options.get("elimination")
-    alive = torch.ones(N, M, dtype=torch.bool)
+    alive = run.requested().clone()
     stages = elimination_stages(T, rounds, spec.options.get("order", "spread"))
     seen: list[int] = []
     for r, ks in enumerate(stages):
@@ -303,14 +303,14 @@ def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) 
     per_t[~done] = float("nan")
     finished = done.all(dim=2)
     matrix = per_t.mean(dim=2)
+    requested = run.requested()
+    matrix = matrix.masked_fill(~finished, float("nan"))  # unfinished, or not asked for (pairs=)
     if run.spec.options.get("elimination") and complete:
-        matrix = matrix.masked_fill(~finished, float("-inf"))  # eliminated candidates
-    else:
-        matrix = matrix.masked_fill(~finished, float("nan"))
+        matrix = matrix.masked_fill(~finished & requested, float("-inf"))  # eliminated candidates
     if complete:
-        bad = int(torch.isnan(matrix).sum())
+        bad = int(torch.isnan(matrix[requested]).sum())
         if bad:  # never silently: NaN scores mean the model overflowed (e.g. fp16) or had NaN weights
-            warnings.warn(f"{bad} of {matrix.numel()} scores are NaN (the UNet or the pooling produced NaN or "
+            warnings.warn(f"{bad} of {int(requested.sum())} scores are NaN (the UNet or the pooling produced NaN or "
                           "inf: try dtype fp32/bf16, or check the model's weights)", RuntimeWarning, stacklevel=3)
     return ScoreResult(matrix=matrix, plan=run.plan, method=run.spec.name, options=dict(run.spec.options),
                        backend=backend, per_timestep=per_t, stats=stats, preset=run.preset,
@@ -322,7 +322,7 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
               checkpoint: str | os.PathLike | None = None, checkpoint_every: float = 60.0) -> ScoreResult:
     spec, device = run.spec, run.model.device
     N, M, T = run.pixels.shape[0], len(run.texts), len(run.plan)
-    bs = default_batch_size(device) if batch_size is None else batch_size
+    bs = default_batch_size(run.model) if batch_size is None else batch_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"batch_size must be a positive int, got {bs!r}")
     check_rounds(spec.options.get("elimination"), T)
@@ -332,7 +332,7 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
     if ckpt is not None:
         check_checkpoint_path(ckpt)
     # The backend the fused ops run on ("auto" resolved), recorded in the result.
-    ran = choose(backend, [torch.empty(0, device=device)], "fastitm.score")
+    ran = choose(backend, [torch.empty(0, device=device, dtype=run.model.dtype)], "fastitm.score")
     with ExitStack() as outer:
         if ckpt is not None:
             outer.enter_context(_checkpoint_lock(ckpt))
@@ -373,7 +373,8 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     flat_noise = noise.flatten(1)
     opts = spec.options
     text_weight = 0.5 if spec.mix_uncond else 1.0
-    full_rows = N * T * (M + (1 if spec.needs_uncond else 0))
+    requested = run.requested()
+    full_rows = T * (int(requested.sum()) + (int(requested.any(dim=1).sum()) if spec.needs_uncond else 0))
     computed = 0
     use_graph = graphs_enabled(device)
     stats = {"unet_rows": 0, "unet_rows_full": full_rows, "resumed_cells": resumed, "vae_images": N,
@@ -442,5 +443,8 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     stats["unet_rows"] = computed
     stats["unet_rows_saved"] = full_rows - int(state.done.sum())
     if use_graph:
+        stats["cuda_graphs"] = runner.use_graph
         stats["graph_replays"] = runner.replays
+        if runner.fallback:
+            stats["cuda_graph_fallback"] = runner.fallback
     return _result(run, state, backend, stats, complete=True)

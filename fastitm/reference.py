@@ -73,18 +73,19 @@ def capture_attention_lse(unet, layers: str, pool: str, lam: float):
             h.remove()
 
 
-def eliminate_ref(per_t: torch.Tensor, rounds, order: str = "spread") -> tuple[torch.Tensor, torch.Tensor]:
+def eliminate_ref(per_t: torch.Tensor, rounds, order: str = "spread",
+                  requested: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Adaptive elimination replayed on complete per-timestep scores [N, M, T]: after round r (its
     timesteps from :func:`fastitm.methods.elimination_stages`), each image keeps its best keep_r
     texts by the mean over every timestep evaluated so far (ties: lower index). Returns the matrix
     (-inf for eliminated texts) and the per-timestep scores with NaN where the engine would not
-    have computed them."""
+    have computed them. ``requested`` [N, M]: the pairs asked for (the others stay NaN)."""
     N, M, T = per_t.shape
     stages = elimination_stages(T, rounds, order)
     masked = per_t.clone()
     matrix = per_t.mean(dim=2)
     for i in range(N):
-        alive = list(range(M))
+        alive = [j for j in range(M) if requested is None or requested[i, j]]
         seen: list[int] = []
         for (_, keep), stage in zip(rounds, stages):
             seen += stage
@@ -108,7 +109,8 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
     N, M, T = run.pixels.shape[0], len(run.texts), len(plan)
     per_t = torch.zeros(N, M, T, dtype=torch.float32)
     empty = encode_conditioning(model, [], empty=True) if spec.needs_uncond else None
-    rows = N * M * T * (2 if spec.needs_uncond else 1)
+    requested = run.requested()
+    rows = int(requested.sum()) * T * (2 if spec.needs_uncond else 1)
     bar = tqdm(total=rows, desc=f"reference {spec.name}", unit="row", disable=progress_disabled(progress))
     opts = spec.options
 
@@ -125,6 +127,9 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
         else:
             z = encode_images(model, run.pixels[i : i + 1], plan, first_index=run.image_offset + i)
         for j in range(M):
+            if not requested[i, j]:  # not asked for (pairs=)
+                per_t[i, j] = float("nan")
+                continue
             cond = encode_conditioning(model, [run.texts[j]])
             for k in range(T):
                 t = plan.timesteps[k : k + 1].to(device)
@@ -153,7 +158,7 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
     matrix = per_t.mean(dim=2)
     rounds = spec.options.get("elimination")
     if rounds:
-        matrix, per_t = eliminate_ref(per_t, rounds, spec.options.get("order", "spread"))
+        matrix, per_t = eliminate_ref(per_t, rounds, spec.options.get("order", "spread"), requested)
     return ScoreResult(
         matrix=matrix,
         plan=plan,
@@ -184,6 +189,7 @@ def score(
     noise: str | None = None,
     backend: str = "reference",
     progress: bool | None = None,
+    pairs: Any = None,
     **options: Any,
 ) -> ScoreResult:
     """Reference scores [len(images), len(texts)]; same signature and numbers as :func:`fastitm.score`.
@@ -193,5 +199,5 @@ def score(
     """
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
-                      backend=backend)
+                      backend=backend, pairs=pairs)
     return score_run(run, progress=progress)

@@ -274,8 +274,9 @@ def test_pack_recuts_streamed_rows_in_order(bs):
 
     alive = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
     chunks = list(stage_chunks(alive, [4, 1], needs_uncond=True))
-    # Image 1 keeps only its unconditional rows; each image's rows are grouped by timestep.
-    assert [c.shape[0] for c in chunks] == [6, 2, 8]
+    # Image 1 has no text left: no rows at all, not even its empty prompt's (nothing would use them);
+    # each image's rows are grouped by timestep.
+    assert [c.shape[0] for c in chunks] == [6, 8]
     assert chunks[0].tolist() == [[0, -1, 4], [0, 0, 4], [0, 2, 4], [0, -1, 1], [0, 0, 1], [0, 2, 1]]
     batches = list(pack(iter(chunks), bs))
     assert all(len(b) == bs for b in batches[:-1]) and 1 <= len(batches[-1]) <= bs

@@ -61,9 +61,10 @@ def _check_examples(examples: Sequence[Any]) -> None:
 
 def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_itm", kinds: Sequence[str] | None = None,
                    timesteps: int = 10, seed: int = 0, backend: str = "auto", progress: bool | None = None,
-                   **options: Any) -> NegativeReport:
+                   group: int = 8, **options: Any) -> NegativeReport:
     """Score each image against its true caption and its negatives of ``kinds`` (default: all it
-    has); a choice is right when the true caption scores strictly higher than the negative."""
+    has); a choice is right when the true caption scores strictly higher than the negative.
+    ``group`` images share one scoring call (each only against its own captions)."""
     from tqdm.auto import tqdm
 
     from .. import score
@@ -72,21 +73,37 @@ def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_i
     _check_examples(examples)
     plan = shared_plan(model, method, timesteps, seed, options)
     report = None
-    for e in tqdm(examples, desc=f"{method} hard negatives", unit="image", disable=progress_disabled(progress)):
+    todo = []
+    for e in examples:
         negs = [(k, c) for k, c in e.negatives.items() if kinds is None or k in kinds]
-        if not negs:
-            continue
-        res = score([e.image], [e.caption] + [c for _, c in negs], model=model, method=method, plan=plan,
-                    backend=backend, progress=False, **options)
+        if negs:
+            todo.append((e, negs))
+    bar = tqdm(total=len(todo), desc=f"{method} hard negatives", unit="image", disable=progress_disabled(progress))
+    # Several images per call, each scored against its own captions only (pairs=): the denoiser's
+    # batches stay full, and each score is what a call for that image alone gives.
+    for start in range(0, len(todo), group):
+        chunk = todo[start : start + group]
+        texts, cols = [], []
+        for e, negs in chunk:
+            cols.append(list(range(len(texts), len(texts) + 1 + len(negs))))
+            texts += [e.caption] + [c for _, c in negs]
+        pairs = torch.zeros(len(chunk), len(texts), dtype=torch.bool)
+        for i, c in enumerate(cols):
+            pairs[i, c] = True
+        res = score([e.image for e, _ in chunk], texts, model=model, method=method, plan=plan, backend=backend,
+                    progress=False, pairs=pairs, **options)
         if report is None:
             report = NegativeReport(res.method, dict(res.options))
-        s = res.matrix[0].tolist()
-        row = {"caption": e.caption, "score": s[0], "negatives": []}
-        for (kind, cap), v in zip(negs, s[1:]):
-            report.total[kind] = report.total.get(kind, 0) + 1
-            report.correct[kind] = report.correct.get(kind, 0) + int(s[0] > v)
-            row["negatives"].append({"kind": kind, "caption": cap, "score": v})
-        report.rows.append(row)
+        for i, (e, negs) in enumerate(chunk):
+            s = res.matrix[i, cols[i]].tolist()
+            row = {"caption": e.caption, "score": s[0], "negatives": []}
+            for (kind, cap), v in zip(negs, s[1:]):
+                report.total[kind] = report.total.get(kind, 0) + 1
+                report.correct[kind] = report.correct.get(kind, 0) + int(s[0] > v)
+                row["negatives"].append({"kind": kind, "caption": cap, "score": v})
+            report.rows.append(row)
+        bar.update(len(chunk))
+    bar.close()
     if report is None:
         raise ValueError(f"none of the examples has negatives of kinds {list(kinds or [])}")
     return report
