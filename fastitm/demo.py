@@ -62,16 +62,20 @@ def shipped_adapters() -> dict[str, Path]:
     return {r: root / r for r in ADAPTER_METHODS if (root / r / "adapter_model.safetensors").is_file()}
 
 
-def adapter_reports(model_path, examples, timesteps: int, seed: int) -> list:
+def adapter_reports(model, model_path, examples, timesteps: int, seed: int) -> list:
     """(recipe, report) for each shipped adapter on the embedded model, scored with its method."""
-    from . import evaluate, load_model
+    import copy
+
+    from . import evaluate
+    from .finetune.lora import load_adapter
     from .model import embedded_model_path
 
     if model_path is not None or embedded_model_path() is None:  # the adapters fit the embedded model only
         return []
     out = []
     for recipe, folder in shipped_adapters().items():
-        tuned = load_model(lora=folder)
+        tuned = copy.deepcopy(model)  # the loaded base model, not a second read from disk
+        load_adapter(tuned, folder)
         out.append((recipe, evaluate.hard_negatives(tuned, examples, method=ADAPTER_METHODS[recipe],
                                                     timesteps=timesteps, seed=seed)))
     return out
@@ -112,7 +116,7 @@ def run_demo(out_dir: str = "fastitm-demo", timesteps: int = 10, seed: int = 0, 
             where = f" (see its model card, {card})" if card is not None and card.is_file() else ""
             print(f"note: {r.method} is near chance here ({mean:.2f} over all kinds): the embedded model is tiny and "
                   f"was trained for denoising only{where}")
-    tuned = adapter_reports(model_path, examples, timesteps, seed)
+    tuned = adapter_reports(model, model_path, examples, timesteps, seed)
     if tuned:
         print("\nfine-tuned LoRA adapters shipped with the package (fastitm finetune), same images and plan:")
         base = {r.method: r for r in reports}

@@ -78,4 +78,15 @@ def load_adapter(model, folder: str | Path) -> None:
         raise ValueError(f"{folder}: adapter weights {missing[:3]} do not fit this model's UNet")
     model.unet.requires_grad_(False)
     model.unet.eval()
+    merge_adapter(model.unet)
     model.source = f"{model.source} + lora:{folder}"
+
+
+def merge_adapter(unet) -> None:
+    """Fold every LoRA layer's B A into its base weight: scoring then runs the plain projections
+    (a LoRA layer left unmerged costs two extra matmuls per projection on every row)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer) and not module.merged:
+            module.merge()
