@@ -10,7 +10,7 @@ STAMP := $(VENV)/.fastitm-installed
 
 WHEEL_DIR := build/wheel-check
 
-.PHONY: demo test bench clean wheel-check
+.PHONY: demo test bench clean wheel-check gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,3 +41,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build .pytest_cache .benchmarks fastitm/_C*.so fastitm-demo fastitm.egg-info
+
+# GPU windows are short: `make gpu-wheels` (here, with the package registry) puts the pure-Python
+# wheels a CUDA machine lacks into .whl/; `make gpu-check OUT=dir` (there, offline) installs them,
+# builds fastitm with its native extension, runs the GPU tests, the GPU benchmarks and an SD 2.1-base
+# bf16 scoring run in stages with their own time limits, and writes OUT/gpu-report.md and .json.
+# It uses the machine's own python3 when that has torch (the CUDA machine), else .venv (a dry run
+# here: the GPU stages are reported as skipped).
+OUT ?= gpu-report
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_check.py wheels --dest .whl
+
+gpu-check:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then py=$(PYTHON); \
+	else $(MAKE) --no-print-directory $(STAMP) && py=$(PY); fi; \
+	$$py bench/gpu_check.py run --out "$(OUT)" --wheels .whl
