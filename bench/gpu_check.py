@@ -170,7 +170,7 @@ try:
     out["torch"] = torch.__version__
     out["cuda_runtime"] = torch.version.cuda
     out["cuda"] = torch.cuda.is_available()
-    out["device"] = torch.cuda.get_device_name(0) if out["cuda"] else "no CUDA device (" + platform.processor() + ")"
+    out["device"] = torch.cuda.get_device_name(0) if out["cuda"] else "no CUDA device (" + (platform.processor() or platform.machine()) + ")"
     if out["cuda"]:
         p = torch.cuda.get_device_properties(0)
         out["device_memory_gib"] = round(p.total_memory / 2**30, 1)

@@ -5,11 +5,10 @@ These figures decide which levers are on by default on CUDA (:mod:`fastitm.speed
 
 import pytest
 import torch
+from benchutil import context, median_ms
 
 import fastitm
 from fastitm.testing import assert_close
-
-from benchutil import context, median_ms
 
 pytestmark = pytest.mark.gpu
 

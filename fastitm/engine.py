@@ -24,9 +24,9 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -46,8 +46,8 @@ from .families import take_cond
 from .methods import check_rounds, elimination_stages
 from .ops._backend import choose
 from .ops.error_reduce import error_reduce
-from .speed import default_batch_size
 from .result import ScoreResult
+from .speed import default_batch_size
 
 CHECKPOINT_VERSION = 3
 _CHECKPOINT_KEYS = ("version", "fingerprint", "per_t", "uncond", "attn_uncond", "done")
@@ -270,7 +270,7 @@ def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     one stage of every row. With it, one stage per round (:func:`fastitm.methods.elimination_stages`)
     and a last one for the survivors; each is generated after the previous stage's errors are in
     ``state``, and survivors are ranked by the mean over every timestep evaluated so far."""
-    N, M, T = run.pixels.shape[0], len(run.texts), len(run.plan)
+    T = len(run.plan)
     spec = run.spec
     rounds = spec.options.get("elimination")
     alive = run.requested().clone()

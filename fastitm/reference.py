@@ -8,8 +8,9 @@ layer's inputs by a forward pre-hook, so the UNet itself runs untouched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -105,7 +106,7 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
     from tqdm.auto import tqdm
 
     model, plan, spec = run.model, run.plan, run.spec
-    unet, device, dtype = model.unet, model.device, model.dtype
+    unet, device = model.unet, model.device
     N, M, T = run.pixels.shape[0], len(run.texts), len(plan)
     per_t = torch.zeros(N, M, T, dtype=torch.float32)
     empty = encode_conditioning(model, [], empty=True) if spec.needs_uncond else None

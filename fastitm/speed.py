@@ -38,7 +38,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_bf16_support() -> str | None:
     """The CPU's native bfloat16 instructions ("amx_bf16", "avx512_bf16"), or None without them."""
     try:

@@ -3,10 +3,10 @@ the CPU bf16 message; requirements that admit the CUDA machine's packages."""
 
 import copy
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 import fastitm

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +30,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_status() -> str | None:
     """None when Triton is importable, else the reason it is not."""
     try:
@@ -41,7 +41,7 @@ def triton_status() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_status() -> str | None:
     """None when the compiled extension fastitm._C loads and matches, else the reason."""
     try:
