@@ -362,3 +362,22 @@ def test_sdxl_vae_stays_fp32_in_fp16(saved):
 def test_finetune_refuses_other_families(tmp_path):
     with pytest.raises(ValueError, match="SD 1.x/2.x.*SDXL"):
         fastitm.finetune.finetune("hardneg", "synthetic", out=tmp_path / "a", model=model_of("sdxl"), steps=1)
+
+
+def test_folder_with_only_fp16_variant_weights_loads(saved, tmp_path):
+    """Hub downloads of SDXL / SD 3 often hold only ``*.fp16.safetensors``: they load as they are."""
+    import shutil
+
+    path = tmp_path / "m"
+    shutil.copytree(saved["sdxl"], path)
+    model = model_of("sdxl")
+    for name, net in (("unet", model.unet), ("text_encoder_2", model.part("text_encoder_2"))):
+        for f in (path / name).glob("*.safetensors"):
+            f.unlink()
+        net.save_pretrained(path / name, variant="fp16")
+        assert any(".fp16." in f.name for f in (path / name).iterdir())
+    loaded = fastitm.load_model(path)
+    for a, b in zip(loaded.unet.parameters(), model.unet.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(loaded.part("text_encoder_2").parameters(), model.part("text_encoder_2").parameters()):
+        assert torch.equal(a, b)

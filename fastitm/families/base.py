@@ -103,9 +103,10 @@ class Family:
 
         def net(cls, name: str, diffusers_cls: bool):
             if not meta:
+                kw = {"local_files_only": True, "variant": weights_variant(path / name)}
                 if diffusers_cls:
-                    return cls.from_pretrained(path, subfolder=name, torch_dtype=dtype, local_files_only=True)
-                return cls.from_pretrained(path, subfolder=name, dtype=dtype, local_files_only=True)
+                    return cls.from_pretrained(path, subfolder=name, torch_dtype=dtype, **kw)
+                return cls.from_pretrained(path, subfolder=name, dtype=dtype, **kw)
             with torch.device("meta"):
                 if diffusers_cls:
                     return cls.from_config(cls.load_config(path / name))
@@ -212,6 +213,25 @@ class Family:
         index["scheduler"] = ["diffusers", type(model.scheduler).__name__]
         index.update(model.pipeline_config)
         return index
+
+
+def weights_variant(folder: Path) -> str | None:
+    """The weights variant a component folder holds: None for plain ``model.safetensors`` /
+    ``diffusion_pytorch_model.safetensors`` (or .bin), else the variant of the files present, e.g.
+    "fp16" for ``diffusion_pytorch_model.fp16.safetensors`` (hub downloads of SDXL and SD 3 often hold
+    only those)."""
+    names = [f.name for f in folder.iterdir() if f.name.endswith(_WEIGHT_SUFFIXES)]
+    plain = ("model", "diffusion_pytorch_model", "pytorch_model")
+    variants = set()
+    for n in names:
+        stem = n.rsplit(".", 1)[0]
+        stem = stem.split("-0", 1)[0] if "-0" in stem else stem  # shards: name-00001-of-00002
+        base, _, variant = stem.partition(".")
+        if base in plain and not variant:
+            return None
+        if base in plain and variant:
+            variants.add(variant.split(".")[0])
+    return "fp16" if "fp16" in variants else (sorted(variants)[0] if variants else None)
 
 
 def concat_cond(*conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

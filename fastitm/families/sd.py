@@ -60,6 +60,10 @@ class StableDiffusion(Family):
         if unet_cfg.cross_attention_dim != hidden:
             raise ModelError(f"unet.cross_attention_dim={unet_cfg.cross_attention_dim} does not match the text "
                              f"encoder's hidden_size={hidden}")
+        self.check_schedule(model)
+
+    def check_schedule(self, model) -> None:
+        """The latents fit the VAE, and the scheduler is a DDPM-style one with a supported prediction."""
         self.check_latents(model)
         if not hasattr(model.scheduler, "alphas_cumprod"):
             raise ModelError(f"scheduler {type(model.scheduler).__name__} has no alphas_cumprod")

@@ -53,12 +53,7 @@ class StableDiffusionXL(StableDiffusion):
             raise ModelError(f"the UNet's added embedding takes {expected} features but 6 time ids x "
                              f"{cfg.addition_time_embed_dim} + the pooled text's {te2.config.projection_dim} = "
                              f"{passed} (a refiner with aesthetic-score ids is not supported)")
-        self.check_latents(model)
-        if not hasattr(model.scheduler, "alphas_cumprod"):
-            raise ModelError(f"scheduler {type(model.scheduler).__name__} has no alphas_cumprod")
-        pred = model.scheduler.config.prediction_type
-        if pred not in ("epsilon", "v_prediction"):
-            raise ModelError(f"scheduler prediction_type {pred!r} is not supported (epsilon or v_prediction)")
+        self.check_schedule(model)
 
     @torch.no_grad()
     def encode(self, model, texts: list[str]) -> dict[str, torch.Tensor]:
