@@ -1,9 +1,9 @@
 """Loading models from disk: the happy path and every missing piece named."""
 
 import json
-import warnings
 import shutil
 import time
+import warnings
 
 import pytest
 import torch
