@@ -34,16 +34,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Distributions carried as wheels: (name, why). diffusers is absent from the CUDA machine's image;
 # importlib-metadata is diffusers' one requirement it lacks. pytest-benchmark (and py-cpuinfo) run the
-# benchmarks; they are there today, carried so a newer image without them still works. A carried
-# wheel is installed only where its distribution is missing, except diffusers, which is always ours.
+# benchmarks, setuptools and pybind11 build the native extension; they are there today, carried so an
+# image without them, or with versions older than fastitm's build needs (NEEDS), still works. A carried
+# wheel is installed only where its distribution is missing or too old, except diffusers, always ours.
 CARRIED = (
     ("diffusers", "the model classes; not installed on the CUDA image"),
     ("importlib-metadata", "a requirement of diffusers the CUDA image lacks"),
     ("zipp", "a requirement of importlib-metadata"),
     ("pytest-benchmark", "runs the benchmarks"),
     ("py-cpuinfo", "a requirement of pytest-benchmark"),
+    ("setuptools", "builds fastitm (PEP 639 license metadata needs setuptools >= 77)"),
+    ("pybind11", "builds the native extension"),
 )
 ALWAYS_INSTALL = {"diffusers"}
+NEEDS = {"setuptools": ">=77", "pybind11": ">=2.12", "pytest-benchmark": ">=4"}
 
 # Stage time limits (seconds): together within 20 minutes on one H100, install included.
 LIMITS = {"install": 240, "imports": 60, "gpu-tests": 420, "gpu-benchmarks": 300, "sd21-scoring": 180}
@@ -106,15 +110,17 @@ def install_command(wheels_dir: Path, python: str) -> list[list[str]]:
     """The offline install: the carried wheels a machine lacks, then fastitm with its native extension."""
     from importlib.metadata import PackageNotFoundError, distribution
 
+    from packaging.specifiers import SpecifierSet
+
     wanted = []
     for w in sorted(wheels_dir.glob("*.whl")):
         dist = _dist_of(w)
         try:
-            distribution(dist)
-            present = True
+            have = distribution(dist).version
         except PackageNotFoundError:
-            present = False
-        if dist in ALWAYS_INSTALL or not present:
+            have = None
+        too_old = have is not None and dist in NEEDS and not SpecifierSet(NEEDS[dist]).contains(have, prereleases=True)
+        if dist in ALWAYS_INSTALL or have is None or too_old:
             wanted.append(str(w))
     cmds = []
     if wanted:
@@ -380,7 +386,7 @@ def main(argv=None) -> int:
     if args.cmd == "score-run":
         score_run(Path(args.json))
         return 0
-    report = run(Path(args.out), Path(args.wheels), args.python)
+    report = run(Path(args.out).resolve(), Path(args.wheels).resolve(), args.python)
     print(render_markdown(report).split("## Tests")[0])
     print(f"wrote {Path(args.out) / 'gpu-report.md'} and gpu-report.json")
     return 0

@@ -37,14 +37,21 @@ def _fake_wheel(folder: Path, dist: str, version: str) -> Path:
     return w
 
 
-def test_install_takes_diffusers_always_and_others_only_when_missing(tmp_path):
+def test_install_takes_diffusers_always_and_others_when_missing_or_too_old(tmp_path):
     diffusers = _fake_wheel(tmp_path, "diffusers", "0.42.1")
-    present = _fake_wheel(tmp_path, "pytest", "8.0.0")  # installed here: kept as it is
+    present = _fake_wheel(tmp_path, "pytest", "8.0.0")  # installed here: kept unless too old
     missing = _fake_wheel(tmp_path, "surely-not-installed-dist", "1.0")
-    cmds = gpu_check.install_command(tmp_path, "python3")
+    old_enough = _fake_wheel(tmp_path, "setuptools", "99.0")  # installed here is >= 77: kept
+    gpu_check.NEEDS["pytest"] = ">=999"  # as if the installed pytest were too old
+    try:
+        cmds = gpu_check.install_command(tmp_path, "python3")
+    finally:
+        del gpu_check.NEEDS["pytest"]
     first = cmds[0]
     assert "--no-index" in first and "--no-deps" in first
-    assert str(diffusers) in first and str(missing) in first and str(present) not in first
+    assert str(diffusers) in first and str(missing) in first and str(present) in first
+    assert str(old_enough) not in first
+    assert gpu_check.install_command(tmp_path, "python3")[0].count(str(present)) == 0
     assert cmds[-1][-2:] == ["-e", str(ROOT)] and "--no-build-isolation" in cmds[-1] and "--no-index" in cmds[-1]
 
 
