@@ -57,8 +57,8 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
     import torch
 
     from . import load_model, testing
-    from .model import _parse_dtype, check_device
-    from .speed import apply, default_dtype
+    from .model import check_device, resolve_dtype
+    from .speed import apply
 
     check_device(device)
     if method is not None and model_arg not in (None, "tiny") and Path(model_arg).expanduser().is_dir():
@@ -69,7 +69,7 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
         print("model: random-weight tiny model (fastitm.testing.tiny_model): scores carry no meaning",
               file=sys.stderr)
         model = testing.tiny_model(0)
-        want = default_dtype(torch.device(device)) if dtype == "auto" else _parse_dtype(dtype)
+        want = resolve_dtype(dtype, torch.device(device))
         if want != model.dtype or torch.device(device) != model.device:
             model.to(device=device, dtype=want)
         return apply(model, **levers) if levers else model

@@ -248,10 +248,10 @@ def target(model, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torc
     return model.spec.target(model, z, noise, t)
 
 
-def denoise(model, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], denoiser=None) -> torch.Tensor:
+def denoise(model, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
     """The denoiser's prediction for latents ``x`` [n, C, h, w] at timesteps ``t`` [n] with the
     conditioning rows ``cond`` (see :func:`encode_conditioning`)."""
-    return model.spec.forward(model.unet if denoiser is None else denoiser, x, t, cond)
+    return model.spec.forward(model.unet, x, t, cond)
 
 
 def _block_of(name: str) -> str:

@@ -49,7 +49,11 @@ class UNetRunner:
         if use_graph and unet.device.type != "cuda":
             raise ValueError("CUDA graphs need the UNet on a CUDA device")
         self.unet, self.sink, self.bucket, self.use_graph, self.warmup = unet, sink, bucket, use_graph, warmup
-        self.forward = forward if forward is not None else _sd_forward
+        if forward is None:
+            from .families import get
+
+            forward = get("sd").forward
+        self.forward = forward
         self.fallback: str | None = None  # why capture failed, when it did
         self._captured: _Captured | None = None
         self.replays = 0
@@ -107,10 +111,6 @@ class UNetRunner:
         with torch.cuda.graph(graph):
             pred, pooled = self._forward(sx, st, sc)
         return _Captured(graph, sx, st, sc, pred, pooled)
-
-
-def _sd_forward(unet, x, t, cond):
-    return unet(x, t, encoder_hidden_states=cond["hidden"]).sample
 
 
 def _end_failed_capture(device) -> None:

@@ -87,8 +87,7 @@ def stage_chunks(alive: torch.Tensor, ks: list[int], needs_uncond: bool) -> Iter
             continue
         if needs_uncond:
             texts = torch.cat([torch.tensor([-1]), texts])
-        if len(texts):
-            yield image_rows(i, texts, ks_t)
+        yield image_rows(i, texts, ks_t)
 
 
 def pack(chunks: Iterator[torch.Tensor], bs: int) -> Iterator[torch.Tensor]:

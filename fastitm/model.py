@@ -22,6 +22,9 @@ from .families import get as get_family
 
 __all__ = ["Model", "ModelError", "check_device", "embedded_model_path", "load_model"]
 
+# The components every family has, as Model fields; the others live in Model.parts.
+_FIELDS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
 
 @dataclass
 class Model:
@@ -59,7 +62,7 @@ class Model:
 
     def part(self, name: str) -> Any:
         """A component by its folder name ("text_encoder_2", "tokenizer_3", ...), or None."""
-        if name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if name in _FIELDS:
             return getattr(self, name)
         return self.parts.get(name)
 
@@ -146,8 +149,8 @@ def check_architecture(model: Model) -> None:
     expected.update(spec.text_encoder_classes())
     for name, cls in expected.items():
         obj = model.part(name)
-        if obj is None and name == "text_encoder_3" and spec.name == "sd3":
-            continue  # SD 3 without T5
+        if obj is None and name in spec.optional_encoders:
+            continue  # e.g. SD 3 without T5
         if not isinstance(obj, cls):
             what = spec.denoiser if name == "unet" else name
             raise ModelError(f"{what} is a {type(obj).__name__}, expected {cls.__name__}: a {spec.label} model has "
@@ -200,12 +203,10 @@ def load_model(
     or a torch dtype. ``channels_last``, ``fuse_qkv``, ``compile``: the optional speed levers of
     :func:`fastitm.speed.apply` (all off by default).
     """
-    from .speed import apply, check_cpu_dtype, default_dtype
+    from .speed import apply, check_cpu_dtype
 
     device = check_device(device)
-    dtype = default_dtype(device) if dtype is None or dtype == "auto" else dtype
-    if isinstance(dtype, str):
-        dtype = _parse_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     check_cpu_dtype(dtype, device)
     if path is None:
         path = embedded_model_path()
@@ -248,7 +249,7 @@ def _build(path: Path, dtype: torch.dtype, meta: bool) -> Model:
         # optional speed-ups (accelerate); harmless here, and noise in a command's output.
         warnings.simplefilter("ignore")
         comps = spec.load(path, dtype, index, meta=meta)
-    main = {k: comps.pop(k) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    main = {k: comps.pop(k) for k in _FIELDS}
     return Model(**main, source=str(path), family=spec.name, parts=comps, pipeline_config=spec.pipeline_config(index))
 
 
@@ -281,6 +282,15 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None or "auto": the device's default (:func:`fastitm.speed.default_dtype`); a name or a dtype as given."""
+    from .speed import default_dtype
+
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    return _parse_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
 def _parse_dtype(name: str) -> torch.dtype:

@@ -170,7 +170,8 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
         preset=run.preset,
         choices=dict(run.choices),
         family=model.family,
-        stats={"unet_rows": rows, "vae_images": N, "text_encodes": N * M + (1 if spec.needs_uncond else 0)},
+        stats={"unet_rows": rows, "vae_images": N,
+               "text_encodes": int(requested.sum()) + (1 if spec.needs_uncond else 0)},
     )
 
 

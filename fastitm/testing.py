@@ -62,8 +62,8 @@ def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int
     so images are ``2 * sample_size`` pixels), a 2-layer CLIPTextModel and a small CLIP tokenizer.
     ``prediction_type="v_prediction"`` gives an SD 2.x-768-style v-prediction model.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
     g = torch.random.fork_rng(devices=[])
@@ -81,30 +81,8 @@ def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int
             attention_head_dim=(2, 4),
             norm_num_groups=16,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=16,
-            sample_size=2 * sample_size,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=cross_attention_dim,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        vae = _tiny_vae(4, sample_size)
+        text_encoder = _tiny_clip(CLIPTextModel, tokenizer, cross_attention_dim, intermediate=64)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type=prediction_type,
@@ -121,11 +99,13 @@ def _tiny_vae(latent_channels: int, sample_size: int, **kw):
                          sample_size=2 * sample_size, **kw)
 
 
-def _tiny_clip(cls, tokenizer, hidden: int, layers: int = 2, projection_dim: int | None = None):
+def _tiny_clip(cls, tokenizer, hidden: int, layers: int = 2, projection_dim: int | None = None,
+               intermediate: int | None = None):
     from transformers import CLIPTextConfig
 
     extra = {} if projection_dim is None else {"projection_dim": projection_dim}
-    return cls(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    return cls(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                              intermediate_size=2 * hidden if intermediate is None else intermediate,
                               num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **extra))

@@ -37,11 +37,15 @@ class Family:
     text_parts: tuple[tuple[str, str], ...] = ()
     methods: tuple[str, ...] = ()
     flow = False  # flow matching (x_t = (1 - sigma) z + sigma eps) rather than DDPM noising
+    # text encoders the pipeline can do without (a folder may lack them; the family encodes without)
+    optional_encoders: tuple[str, ...] = ()
 
     # -- components -----------------------------------------------------------------------------
     def folder_text_parts(self, path: Path) -> tuple[tuple[str, str], ...]:
-        """The text encoder/tokenizer pairs a folder must hold (a family may make one optional)."""
-        return self.text_parts
+        """The text encoder/tokenizer pairs a folder must hold: every pair, less the optional
+        encoders the folder does not have."""
+        return tuple((enc, tok) for enc, tok in self.text_parts
+                     if enc not in self.optional_encoders or (path / enc).is_dir())
 
     def components(self, path: Path) -> tuple[str, ...]:
         names = [self.denoiser, "vae"]

@@ -20,7 +20,6 @@ attend jointly), and the published method is defined on UNet cross-attention.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ class StableDiffusion3(Family):
     text_parts = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
     methods = ("diffusion_itm", "diffusion_classifier")
     flow = True
+    optional_encoders = ("text_encoder_3",)  # without T5 the pipeline uses zeros in its place
 
     def denoiser_class(self):
         from diffusers import SD3Transformer2DModel
@@ -60,10 +60,6 @@ class StableDiffusion3(Family):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return FlowMatchEulerDiscreteScheduler
-
-    def folder_text_parts(self, path: Path) -> tuple[tuple[str, str], ...]:
-        # The T5 encoder is optional in SD 3 (the pipeline then uses zeros in its place).
-        return self.text_parts if (path / "text_encoder_3").is_dir() else self.text_parts[:2]
 
     def unsupported_reason(self, method: str) -> str:
         if method == "discffusion":
