@@ -59,7 +59,7 @@ def test_native(shape, dtype, pool, masked):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pool", ["logits", "probs"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_triton_interpreter(triton_interpret, shape, dtype, pool, masked):

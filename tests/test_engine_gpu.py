@@ -1,4 +1,4 @@
-"""The engine on a CUDA GPU: CUDA graphs against eager, and fp16/bf16 against an fp32 truth.
+"""The engine on a CUDA GPU: CUDA graphs against eager, for every method and family.
 
 All tests here are marked ``gpu`` (skipped on machines without CUDA)."""
 
@@ -37,26 +37,6 @@ def test_cuda_graphs_match_eager(tiny_cuda, monkeypatch, method, opts):
     assert_close(graphed.matrix[fin], eager.matrix[fin], rtol=1e-5, atol=2e-5)
     ref = fastitm.reference.score(imgs, TEXTS, model=tiny_cuda, method=method, plan=graphed.plan, **opts)
     assert_close(graphed.matrix[fin], ref.matrix[fin], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method,opts", CONFIGS[:3])
-def test_low_precision_rankings(method, opts, dtype):
-    model32 = fastitm.testing.tiny_model(seed=0).to(device="cuda")
-    model_lp = fastitm.testing.tiny_model(seed=0).to(device="cuda", dtype=dtype)
-    imgs = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    truth = fastitm.reference.score(imgs, TEXTS, model=model32, method=method, timesteps=4, seed=0, **opts)
-    fast = fastitm.score(imgs, TEXTS, model=model_lp, method=method, plan=truth.plan, **opts)
-    eager = fastitm.reference.score(imgs, TEXTS, model=model_lp, method=method, plan=truth.plan, **opts)
-    # The engine in this dtype is no further from the fp32 truth than PyTorch's own eager path in it.
-    err_fast = (fast.matrix - truth.matrix).abs().max().item()
-    err_torch = (eager.matrix - truth.matrix).abs().max().item()
-    assert err_fast <= 2 * err_torch + 1e-6, (err_fast, err_torch)
-    # Rankings agree wherever the truth separates two texts by more than that error.
-    tol = 2 * max(err_fast, err_torch)
-    gaps = (truth.matrix[:, :, None] - truth.matrix[:, None, :]).abs()
-    same = (fast.matrix[:, :, None] > fast.matrix[:, None, :]) == (truth.matrix[:, :, None] > truth.matrix[:, None, :])
-    assert same[gaps > tol].all()
 
 
 @pytest.mark.parametrize("family,method", [("sdxl", "diffusion_itm"), ("sdxl", "discffusion"),

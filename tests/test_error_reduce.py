@@ -36,7 +36,7 @@ def by_hand(pred, target, ri, rj, rk, N, M, T, err, normalize):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("err", ["l2", "mse"])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("NMT", [(3, 5, 4), (1, 1, 1), (2, 7, 3)])
 def test_against_hand_loop(triton_interpret, backend, err, normalize, dtype, NMT):
     N, M, T = NMT

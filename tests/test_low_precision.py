@@ -1,0 +1,47 @@
+"""The engine in fp16/bf16 against the fp32 reference: on the CPU through the Triton interpreter (the
+fused kernels' low-precision paths, bf16 products widened as tensor cores do: see the root conftest)
+and on a CUDA GPU (gpu-marked)."""
+
+import pytest
+import torch
+
+import fastitm
+
+TEXTS = ["a red circle", "a blue square left of a dog", "a cat", "green", "a yellow triangle above a circle"]
+CONFIGS = [("diffusion_itm", {}), ("diffusion_classifier", {}), ("discffusion", {"denoise": True})]
+
+
+def check_low_precision_rankings(method, opts, dtype, device, backend="auto", n_images=4, n_texts=5, timesteps=4):
+    """The engine in ``dtype`` is no further from the fp32 truth than PyTorch's own eager path in that
+    dtype, and ranks texts the same wherever the truth separates them by more than that error."""
+    model32 = fastitm.testing.tiny_model(seed=0).to(device=device)
+    model_lp = fastitm.testing.tiny_model(seed=0).to(device=device, dtype=dtype)
+    imgs = torch.rand(n_images, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    texts = TEXTS[:n_texts]
+    truth = fastitm.reference.score(imgs, texts, model=model32, method=method, timesteps=timesteps, seed=0, **opts)
+    fast = fastitm.score(imgs, texts, model=model_lp, method=method, plan=truth.plan, backend=backend, **opts)
+    eager = fastitm.reference.score(imgs, texts, model=model_lp, method=method, plan=truth.plan, **opts)
+    err_fast = (fast.matrix - truth.matrix).abs().max().item()
+    err_torch = (eager.matrix - truth.matrix).abs().max().item()
+    assert err_fast <= 2 * err_torch + 1e-6, (err_fast, err_torch)
+    tol = 2 * max(err_fast, err_torch)
+    gaps = (truth.matrix[:, :, None] - truth.matrix[:, None, :]).abs()
+    same = (fast.matrix[:, :, None] > fast.matrix[:, None, :]) == (truth.matrix[:, :, None] > truth.matrix[:, None, :])
+    assert same[gaps > tol].all()
+    return fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method,opts", [CONFIGS[0], CONFIGS[2]])  # both kernels (classifier: error_reduce only)
+def test_triton_interpreter(triton_interpret, method, opts, dtype):
+    # Fewer rows than on the GPU: the interpreter runs the fused attention per row in Python.
+    res = check_low_precision_rankings(method, opts, dtype, "cpu", backend="triton", n_images=2, n_texts=3,
+                                       timesteps=2)
+    assert res.backend == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method,opts", CONFIGS)
+def test_gpu(method, opts, dtype):
+    check_low_precision_rankings(method, opts, dtype, "cuda")
