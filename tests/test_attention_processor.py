@@ -65,3 +65,28 @@ def test_sdxl_width_cross_attention(triton_interpret, backend):
         fused = attn(hidden, encoder_hidden_states=context)
     assert_close(fused, stock, rtol=1e-5, atol=1e-5, name="output")
     assert_close(sink.row_scores(), want, rtol=1e-5, atol=1e-5, name="pooled")
+
+
+@pytest.mark.gpu
+def test_masked_processors_capture_in_a_cuda_graph():
+    """A key mask is checked eagerly (a host read) but not while a CUDA graph is being captured, so
+    processors with one are captured like the others and replay the eager numbers."""
+    from fastitm.attention import LSEPoolingAttnProcessor, PooledScores
+    from fastitm.common import cross_attention_layers
+    from fastitm.cuda_graphs import UNetRunner
+
+    tiny = fastitm.testing.tiny_model(seed=0).to(device="cuda")
+    x, t, emb = (a.cuda() for a in unet_inputs(tiny))
+    mask = torch.ones(3, 77, dtype=torch.bool, device="cuda")
+    mask[:, 20:] = False
+    sink = PooledScores()
+    for name, m in cross_attention_layers(tiny.unet, "all"):
+        m.set_processor(LSEPoolingAttnProcessor(name, sink, "probs", 1.5, "triton", key_mask=mask))
+    with torch.no_grad():
+        eager = UNetRunner(tiny.unet, sink, bucket=3, use_graph=False)(x, t, emb)
+        eager = tuple(a.clone() for a in eager)
+        runner = UNetRunner(tiny.unet, sink, bucket=3, use_graph=True)
+        graphed = runner(x, t, emb)
+    assert runner.fallback is None and runner.replays == 1
+    assert_close(graphed[0], eager[0], rtol=1e-5, atol=1e-5, name="pred")
+    assert_close(graphed[1], eager[1], rtol=1e-5, atol=1e-5, name="pooled")
