@@ -93,7 +93,13 @@ def cuda_batch_size(model, fraction: float = CUDA_MEMORY_FRACTION, cap: int = CU
     model.spec.forward(model.unet, x, t, cond)
     torch.cuda.synchronize(device)
     per_row = max(1, (torch.cuda.max_memory_allocated(device) - base) // 2)
-    rows = int(fraction * free // per_row)
+    return largest_fitting_batch(free, per_row, fraction, cap)
+
+
+def largest_fitting_batch(free_bytes: int, per_row_bytes: int, fraction: float, cap: int) -> int:
+    """The largest power of two, at least 1 and at most ``cap``, whose rows of ``per_row_bytes`` fit
+    ``fraction`` of ``free_bytes``."""
+    rows = int(fraction * free_bytes // max(1, per_row_bytes))
     bs = 1
     while bs * 2 <= min(rows, cap):
         bs *= 2

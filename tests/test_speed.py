@@ -64,6 +64,38 @@ def test_cpu_batch_size_by_latent_size(tiny):
     assert res.stats["batch_size"] == 32
 
 
+@pytest.mark.parametrize("free_mib,per_row_mib,want", [(10_000, 30, 128), (10_000, 100, 32), (1_000, 300, 1),
+                                                      (1_000, 200, 2), (1_000, 125, 4)])
+def test_cuda_batch_size_fits_half_the_free_memory(free_mib, per_row_mib, want):
+    MiB = 2**20
+    got = speed.largest_fitting_batch(free_mib * MiB, per_row_mib * MiB, speed.CUDA_MEMORY_FRACTION,
+                                      speed.CUDA_MAX_BATCH)
+    assert got == want
+    fits = [bs for bs in (2**i for i in range(8)) if bs * per_row_mib <= free_mib / 2]  # by enumeration
+    assert got == max(fits, default=1)
+
+
+@pytest.mark.gpu
+def test_cuda_batch_size_probe_on_the_gpu():
+    """The probe on a real device: a power of two at most the cap, cached per model, and a denoiser call
+    of that many rows adds no more than the budgeted fraction of the memory that was free."""
+    model = fastitm.testing.tiny_model(seed=0).to(device="cuda")
+    torch.cuda.synchronize()
+    free, _ = torch.cuda.mem_get_info()
+    bs = speed.default_batch_size(model)
+    assert bs & (bs - 1) == 0 and 1 <= bs <= speed.CUDA_MAX_BATCH
+    assert model._fastitm_batch_size == bs
+    cond = {k: v.expand(bs, *v.shape[1:]) for k, v in model.spec.encode_empty(model).items()}
+    x = torch.zeros(bs, *model.latent_shape, device="cuda")
+    t = torch.full((bs,), 500, device="cuda")
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        model.spec.forward(model.unet, x, t, cond)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= speed.CUDA_MEMORY_FRACTION * free
+
+
 def test_cpu_bf16_says_what_the_cpu_lacks(tiny_dir, monkeypatch):
     monkeypatch.setattr(speed, "cpu_bf16_support", lambda: None)
     with pytest.warns(RuntimeWarning, match="AVX512-BF16 or AMX"):
