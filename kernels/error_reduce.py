@@ -82,12 +82,19 @@ def error_reduce_fwd(pred, target, row_target, row_image, row_text, row_timestep
     num_warps = 4
     block_f = min(block_f, max(16, triton.next_power_of_2(F)))
     if _tuning.enabled(pred.device):
-        # Candidates run on scratch copies of the score buffers: the kernel writes them in place.
+        # Candidates run on scratch copies of the score buffers (the kernel writes them in place, and
+        # scores accumulate), made only when a shape is timed, not on every call.
         key = ("error_reduce", triton.next_power_of_2(F), pred.dtype, bool(mse))
         configs = [(bf, nw) for bf in (256, 512, 1024, 2048) for nw in (2, 4, 8) if bf <= max(256, 2 * F)]
-        scratch = [None if b is None else b.clone() for b in (uncond, per_t, scores)]
-        block_f, num_warps = _tuning.pick(key, configs, lambda c: _launch(
-            pred, target, row_target, row_image, row_text, row_timestep, *scratch, mse, normalize, M, c[0], c[1]))
+        scratch: list = []
+
+        def candidate(c):
+            if not scratch:
+                scratch.extend(None if b is None else b.clone() for b in (uncond, per_t, scores))
+            return _launch(pred, target, row_target, row_image, row_text, row_timestep, *scratch, mse, normalize, M,
+                           c[0], c[1])
+
+        block_f, num_warps = _tuning.pick(key, configs, candidate)
     return _launch(pred, target, row_target, row_image, row_text, row_timestep, uncond, per_t, scores, mse,
                    normalize, M, block_f, num_warps)
 
