@@ -5,8 +5,8 @@ the caller's outputs (the error reduction accumulates scores in place)."""
 
 import pytest
 import torch
-from fastitm.kernels import _tuning
 
+from fastitm.kernels import _tuning
 from fastitm.ops import cross_attention_lse, cross_attention_lse_ref, error_reduce, error_reduce_ref
 from fastitm.testing import assert_close
 
