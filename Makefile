@@ -45,7 +45,8 @@ clean:
 # GPU windows are short: `make gpu-wheels` (here, with the package registry) puts the pure-Python
 # wheels a CUDA machine lacks into .whl/; `make gpu-check OUT=dir` (there, offline) installs them,
 # builds fastitm with its native extension, runs the GPU tests, the GPU benchmarks and an SD 2.1-base
-# bf16 scoring run in stages with their own time limits, and writes OUT/gpu-report.md and .json.
+# bf16 scoring run in stages with their own time limits, and writes OUT/gpu-report.md, .json and
+# gpu-logs.tar.gz.
 # It uses the machine's own python3 when that has torch (the CUDA machine), else .venv (a dry run
 # here: the GPU stages are reported as skipped).
 OUT ?= gpu-report

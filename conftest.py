@@ -1,5 +1,7 @@
-"""Shared by tests/ and bench/: the Triton mode and the skipping of GPU-only tests."""
+"""Shared by tests/ and bench/: the Triton mode, the skipping of GPU-only tests, and (with
+``FASTITM_TEST_LOG``) a line per test outcome written as it happens."""
 
+import json
 import os
 
 import torch
@@ -59,3 +61,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# With FASTITM_TEST_LOG=path, each test's start and outcome are appended to that JSON-lines file as
+# they happen (the GPU check reads it): a run killed at its time limit keeps every outcome it reached,
+# and names the test it was in, where a JUnit file is only written at the end.
+def _log(record):
+    path = os.environ.get("FASTITM_TEST_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _log({"id": nodeid, "event": "start"})
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        message = ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            message = str(report.longrepr[2])
+        elif report.failed:
+            crash = getattr(report.longrepr, "reprcrash", None)  # "ExceptionType: message"
+            message = crash.message if crash is not None else (report.longreprtext.strip().splitlines() or [""])[-1]
+        _log({"id": report.nodeid, "event": report.when, "outcome": report.outcome,
+              "seconds": round(report.duration, 3), "message": message[:300]})

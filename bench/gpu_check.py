@@ -10,8 +10,11 @@ Two subcommands, each run through ``make``:
   one failure or hang does not stop the rest: the offline install (``pip install --no-index`` from
   ``.whl/``, then fastitm built with its native extension), an import check, ``pytest -m gpu tests``,
   the GPU benchmarks, and a scoring run of the SD 2.1-base architecture (random weights) in bf16 with
-  and without CUDA graphs. It writes ``gpu-report.json`` and ``gpu-report.md`` to ``OUT``: the device,
-  the versions, every stage's outcome, every test's outcome, every figure with its conditions.
+  and without CUDA graphs. It writes three files to ``OUT``: ``gpu-report.json`` and ``gpu-report.md``
+  (the device, the versions, every stage's outcome, every test's outcome, every figure with its
+  conditions) and ``gpu-logs.tar.gz`` (each stage's log and raw results). Tests and figures are
+  logged as they finish, so a stage stopped at its time limit keeps what it reached and names the
+  test it was in.
 
 On a machine without CUDA the GPU stages are reported as skipped; the install, the stage runner and
 the report writer still run, which is how CI checks this file.
@@ -25,6 +28,8 @@ import os
 import platform
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
@@ -73,6 +78,7 @@ class Report:
     tests: list = field(default_factory=list)
     figures: list = field(default_factory=list)
     total_seconds: float = 0.0
+    work: str = ""  # where the logs are (also in gpu-logs.tar.gz)
 
 
 # -- wheels ------------------------------------------------------------------------------------------
@@ -222,6 +228,44 @@ def junit_outcomes(path: Path, source: str) -> list[dict]:
     return out
 
 
+def test_log_outcomes(path: Path, source: str) -> list[dict]:
+    """Every test of a ``FASTITM_TEST_LOG`` file (see the root conftest): id, outcome, seconds,
+    message; a test that started and has no outcome was cut off by the stage's time limit."""
+    if not path.is_file():
+        return []
+    tests: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by the kill
+            continue
+        t = tests.setdefault(rec["id"], {"source": source, "id": rec["id"], "outcome": "unfinished", "seconds": 0.0,
+                                         "message": "stopped at the stage's time limit"})
+        if rec["event"] == "start":
+            continue
+        outcome = rec["outcome"]
+        if rec["event"] != "call" and outcome == "failed":
+            outcome = "error"  # a fixture's setup or teardown failed
+        if t["outcome"] in ("unfinished", "passed"):
+            t.update(outcome=outcome, message=rec.get("message", ""))
+        t["seconds"] = round(t["seconds"] + rec.get("seconds", 0.0), 3)
+    return list(tests.values())
+
+
+def figure_log(path: Path) -> list[dict]:
+    """The figures the benchmarks appended to ``FASTITM_FIGURES_LOG`` (bench/conftest.py)."""
+    if not path.is_file():
+        return []
+    figures = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        figures.append({"source": "gpu-benchmarks", "name": rec["name"], "median_ms": None, "figures": rec["figures"]})
+    return figures
+
+
 def benchmark_figures(path: Path) -> list[dict]:
     """The side-by-side figures the GPU benchmarks stored in pytest-benchmark's extra_info, with
     each benchmark's median time."""
@@ -237,10 +281,15 @@ def benchmark_figures(path: Path) -> list[dict]:
     return figures
 
 
-def run(out: Path, wheels: Path, python: str, limits: dict | None = None, only: set | None = None) -> Report:
-    """All stages in order; returns the report (also written to out)."""
+def run(out: Path, wheels: Path, python: str, limits: dict | None = None, only: set | None = None,
+        work: Path | None = None) -> Report:
+    """All stages in order; returns the report, written to ``out`` as gpu-report.md/json and
+    gpu-logs.tar.gz (the stages' logs and raw results, kept in ``work``: a fresh temporary folder by
+    default, so that ``out`` holds just those three files)."""
     limits = {**LIMITS, **(limits or {})}
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fastitm-gpu-check-")) if work is None else work
+    work.mkdir(parents=True, exist_ok=True)
     report = Report(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     t0 = time.monotonic()
     stages = {name: Stage(name, limit_s=limits[name]) for name in LIMITS}
@@ -252,37 +301,42 @@ def run(out: Path, wheels: Path, python: str, limits: dict | None = None, only: 
         if not wheels.is_dir() or not any(wheels.glob("*.whl")):
             skip(stages["install"], f"no wheels in {wheels}: run `make gpu-wheels` where the registry is reachable")
         else:
-            run_stage(stages["install"], install_command(wheels, python), out)
+            run_stage(stages["install"], install_command(wheels, python), work)
     versions = probe(python)
     report.versions = versions
     report.device = versions.get("device", "unknown")
     report.cuda = bool(versions.get("cuda"))
     if wanted("imports"):
         run_stage(stages["imports"], [[python, "-c", "import fastitm, diffusers, transformers, fastitm.cli; "
-                                       "fastitm.testing.tiny_model(0); print('ok')"]], out)
+                                       "fastitm.testing.tiny_model(0); print('ok')"]], work)
     no_cuda = "no CUDA device on this machine"
-    env = {"PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0"}
+    env = {"PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0", "FASTITM_FIGURES_LOG": str(work / "figures.jsonl")}
     for name, cmd in (
         ("gpu-tests", [python, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p", "no:cacheprovider",
-                       f"--junitxml={out / 'gpu-tests.xml'}"]),
+                       f"--junitxml={work / 'gpu-tests.xml'}"]),
         ("gpu-benchmarks", [python, "-m", "pytest", "-m", "gpu", "bench", "-q", "-s", "-p", "no:cacheprovider",
-                            f"--junitxml={out / 'gpu-benchmarks.xml'}", f"--benchmark-json={out / 'bench.json'}"]),
-        ("sd21-scoring", [python, str(Path(__file__).resolve()), "score-run", "--json", str(out / "sd21.json")]),
+                            f"--junitxml={work / 'gpu-benchmarks.xml'}", f"--benchmark-json={work / 'bench.json'}"]),
+        ("sd21-scoring", [python, str(Path(__file__).resolve()), "score-run", "--json", str(work / "sd21.json")]),
     ):
         if not wanted(name):
             continue
         if not report.cuda:
             skip(stages[name], no_cuda)
         else:
-            run_stage(stages[name], [cmd], out, env)
+            run_stage(stages[name], [cmd], work, {**env, "FASTITM_TEST_LOG": str(work / f"{name}.jsonl")})
     report.stages = [asdict(s) for s in stages.values()]
-    report.tests = junit_outcomes(out / "gpu-tests.xml", "gpu-tests") + junit_outcomes(out / "gpu-benchmarks.xml",
-                                                                                         "gpu-benchmarks")
-    report.figures = benchmark_figures(out / "bench.json")
-    if (out / "sd21.json").is_file():
-        report.figures += json.loads((out / "sd21.json").read_text())
+    for name in ("gpu-tests", "gpu-benchmarks"):
+        # The incremental log when there is one (it survives a timeout), else pytest's JUnit file.
+        report.tests += (test_log_outcomes(work / f"{name}.jsonl", name)
+                         or junit_outcomes(work / f"{name}.xml", name))
+    report.figures = benchmark_figures(work / "bench.json") or figure_log(work / "figures.jsonl")
+    if (work / "sd21.json").is_file():
+        report.figures += json.loads((work / "sd21.json").read_text())
     report.total_seconds = round(time.monotonic() - t0, 1)
+    report.work = str(work)
     write_report(report, out)
+    with tarfile.open(out / "gpu-logs.tar.gz", "w:gz") as tar:
+        tar.add(work, arcname="gpu-logs")
     return report
 
 
@@ -297,7 +351,8 @@ def write_report(report: Report, out: Path) -> tuple[Path, Path]:
 
 
 def render_markdown(r: Report) -> str:
-    lines = [f"# fastitm GPU check, {r.started}", "", f"Device: {r.device}  ", f"Total: {r.total_seconds} s", "",
+    lines = [f"# fastitm GPU check, {r.started}", "", f"Device: {r.device}  ", f"Total: {r.total_seconds} s  ",
+             f"Logs: each stage's log and raw results in gpu-logs.tar.gz (written in {r.work or 'the work folder'})", "",
              "## Versions", "", "| package | version |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r.versions.items()]
     lines += ["", "## Stages", "", "| stage | status | seconds | limit (s) | detail | log |", "|---|---|---|---|---|---|"]
@@ -388,7 +443,7 @@ def main(argv=None) -> int:
         return 0
     report = run(Path(args.out).resolve(), Path(args.wheels).resolve(), args.python)
     print(render_markdown(report).split("## Tests")[0])
-    print(f"wrote {Path(args.out) / 'gpu-report.md'} and gpu-report.json")
+    print(f"wrote {Path(args.out) / 'gpu-report.md'}, gpu-report.json and gpu-logs.tar.gz (logs in {report.work})")
     return 0
 
 

@@ -94,3 +94,46 @@ def test_dry_run_writes_the_report_with_gpu_stages_skipped(tmp_path):
     assert data["versions"]["diffusers"] != "" and "not importable" not in data["versions"]["fastitm"]
     md = (out / "gpu-report.md").read_text()
     assert "| gpu-tests | skipped |" in md and "| imports | passed |" in md and torch.__version__ in md
+    # OUT holds three files (what a machine hands back may be limited in number); the logs are packed
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-logs.tar.gz", "gpu-report.json", "gpu-report.md"]
+    import tarfile
+
+    with tarfile.open(out / "gpu-logs.tar.gz") as tar:
+        log = tar.extractfile("gpu-logs/imports.log").read().decode()
+    assert "ok" in log and data["work"] in md
+
+
+def test_outcomes_survive_a_stage_killed_at_its_limit(tmp_path):
+    """The root conftest logs each test as it ends; a run killed mid-test keeps every earlier outcome
+    and names the test it was in, where the JUnit file is never written."""
+    (tmp_path / "test_x.py").write_text(
+        "import time, pytest\n"
+        "@pytest.fixture\n"
+        "def broken(): raise RuntimeError('no device')\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2\n"
+        "@pytest.mark.skip(reason='no CUDA')\n"
+        "def test_skip(): pass\n"
+        "def test_fixture(broken): pass\n"
+        "def test_hang(): time.sleep(60)\n"
+        "def test_never(): pass\n")
+    stage = gpu_check.Stage("gpu-tests", limit_s=8)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+           str(tmp_path / "test_x.py"), f"--junitxml={tmp_path / 'r.xml'}"]
+    env = {"FASTITM_TEST_LOG": str(tmp_path / "log.jsonl"), "PYTHONPATH": str(ROOT)}
+    gpu_check.run_stage(stage, [cmd], tmp_path, env)
+    assert stage.status == "timeout" and not (tmp_path / "r.xml").exists()
+    got = {t["id"].split("::")[-1]: t for t in gpu_check.test_log_outcomes(tmp_path / "log.jsonl", "gpu-tests")}
+    assert {k: v["outcome"] for k, v in got.items()} == {
+        "test_ok": "passed", "test_bad": "failed", "test_skip": "skipped", "test_fixture": "error",
+        "test_hang": "unfinished"}
+    assert "no CUDA" in got["test_skip"]["message"] and "no device" in got["test_fixture"]["message"]
+    assert "assert 1 == 2" in got["test_bad"]["message"]
+    assert "time limit" in got["test_hang"]["message"]
+
+
+def test_figures_logged_as_each_benchmark_ends(tmp_path):
+    log = tmp_path / "figures.jsonl"
+    log.write_text(json.dumps({"name": "bench/x.py::test_y", "figures": {"speedup": 2.1}}) + "\n" + '{"name": "cut')
+    assert gpu_check.figure_log(log) == [{"source": "gpu-benchmarks", "name": "bench/x.py::test_y",
+                                          "median_ms": None, "figures": {"speedup": 2.1}}]
