@@ -49,6 +49,8 @@ clean:
 # gpu-logs.tar.gz.
 # It uses the machine's own python3 when that has torch (the CUDA machine), else .venv (a dry run
 # here: the GPU stages are reported as skipped).
+# STAGES=install,imports,gpu-tests runs only those; LIMITS="gpu-tests=300 sd21-scoring=120" overrides
+# stage time limits (a machine whose commands may run 10 minutes takes the check in two calls).
 OUT ?= gpu-report
 gpu-wheels: $(STAMP)
 	$(PY) bench/gpu_check.py wheels --dest .whl
@@ -56,4 +58,5 @@ gpu-wheels: $(STAMP)
 gpu-check:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then py=$(PYTHON); \
 	else $(MAKE) --no-print-directory $(STAMP) && py=$(PY); fi; \
-	$$py bench/gpu_check.py run --out "$(OUT)" --wheels .whl
+	$$py bench/gpu_check.py run --out "$(OUT)" --wheels .whl $(if $(STAGES),--only "$(STAGES)") \
+	  $(foreach l,$(LIMITS),--limit $(l))

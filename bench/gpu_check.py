@@ -431,6 +431,10 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--wheels", default=str(ROOT / ".whl"))
     r.add_argument("--python", default=sys.executable)
+    r.add_argument("--only", default="", help=f"comma-separated stages to run (default all: {','.join(LIMITS)}); "
+                   "e.g. split over two sessions of a machine whose commands may run 10 minutes")
+    r.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
+                   help="override a stage's time limit (repeatable)")
     s = sub.add_parser("score-run", help="the SD 2.1-base bf16 scoring stage (CUDA)")
     s.add_argument("--json", required=True)
     args = p.parse_args(argv)
@@ -441,7 +445,16 @@ def main(argv=None) -> int:
     if args.cmd == "score-run":
         score_run(Path(args.json))
         return 0
-    report = run(Path(args.out).resolve(), Path(args.wheels).resolve(), args.python)
+    only = {x.strip() for x in args.only.split(",") if x.strip()} or None
+    limits = {}
+    for item in args.limit:
+        name, _, secs = item.partition("=")
+        if name not in LIMITS or not secs.strip().isdigit():
+            p.error(f"--limit {item!r}: expected STAGE=SECONDS with STAGE one of {', '.join(LIMITS)}")
+        limits[name] = int(secs)
+    if only and only - set(LIMITS):
+        p.error(f"--only: unknown stage(s) {', '.join(sorted(only - set(LIMITS)))}; stages: {', '.join(LIMITS)}")
+    report = run(Path(args.out).resolve(), Path(args.wheels).resolve(), args.python, limits, only)
     print(render_markdown(report).split("## Tests")[0])
     print(f"wrote {Path(args.out) / 'gpu-report.md'}, gpu-report.json and gpu-logs.tar.gz (logs in {report.work})")
     return 0

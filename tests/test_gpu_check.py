@@ -137,3 +137,17 @@ def test_figures_logged_as_each_benchmark_ends(tmp_path):
     log.write_text(json.dumps({"name": "bench/x.py::test_y", "figures": {"speedup": 2.1}}) + "\n" + '{"name": "cut')
     assert gpu_check.figure_log(log) == [{"source": "gpu-benchmarks", "name": "bench/x.py::test_y",
                                           "median_ms": None, "figures": {"speedup": 2.1}}]
+
+
+def test_chosen_stages_and_limits_from_the_command_line(tmp_path):
+    """A machine whose commands may run 10 minutes takes the check in two calls: --only picks stages,
+    --limit overrides a stage's limit; the other stages are reported as not run."""
+    out = tmp_path / "out"
+    assert gpu_check.main(["run", "--out", str(out), "--wheels", str(tmp_path), "--only", "imports",
+                           "--limit", "imports=50"]) == 0
+    stages = {s["name"]: s for s in json.loads((out / "gpu-report.json").read_text())["stages"]}
+    assert stages["imports"]["status"] == "passed" and stages["imports"]["limit_s"] == 50
+    assert {stages[n]["status"] for n in ("install", "gpu-tests", "gpu-benchmarks", "sd21-scoring")} == {"not run"}
+    for bad in (["--only", "imports,nope"], ["--limit", "imports=soon"], ["--limit", "nope=5"]):
+        with pytest.raises(SystemExit):
+            gpu_check.main(["run", "--out", str(out), *bad])
