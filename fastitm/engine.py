@@ -415,6 +415,8 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
                         tgt, row_target = flat_noise, k
                     else:
                         tgt, row_target = target(model, zi, nk, t).flatten(1), torch.arange(len(r), device=device)
+                    if pred.dtype != tgt.dtype:  # under a caller's torch.autocast: compare in the target's dtype
+                        pred = pred.to(tgt.dtype)
                     error_reduce(pred.flatten(1), tgt, row_target, i, j, k, state.uncond, per_t=state.per_t,
                                  err=spec.err, normalize=spec.needs_uncond, backend=backend)
                 if pooled is not None:

@@ -1,6 +1,6 @@
 """The engine in fp16/bf16 against the fp32 reference: on the CPU through the Triton interpreter (the
 fused kernels' low-precision paths, bf16 products widened as tensor cores do: see the root conftest)
-and on a CUDA GPU (gpu-marked)."""
+and on a CUDA GPU (gpu-marked); and scoring inside a caller's ``torch.autocast``."""
 
 import pytest
 import torch
@@ -45,3 +45,19 @@ def test_triton_interpreter(triton_interpret, method, opts, dtype):
 @pytest.mark.parametrize("method,opts", CONFIGS)
 def test_gpu(method, opts, dtype):
     check_low_precision_rankings(method, opts, dtype, "cuda")
+
+
+@pytest.mark.parametrize("method,opts", CONFIGS)
+def test_under_a_callers_autocast(method, opts):
+    """Scoring inside ``torch.autocast`` (the denoiser then predicts in bf16 while the plan's noise stays
+    fp32): the engine compares them in fp32 and lands as close to the fp32 truth as PyTorch's own
+    reference path under the same autocast."""
+    model = fastitm.testing.tiny_model(seed=0)
+    imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    truth = fastitm.reference.score(imgs, TEXTS, model=model, method=method, timesteps=2, seed=0, **opts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = fastitm.score(imgs, TEXTS, model=model, method=method, plan=truth.plan, **opts)
+        eager = fastitm.reference.score(imgs, TEXTS, model=model, method=method, plan=truth.plan, **opts)
+    err_fast = (fast.matrix - truth.matrix).abs().max().item()
+    err_torch = (eager.matrix - truth.matrix).abs().max().item()
+    assert 0 < err_fast <= 2 * err_torch + 1e-6, (err_fast, err_torch)
