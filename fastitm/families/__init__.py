@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Family, ModelError, concat_cond, take_cond
-from .sd import StableDiffusion, read_json
+from .base import Family, ModelError, concat_cond, read_json, take_cond
+from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 

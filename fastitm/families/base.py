@@ -89,12 +89,7 @@ class Family:
         if missing:
             raise ModelError(f"{path} is not a complete diffusers {self.label} folder "
                              f"({self.pipelines[0]} layout); missing: " + ", ".join(missing))
-        import json
-
-        try:
-            cls = json.loads((path / self.denoiser / "config.json").read_text()).get("_class_name")
-        except ValueError as e:
-            raise ModelError(f"{path / self.denoiser / 'config.json'} is not valid JSON ({e})") from None
+        cls = read_json(path / self.denoiser / "config.json").get("_class_name")
         expected = self.denoiser_class().__name__
         if cls is not None and cls != expected:
             raise ModelError(f"{path}/{self.denoiser} holds a {cls}; a {self.label} model has a {expected}")
@@ -158,7 +153,9 @@ class Family:
 
     # -- geometry -------------------------------------------------------------------------------
     def latent_shape(self, model) -> tuple[int, int, int]:
-        raise NotImplementedError
+        """(C, h, w) of one latent, from the denoiser's config (UNet and SD 3 transformer alike)."""
+        s = int(model.unet.config.sample_size)
+        return (int(model.unet.config.in_channels), s, s)
 
     def resolution(self, model) -> int:
         return self.latent_shape(model)[1] * model.vae_scale_factor
@@ -171,8 +168,9 @@ class Family:
         raise NotImplementedError
 
     def encode_empty(self, model) -> dict[str, torch.Tensor]:
-        """The unconditional (empty-prompt) conditioning, one row, as the family's pipeline makes it."""
-        raise NotImplementedError
+        """The unconditional (empty-prompt) conditioning, one row, as the family's pipeline makes it:
+        "" encoded like a caption unless the family says otherwise (SDXL's zeros)."""
+        return self.encode(model, [""])
 
     def forward(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -217,6 +215,15 @@ class Family:
         index["scheduler"] = ["diffusers", type(model.scheduler).__name__]
         index.update(model.pipeline_config)
         return index
+
+
+def read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path} cannot be read as JSON ({type(e).__name__}: {e})") from None
 
 
 def weights_variant(folder: Path) -> str | None:

@@ -9,7 +9,6 @@ dimension is the text, so the engine can gather rows from it for any family.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,9 +80,6 @@ class StableDiffusion(Family):
         ids = clip_ids(model.tokenizer, texts)
         return {"hidden": model.text_encoder(ids.to(model.device))[0]}
 
-    def encode_empty(self, model) -> dict[str, torch.Tensor]:
-        return self.encode(model, [""])
-
     # -- denoising ------------------------------------------------------------------------------
     def forward(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return denoiser(x, t, encoder_hidden_states=cond["hidden"]).sample
@@ -101,10 +97,6 @@ class StableDiffusion(Family):
     def target_is_noise(self, model) -> bool:
         return model.scheduler.config.prediction_type == "epsilon"
 
-    def latent_shape(self, model) -> tuple[int, int, int]:
-        s = int(model.unet.config.sample_size)
-        return (int(model.unet.config.in_channels), s, s)
-
 
 def clip_ids(tokenizer, texts: list[str], max_length: int | None = None) -> torch.Tensor:
     """Token ids [M, max_length] padded to the tokenizer's length (77 for CLIP), truncated as the
@@ -115,12 +107,3 @@ def clip_ids(tokenizer, texts: list[str], max_length: int | None = None) -> torc
     if long:
         warnings.warn(f"texts {long} exceed {n} tokens and were truncated", stacklevel=4)
     return ids
-
-
-def read_json(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path} cannot be read as JSON ({type(e).__name__}: {e})") from None

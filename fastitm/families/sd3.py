@@ -93,10 +93,6 @@ class StableDiffusion3(Family):
     def prediction(self, model) -> str:
         return "flow"
 
-    def latent_shape(self, model) -> tuple[int, int, int]:
-        s = int(model.unet.config.sample_size)
-        return (int(model.unet.config.in_channels), s, s)
-
     @torch.no_grad()
     def encode(self, model, texts: list[str]) -> dict[str, torch.Tensor]:
         """Texts -> {"hidden" [M, 77 + 256, joint_attention_dim], "pooled" [M, P1 + P2]}."""
@@ -115,9 +111,6 @@ class StableDiffusion3(Family):
             ids = clip_ids(model.part("tokenizer_3"), texts, T5_MAX_LENGTH)
             t5_states = t5(ids.to(model.device))[0].to(clip.dtype)
         return {"hidden": torch.cat([clip, t5_states], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
-
-    def encode_empty(self, model) -> dict[str, torch.Tensor]:
-        return self.encode(model, [""])
 
     def forward(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         # The pipeline passes the scheduler's float timesteps (sigma * 1000).
