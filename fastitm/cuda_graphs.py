@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .ops._backend import brief_error
+
 
 def graphs_enabled(device: torch.device) -> bool:
     """CUDA graphs are used on CUDA devices unless ``FASTITM_CUDA_GRAPHS=0``."""
@@ -80,7 +82,7 @@ class UNetRunner:
                 # A model or processor that cannot be captured (a host sync, an unsupported op on
                 # this GPU or driver) runs eagerly: slower, same numbers.
                 self.use_graph = False
-                self.fallback = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                self.fallback = brief_error(e)
                 warnings.warn(f"CUDA graph capture failed ({self.fallback}); running the denoiser eagerly",
                               RuntimeWarning, stacklevel=2)
                 _end_failed_capture(x.device)

@@ -152,10 +152,16 @@ def first_contact(op: str, device: torch.device, dtype: torch.dtype) -> str | No
             try:
                 _first_contact[key] = _SELF_CHECKS[name](device, dtype)
             except Exception as e:  # a compilation error, an unsupported instruction, a launch failure
-                _first_contact[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                _first_contact[key] = brief_error(e)
         if _first_contact[key] is not None:
             return f"{name}: {_first_contact[key]}"
     return None
+
+
+def brief_error(e: BaseException) -> str:
+    """"ExceptionType: the first line of its message", for one-line warnings and reports."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def reset_first_contact() -> None:
