@@ -61,7 +61,9 @@ class Model:
         return get_family(self.family)
 
     def part(self, name: str) -> Any:
-        """A component by its folder name ("text_encoder_2", "tokenizer_3", ...), or None."""
+        """A component by its folder name ("transformer", "text_encoder_2", "tokenizer_3", ...), or None."""
+        if name == self.spec.denoiser:  # SD 3's "transformer" is the unet field
+            return self.unet
         if name in _FIELDS:
             return getattr(self, name)
         return self.parts.get(name)
@@ -126,7 +128,7 @@ class Model:
         names = [spec.denoiser, "vae", "scheduler"] + [n for pair in spec.text_parts for n in pair]
         with _quiet_loading():  # no per-shard progress bars
             for name in names:
-                obj = self.unet if name == spec.denoiser else self.part(name)
+                obj = self.part(name)
                 if obj is not None:
                     obj.save_pretrained(path / name)
         (path / "model_index.json").write_text(json.dumps(spec.model_index(self), indent=2))
