@@ -68,5 +68,7 @@ def test_presets_reach_the_shared_plan():
     res = fastitm.score([e.image], [e.caption, e.negatives["colour"]], model=model, method="discffusion",
                         timesteps=2, seed=3, preset="published")
     assert res.plan.timesteps.tolist() == [489, 989]
-    assert rep.rows[0]["score"] == res.matrix[0, 0].item()
-    assert rep.rows[0]["negatives"][0]["score"] == res.matrix[0, 1].item()
+    # the same plan gives the same scores; not to the bit, since hard_negatives batches both images'
+    # rows together, and CPU kernels on 2 threads sum in a batch-dependent order (2e-7 relative here)
+    assert rep.rows[0]["score"] == pytest.approx(res.matrix[0, 0].item(), rel=1e-5)
+    assert rep.rows[0]["negatives"][0]["score"] == pytest.approx(res.matrix[0, 1].item(), rel=1e-5)

@@ -23,7 +23,11 @@ def check_low_precision_rankings(method, opts, dtype, device, backend="auto", n_
     eager = fastitm.reference.score(imgs, texts, model=model_lp, method=method, plan=truth.plan, **opts)
     err_fast = (fast.matrix - truth.matrix).abs().max().item()
     err_torch = (eager.matrix - truth.matrix).abs().max().item()
-    assert err_fast <= 2 * err_torch + 1e-6, (err_fast, err_torch)
+    # PyTorch's own error, measured on a few cells, is a noisy estimate: the floor is half a unit in the
+    # last place of the dtype at the scores' magnitude, the error of merely rounding a score to it
+    # (fp16 at 4.4: 2.1e-3; on one 2-core CPU the interpreter's engine measured 1.1e-3 against eager's 4.8e-4)
+    floor = torch.finfo(dtype).eps / 2 * truth.matrix.abs().max().item()
+    assert err_fast <= 2 * err_torch + floor, (err_fast, err_torch, floor)
     tol = 2 * max(err_fast, err_torch)
     gaps = (truth.matrix[:, :, None] - truth.matrix[:, None, :]).abs()
     same = (fast.matrix[:, :, None] > fast.matrix[:, None, :]) == (truth.matrix[:, :, None] > truth.matrix[:, None, :])
