@@ -4,6 +4,7 @@ with the metrics checked against a hand computation from independently computed 
 import json
 
 import pytest
+import released
 import torch
 from PIL import Image
 
@@ -31,26 +32,18 @@ def strict_rank(s, label):
 
 
 @pytest.fixture
-def flickr_dir(tmp_path, examples):
+def flickr_dir(tmp_path):
+    """GDBench's layout with the released re-ranking files: images named ``datasets/flickr30k/images/...``."""
     root = tmp_path / "gdbench"
-    (root / "flickr30k" / "images").mkdir(parents=True)
-    paths = []
-    for n, e in enumerate(examples):
-        e.image.save(root / "flickr30k" / "images" / f"{n}.jpg", quality=95)
-        paths.append(f"datasets/flickr30k/images/{n}.jpg")  # as the published files name them
-    caps = [e.caption for e in examples]
-    text = {paths[n]: [caps[n]] + [c for m, c in enumerate(caps) if m != n] for n in range(len(paths))}
-    (root / "flickr30k" / "val_top10_RN50x64_text.json").write_text(json.dumps(text))
-    # caption -> images; the published loader keeps every 5th caption
-    image = {}
-    for n in range(len(paths)):
-        for k in range(5):
-            image[f"{caps[n]} #{k}" if k else caps[n]] = [paths[n]] + [p for m, p in enumerate(paths) if m != n]
-    (root / "flickr30k" / "val_top10_RN50x64.json").write_text(json.dumps(image))
+    for name in ("val_top10_RN50x64_text.json", "val_top10_RN50x64.json"):
+        ann = json.loads(released.copy(f"flickr30k/{name}", root).read_text())
+        for key, cands in ann.items():
+            paths = [key] if name.endswith("_text.json") else cands
+            released.write_images(root, [p.replace("datasets/", "", 1) for p in paths])
     return root
 
 
-def test_flickr30k_text_retrieval_cli(tiny, tiny_dir, flickr_dir, tmp_path, examples):
+def test_flickr30k_text_retrieval_cli(tiny, tiny_dir, flickr_dir, tmp_path):
     out = tmp_path / "rep"
     rc = main(["eval", "flickr30k_text", "--data", str(flickr_dir), "--model", str(tiny_dir), "--timesteps", str(T),
                "--out", str(out), "--no-progress"])
@@ -66,21 +59,22 @@ def test_flickr30k_text_retrieval_cli(tiny, tiny_dir, flickr_dir, tmp_path, exam
     n = len(ranks)
     assert rep["metrics"]["R@1"] == pytest.approx(sum(r == 0 for r in ranks) / n)
     assert rep["metrics"]["R@5"] == pytest.approx(sum(r < 5 for r in ranks) / n)
-    assert rep["metrics"]["items"] == n == 6
+    assert rep["metrics"]["items"] == n == 3 and [len(r["scores"]) for r in rep["items"]] == [10] * 3
     # accuracy vs timesteps: T rows; the last is the full run's metrics
     curve = rep["accuracy_vs_timesteps"]
     assert [r["timesteps"] for r in curve] == [1, 2, 3]
     assert curve[-1]["metrics"]["R@1"] == pytest.approx(rep["metrics"]["R@1"])
 
 
-def test_flickr30k_image_retrieval_keeps_every_fifth_caption(tiny, tiny_dir, flickr_dir, examples, tmp_path):
+def test_flickr30k_image_retrieval_keeps_every_fifth_caption(tiny, tiny_dir, flickr_dir, tmp_path):
     out = tmp_path / "img"
     assert main(["eval", "flickr30k_image", "--data", str(flickr_dir), "--model", str(tiny_dir), "--timesteps",
                  str(T), "--out", str(out), "--no-progress"]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["metrics"]["items"] == 6  # 30 captions, every 5th
+    assert rep["metrics"]["items"] == 2  # 10 captions, every 5th
     items = load_task("flickr30k_image", flickr_dir)
-    assert [i.texts[0] for i in items] == [e.caption for e in examples]
+    captions = list(json.loads((flickr_dir / "flickr30k" / "val_top10_RN50x64.json").read_text()))
+    assert [i.texts[0] for i in items] == captions[::5]
     ranks = []
     for item, rec in zip(items, rep["items"]):
         imgs = [Image.open(p).convert("RGB") for p in item.images]
@@ -99,11 +93,17 @@ def test_first_timesteps_of_the_curve_by_hand(tiny, flickr_dir):
     for item in load_task("flickr30k_text", flickr_dir):
         res = scores(tiny, [Image.open(item.images[0]).convert("RGB")], item.texts)
         right += strict_rank(res.per_timestep[0, :, k0], 0) == 0
-    assert rep.curve[0]["metrics"]["R@1"] == pytest.approx(right / 6)
+    assert rep.curve[0]["metrics"]["R@1"] == pytest.approx(right / 3)
 
 
 @pytest.fixture
-def winoground_dir(tmp_path, examples):
+def winoground_rows():
+    return json.loads((released.RELEASED / "winoground" / "data.json").read_text())
+
+
+@pytest.fixture
+def winoground_dir(tmp_path, winoground_rows):
+    """``facebook/winoground`` saved with save_to_disk: the released rows' fields, synthetic images."""
     datasets = pytest.importorskip("datasets")
     feats = datasets.Features({
         "id": datasets.Value("int32"), "image_0": datasets.Image(), "image_1": datasets.Image(),
@@ -111,44 +111,47 @@ def winoground_dir(tmp_path, examples):
         "tag": datasets.Value("string"), "secondary_tag": datasets.Value("string"),
         "num_main_preds": datasets.Value("int32"), "collapsed_tag": datasets.Value("string"),
     })
-    rows = {k: [] for k in feats}
-    for g in range(3):
-        a, b = examples[2 * g], examples[2 * g + 1]
-        rows["id"].append(g)
-        rows["image_0"].append(a.image)
-        rows["image_1"].append(b.image)
-        rows["caption_0"].append(a.caption)
-        rows["caption_1"].append(b.caption)
-        rows["tag"].append("Object" if g < 2 else "Relation")
-        rows["secondary_tag"].append("")
-        rows["num_main_preds"].append(1)
-        rows["collapsed_tag"].append("Object" if g < 2 else "Relation")
+    rows = {k: [r.get(k) for r in winoground_rows] for k in feats if not k.startswith("image_")}
+    for k in (0, 1):
+        rows[f"image_{k}"] = [released.image(f"wg{r['id']}/{k}") for r in winoground_rows]
     path = tmp_path / "winoground"
     datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=feats)}).save_to_disk(str(path))
     return path
 
 
-def test_winoground_cli(tiny, tiny_dir, winoground_dir, tmp_path, examples):
+def test_winoground_cli_counts_each_example_under_each_tag(tiny, tiny_dir, winoground_dir, tmp_path,
+                                                            winoground_rows):
     out = tmp_path / "wg"
     rc = main(["eval", "winoground", "--data", str(winoground_dir), "--model", str(tiny_dir), "--timesteps", str(T),
                "--out", str(out), "--no-progress"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
+    per_tag: dict = {}
     text = image = group = 0
-    per_tag = {"Object": [], "Relation": []}
-    for g in range(3):
-        a, b = examples[2 * g], examples[2 * g + 1]
-        m = scores(tiny, [a.image, b.image], [a.caption, b.caption]).matrix
+    for g, row in enumerate(winoground_rows):
+        imgs = [released.image(f"wg{row['id']}/{k}") for k in (0, 1)]
+        m = scores(tiny, imgs, [row["caption_0"], row["caption_1"]]).matrix
         torch.testing.assert_close(torch.tensor(rep["items"][g]["scores"]), m, rtol=1e-5, atol=1e-4)
         t = bool(m[0, 0] > m[0, 1] and m[1, 1] > m[1, 0])
         i = bool(m[0, 0] > m[1, 0] and m[1, 1] > m[0, 1])
         text, image, group = text + t, image + i, group + (t and i)
-        per_tag["Object" if g < 2 else "Relation"].append(t)
-    assert rep["metrics"]["text"] == pytest.approx(text / 3)
-    assert rep["metrics"]["image"] == pytest.approx(image / 3)
-    assert rep["metrics"]["group"] == pytest.approx(group / 3)
-    assert rep["metrics"]["by_tag"]["tag=Object"]["text"] == pytest.approx(sum(per_tag["Object"]) / 2)
-    assert rep["metrics"]["by_tag"]["tag=Relation"]["items"] == 1
+        for key in ("tag", "secondary_tag"):
+            for value in row[key].split(", ") if row[key] else []:
+                per_tag.setdefault(f"{key}={value}", []).append((t, i))
+        per_tag.setdefault(f"collapsed_tag={row['collapsed_tag']}", []).append((t, i))
+    n = len(winoground_rows)
+    assert rep["metrics"]["text"] == pytest.approx(text / n) and rep["metrics"]["image"] == pytest.approx(image / n)
+    assert rep["metrics"]["group"] == pytest.approx(group / n)
+    by_tag = rep["metrics"]["by_tag"]
+    # "Symbolic, Series" (id 41) counts under Symbolic and under Series; "Negation, Scope" under both
+    assert by_tag["secondary_tag=Symbolic"]["items"] == 2 and by_tag["secondary_tag=Series"]["items"] == 2
+    assert by_tag["tag=Negation"]["items"] == by_tag["tag=Scope"]["items"] == 1
+    assert not any(", " in k for k in by_tag)
+    assert sorted(by_tag) == sorted(per_tag)
+    for key, results in per_tag.items():
+        assert by_tag[key]["items"] == len(results)
+        assert by_tag[key]["text"] == pytest.approx(sum(t for t, _ in results) / len(results))
+        assert by_tag[key]["image"] == pytest.approx(sum(i for _, i in results) / len(results))
 
 
 def _jsonl(tmp_path, examples, lines):
@@ -159,11 +162,12 @@ def _jsonl(tmp_path, examples, lines):
     return f
 
 
-def test_jsonl_both_item_kinds_and_ties(tiny, tmp_path, examples):
+def test_jsonl_both_item_kinds_ties_and_identical_candidates(tiny, tmp_path, examples):
     lines = [
-        {"image": "0.png", "texts": [examples[1].caption, examples[0].caption], "label": 1},
-        {"images": ["2.png", "3.png", "4.png"], "text": examples[4].caption, "label": 2},
-        {"image": "5.png", "texts": ["a cat", "a cat"], "label": 0},  # a tie: never right
+        {"image": "0.png", "texts": [examples[1].caption, examples[0].caption, examples[0].caption], "label": 1},
+        {"images": ["2.png", "3.png", "4.png", "./4.png"], "text": examples[4].caption, "label": 2},
+        {"image": "5.png", "texts": ["a cat", "A cat"], "label": 0},  # the same tokens: a tie, never right
+        {"image": "5.png", "texts": ["a dog", "a dog"], "label": 1},  # no negative at all
     ]
     f = _jsonl(tmp_path, examples, lines)
     out = tmp_path / "out"
@@ -171,12 +175,35 @@ def test_jsonl_both_item_kinds_and_ties(tiny, tmp_path, examples):
                  "--no-progress"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["metrics"]["ties"] == 1 and rep["items"][2]["scores"][0] == rep["items"][2]["scores"][1]
+    # a text equal to the true one and the true image's file under another name are not negatives
+    assert [len(r["scores"]) for r in rep["items"]] == [2, 3, 2]
+    assert rep["items"][0]["kept"] == [0, 1] and rep["items"][1]["kept"] == [0, 1, 2]
+    assert rep["metrics"]["identical_dropped"] == 1 + 1 + 1 and rep["metrics"]["items_with_identical"] == 3
+    assert rep["metrics"]["no_negative"] == 1 and rep["metrics"]["items"] == 3
+    want = scores(tiny, [examples[0].image], [examples[1].caption, examples[0].caption]).matrix[0]
+    torch.testing.assert_close(torch.tensor(rep["items"][0]["scores"]), want, rtol=1e-5, atol=1e-5)
     right = 0
     for x, rec in zip(lines[:2], rep["items"]):
         s = torch.tensor(rec["scores"])
-        assert rec["label"] == x["label"] and len(s) == len(x.get("texts", x.get("images")))
+        assert rec["label"] == x["label"]
         right += strict_rank(s, x["label"]) == 0
     assert rep["metrics"]["accuracy"] == pytest.approx(right / 3)
+
+
+def test_identical_pixels_are_not_a_negative(tiny, tmp_path, examples):
+    """An image choice whose negative is the true image saved again (another file, same pixels)."""
+    for n in (0, 1):
+        examples[n].image.save(tmp_path / f"{n}.png")
+    examples[0].image.save(tmp_path / "copy.png")
+    f = tmp_path / "set.jsonl"
+    f.write_text(json.dumps({"images": ["0.png", "copy.png", "1.png"], "text": examples[0].caption, "label": 0})
+                 + "\n" + json.dumps({"images": ["copy.png", "0.png"], "text": "x", "label": 1}) + "\n")
+    rep = fastitm.evaluate.run("jsonl", f, model=tiny, timesteps=2)
+    assert rep.metrics["items"] == 1 and rep.metrics["no_negative"] == 1 and rep.metrics["identical_dropped"] == 2
+    assert rep.items[0]["kept"] == [0, 2] and rep.items[0]["label"] == 0
+    want = fastitm.score([examples[0].image, examples[1].image], [examples[0].caption], model=tiny, timesteps=2,
+                         seed=0).matrix[:, 0]
+    torch.testing.assert_close(torch.tensor(rep.items[0]["scores"]), want, rtol=1e-5, atol=1e-4)
 
 
 def test_unreadable_image_stops_or_is_skipped(tiny, tmp_path, examples):
@@ -242,52 +269,69 @@ def _accuracy_by_hand(rep):
     return sum(right) / len(right)
 
 
-def test_svo_accuracy_per_negative_type(tmp_path, examples):
+def test_svo_accuracy_per_negative_type(tiny, tmp_path):
     root = tmp_path / "data"
-    rows = []
-    for n, e in enumerate(examples):
-        _save(e.image, root / "svo" / "images" / f"{n}.jpg")
-    for n in range(0, 6, 2):
-        rows.append({"sentence": examples[n].caption, "pos_id": f"{n}.jpg", "neg_id": f"{n + 1}.jpg",
-                     "neg_type": ["subj", "verb", "obj"][n // 2]})
-    (root / "svo" / "svo.json").write_text(json.dumps(rows))
+    rows = json.loads(released.copy("svo/svo.json", root).read_text())
+    released.write_images(root / "svo" / "images", [p for r in rows for p in (r["pos_id"], r["neg_id"])])
     rep = _report("svo", root, tmp_path)
     assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
-    assert sorted(rep["metrics"]["by_tag"]) == ["neg_type=obj", "neg_type=subj", "neg_type=verb"]
-    assert all(len(r["scores"]) == 2 and r["kind"] == "image" for r in rep["items"])
+    assert sorted(rep["metrics"]["by_tag"]) == ["neg_type=subj", "neg_type=verb"]  # the released sample's
+    assert rep["metrics"]["by_tag"]["neg_type=subj"]["items"] == 2
+    for r, row in zip(rep["items"], rows):  # the sentence against (pos, neg), the positive first
+        imgs = [released.image(row["pos_id"]), released.image(row["neg_id"])]
+        want = fastitm.score(imgs, [row["sentence"]], model=tiny, timesteps=2, seed=0).matrix[:, 0]
+        torch.testing.assert_close(torch.tensor(r["scores"]), want, rtol=1e-5, atol=1e-4)
 
 
-def test_imagecode_static_sets_only(tmp_path, examples):
-    root = tmp_path / "data" / "imagecode"
-    for name in ("open-images-1", "video-clip-7"):
-        for k, e in enumerate(examples):
-            _save(e.image, root / "image-sets" / name / f"img{k}.jpg")
-    (root / "valid_data.json").write_text(json.dumps({
-        "open-images-1": {"3": examples[3].caption, "5": examples[5].caption},
-        "video-clip-7": {"0": "a video frame"}}))
-    rep = _report("imagecode", tmp_path / "data", tmp_path)
-    assert [r["label"] for r in rep["items"]] == [3, 5] and len(rep["items"][0]["scores"]) == 6
+def test_imagecode_static_sets_only(tmp_path):
+    root = tmp_path / "data"
+    sets = json.loads(released.copy("imagecode/valid_data.json", root).read_text())
+    for name in sets:
+        released.write_images(root / "imagecode" / "image-sets" / name, [f"img{k}.jpg" for k in range(10)])
+    rep = _report("imagecode", root, tmp_path)
+    static = next(k for k in sets if "open-images" in k)
+    assert [r["label"] for r in rep["items"]] == [int(k) for k in sets[static]]  # 5, 7, 3: the video set left out
+    assert [r["id"] for r in rep["items"]] == [f"{static}/{k}" for k in sets[static]]
+    assert all(len(r["scores"]) == 10 for r in rep["items"])
     assert rep["metrics"]["R@1"] == pytest.approx(_accuracy_by_hand(rep))
     ranks = [strict_rank(torch.tensor(r["scores"]), r["label"]) for r in rep["items"]]
-    assert rep["metrics"]["R@5"] == pytest.approx(sum(r < 5 for r in ranks) / 2)
+    assert rep["metrics"]["R@5"] == pytest.approx(sum(r < 5 for r in ranks) / 3)
 
 
-def test_clevr_seven_subtasks(tmp_path, examples):
+def test_clevr_runs_on_the_released_two_string_captions(tiny, tmp_path):
     from fastitm.evaluate.tasks import CLEVR_SUBTASKS
 
     root = tmp_path / "clevr"
-    _save(examples[0].image, root / "images" / "a.png")
-    for sub in CLEVR_SUBTASKS:
-        caps = ["left", "a red circle left of a square", "a red circle right of a square"] if sub == "spatial" \
-            else [examples[0].caption, examples[1].caption]
-        (root / "captions").mkdir(parents=True, exist_ok=True)
-        (root / "captions" / f"{sub}.json").write_text(json.dumps({"a.png": [caps]}))
+    released.copy("clevr/captions", root.parent)
+    files = {sub: json.loads((root / "captions" / f"{sub}.json").read_text()) for sub in CLEVR_SUBTASKS}
+    released.write_images(root / "images", {img for f in files.values() for img in f})
     rep = _report("clevr", root, tmp_path)
-    assert len(rep["metrics"]["by_tag"]) == 7 and rep["metrics"]["items"] == 7
+    assert len(rep["metrics"]["by_tag"]) == 7 and rep["metrics"]["items"] == 14  # 2 entries per image
     items = load_task("clevr", root)
-    spatial = next(i for i in items if i.tags["subtask"] == "spatial")
-    assert spatial.texts == ["a red circle left of a square", "a red circle right of a square"]
+    # strings 0 and 1 of every entry, spatial included, as the published numbers use them
+    want = [caps for sub in CLEVR_SUBTASKS for entries in files[sub].values() for caps in entries]
+    assert [i.texts for i in items] == want and all(len(c) == 2 for c in want)
+    spatial = [i for i in items if i.tags["subtask"] == "spatial"]
+    assert spatial[0].texts == ["On the right is a gray cylinder.", "On the left is a gray cylinder."]
+    m = fastitm.score([released.image(next(iter(files["spatial"])))], spatial[0].texts, model=tiny, timesteps=2,
+                      seed=0).matrix[0]
+    rec = next(r for r in rep["items"] if r["id"] == spatial[0].id)
+    torch.testing.assert_close(torch.tensor(rec["scores"]), m, rtol=1e-5, atol=1e-4)
     assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
+    for sub in CLEVR_SUBTASKS:
+        recs = [r for r in rep["items"] if r["tags"]["subtask"] == sub]
+        assert rep["metrics"]["by_tag"][f"subtask={sub}"]["accuracy"] == pytest.approx(
+            sum(strict_rank(torch.tensor(r["scores"]), 0) == 0 for r in recs) / 2)
+
+
+def test_clevr_entry_errors_name_the_entry(tmp_path):
+    from fastitm.evaluate.tasks import CLEVR_SUBTASKS
+
+    for sub in CLEVR_SUBTASKS:
+        (tmp_path / "captions").mkdir(exist_ok=True)
+        (tmp_path / "captions" / f"{sub}.json").write_text(json.dumps({"a.png": [["only one"]]}))
+    with pytest.raises(DataError, match=r"pair_binding_size.json: entry 'a.png'\[0\] must be a list \[true caption"):
+        load_task("clevr", tmp_path)
 
 
 @pytest.mark.parametrize("task", ["vg_relation", "vg_attribution"])
@@ -297,7 +341,8 @@ def test_visual_genome_crops_to_the_box(tiny, tmp_path, examples, task):
     big.paste(examples[0].image, (10, 5))
     _save(big, root / "images" / "1.jpg")
     name = task.split("_")[1]
-    row = {"image_path": "1.jpg", "bbox_x": 10, "bbox_y": 5, "bbox_w": 16, "bbox_h": 16,
+    # fractional boxes, as in ARO's files: PIL's crop rounds the edges to (10, 5, 26, 21)
+    row = {"image_path": "1.jpg", "bbox_x": 9.6, "bbox_y": 5.4, "bbox_w": 16.3, "bbox_h": 15.7,
            "true_caption": examples[0].caption, "false_caption": examples[1].caption,
            "relation_name": "left of", "attributes": ["red", "blue"]}
     (root / f"visual_genome_{name}.json").write_text(json.dumps([row, row]))
@@ -308,21 +353,18 @@ def test_visual_genome_crops_to_the_box(tiny, tmp_path, examples, task):
     assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
 
 
-def test_pets_uses_diffusion_classifier_with_elimination(tmp_path, examples):
+def test_pets_uses_diffusion_classifier_with_elimination(tmp_path):
     root = tmp_path / "pets"
-    classes = ["abyssinian", "basset hound", "beagle", "bombay", "boxer", "pug", "sphynx"]
-    (root).mkdir()
-    (root / "classes.txt").write_text("\n".join(classes) + "\n")
-    _save(examples[0].image, root / "images" / "Basset_hound_12.jpg")
-    _save(examples[1].image, root / "images" / "pug_3.jpg")
+    classes = released.copy("pets/classes.txt", tmp_path).read_text().splitlines()
+    released.write_images(root / "images", ["Abyssinian_100.jpg", "basset_hound_12.jpg"])  # the Pets file names
     out = tmp_path / "pets-out"
     assert main(["eval", "pets", "--data", str(root), "--model", "tiny", "--timesteps", "5", "--out", str(out),
                  "--no-progress"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["method"] == "diffusion_classifier" and rep["options"]["elimination"] == [[1, 5], [2, 1]]
-    assert [r["label"] for r in rep["items"]] == [1, 5]
-    for r in rep["items"]:  # one survivor per image, the rest eliminated (null)
-        assert sum(v is not None for v in r["scores"]) == 1
+    assert [r["label"] for r in rep["items"]] == [classes.index("abyssinian"), classes.index("basset hound")]
+    for r in rep["items"]:  # 37 classes; one survivor per image, the rest eliminated (null)
+        assert len(r["scores"]) == 37 and sum(v is not None for v in r["scores"]) == 1
     right = [r["scores"][r["label"]] is not None for r in rep["items"]]
     assert rep["metrics"]["accuracy"] == pytest.approx(sum(right) / 2)
     assert rep["accuracy_vs_timesteps"] == []  # eliminated texts have no full per-timestep scores
@@ -352,6 +394,17 @@ def test_mmbias_effect_sizes_by_hand(tmp_path, examples):
     for x, y in [("Christian", "Jewish"), ("Buddhist", "Christian"), ("Buddhist", "Hindu"), ("Buddhist", "Jewish")]:
         assert rep["metrics"][f"{x}-{y}"] == pytest.approx(d(x, y), rel=1e-6)
     assert "Christian-Muslim" not in rep["metrics"]  # no Muslim images in this fixture
+
+
+def test_mmbias_warns_where_the_published_split_differs(tmp_path):
+    root = tmp_path / "mmbias"
+    (root / "data" / "Images" / "Religion" / "Christian").mkdir(parents=True)
+    _save(released.image("c"), root / "data" / "Images" / "Religion" / "Christian" / "0.jpg")
+    (root / "textual_phrases.txt").write_text(json.dumps({"pleasant_phrases": ["good"],
+                                                          "unpleasant_phrases": ["bad", "awful", "evil"]}))
+    with pytest.warns(UserWarning, match="the published code would split them at 2, fastitm at 1"):
+        items = load_task("bias", tmp_path)
+    assert items[0].tags["pleasant"] == "1"
 
 
 def test_gender_bias_effect_sizes_by_hand(tmp_path, examples):
@@ -395,18 +448,67 @@ def test_order_perturbations_by_hand(monkeypatch):
     assert opts == order.caption_options("A red dog chases a small cat.", 0, seed=1)  # seeded: repeatable
 
 
-def test_coco_order_through_the_cli(tmp_path, examples, monkeypatch):
+def _simple_language_models(monkeypatch):
     from fastitm.evaluate import order
 
     monkeypatch.setattr(order, "TAGGER", lambda t: [(w, "NN" if len(w) > 4 else "JJ") for w in t.split()])
     monkeypatch.setattr(order, "TOKENIZER", lambda t: t.split())
+
+
+def test_coco_order_through_the_cli(tmp_path, examples, monkeypatch):
+    _simple_language_models(monkeypatch)
     root = tmp_path / "data" / "coco_order"
     _save(examples[0].image, root / "val2014" / "x.jpg")
     (root / "coco_karpathy_test.json").write_text(json.dumps(
         [{"image": "val2014/x.jpg", "caption": [examples[0].caption, examples[2].caption]}]))
     rep = _report("coco_order", tmp_path / "data", tmp_path)
-    assert rep["metrics"]["items"] == 2 and all(len(r["scores"]) == 5 for r in rep["items"])
-    assert rep["metrics"]["R@1"] == pytest.approx(_accuracy_by_hand(rep))
+    items = load_task("coco_order", tmp_path / "data")
+    assert rep["metrics"]["items"] == 2 and [len(r["scores"]) for r in rep["items"]] == [len(i.texts) for i in items]
+    assert rep["metrics"]["R@1"] == pytest.approx(_accuracy_by_hand(rep))  # 5 candidates, those dropped included
+
+
+@pytest.mark.parametrize("layout", ["images", "flickr30k-images"])  # GDBench's folder, ARO's
+def test_flickr30k_order_reads_either_layout_and_drops_identical_shuffles(tiny, tmp_path, monkeypatch, layout):
+    from fastitm.evaluate import order
+
+    _simple_language_models(monkeypatch)
+    root = tmp_path / "data"
+    ann = json.loads(released.copy("flickr30k/flickr30k_val.json", root).read_text())
+    name = ann[0]["image"].split("/")[-1]
+    released.write_images(root / "flickr30k" / layout, [name])
+    # a caption of one trigram: shuffling the trigrams gives the caption back, which is no negative
+    ann[0]["caption"].append("Workers load wool.")
+    (root / "flickr30k" / "flickr30k_val.json").write_text(json.dumps(ann))
+    out = tmp_path / "out"
+    assert main(["eval", "flickr30k_order", "--data", str(root), "--model", "tiny", "--timesteps", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    dropped = n_items = no_neg = 0
+    right = []
+    for c, cap in enumerate(ann[0]["caption"]):
+        opts = order.caption_options(cap, c)
+        negs = [o for o in opts[1:] if o != opts[0]]
+        dropped += len(opts) - 1 - len(negs)
+        if not negs:
+            no_neg += 1
+            continue
+        rec = rep["items"][n_items]
+        n_items += 1
+        assert rec["id"] == f"0/{c}" and len(rec["scores"]) == 1 + len(negs)
+        want = fastitm.score([released.image(name)], [opts[0]] + negs, model=tiny, timesteps=2, seed=0).matrix[0]
+        torch.testing.assert_close(torch.tensor(rec["scores"]), want, rtol=1e-5, atol=1e-4)
+        right.append(strict_rank(want, 0) == 0)
+    assert order.caption_options("Workers load wool.", 5)[4] == "workers load wool"  # the shuffle equals the truth
+    assert dropped >= 1 and rep["metrics"]["identical_dropped"] == dropped
+    assert rep["metrics"]["no_negative"] == no_neg and rep["metrics"]["items"] == n_items
+    assert rep["metrics"]["accuracy"] == pytest.approx(sum(right) / n_items)
+
+
+def test_flickr30k_order_missing_image_names_both_layouts(tmp_path, monkeypatch):
+    _simple_language_models(monkeypatch)
+    released.copy("flickr30k/flickr30k_val.json", tmp_path)
+    with pytest.raises(DataError, match=r"flickr30k/images/1018148011.jpg or .*flickr30k/flickr30k-images/1018148011"):
+        fastitm.evaluate.run("flickr30k_order", tmp_path, model=fastitm.testing.tiny_model(), timesteps=1)
 
 
 def test_order_tasks_say_what_model_is_missing(tmp_path, monkeypatch):

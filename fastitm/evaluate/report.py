@@ -14,7 +14,10 @@ class EvalReport:
     """``metrics``: the task's published metrics (with ``by_tag`` breakdowns); ``items``: per item its
     id, kind, ``scores`` (the candidates' scores in order; Winoground: the 2x2 matrix [image][text]),
     ``label`` and tags; ``curve``: per number of timesteps n (the first n of a spread order over the
-    plan), the headline metrics; ``skipped``: unreadable items left out with ``skip_bad``."""
+    plan), the headline metrics; ``skipped``: unreadable items left out with ``skip_bad``. Items that
+    lost candidates identical to the true one carry ``dropped`` and ``kept`` (the original indices of
+    the candidates scored); ``metrics`` counts them (``identical_dropped``, ``items_with_identical``,
+    ``no_negative``: items left with no negative, not in the metrics)."""
 
     task: str
     method: str
@@ -50,6 +53,12 @@ class EvalReport:
                 lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
         if "ties" in self.metrics:
             lines += ["", "Ties never count for the ground truth (the published argmax credits them to it)."]
+        if self.metrics.get("identical_dropped"):
+            m = self.metrics
+            lines += ["", f"A candidate identical to the true one (the same text after the task's preprocessing, the "
+                          f"same image file or pixels) is no negative: {m['identical_dropped']} dropped from "
+                          f"{m['items_with_identical']} items; {m['no_negative']} items had no negative left and "
+                          "are not in the metrics."]
         by_tag = self.metrics.get("by_tag", {})
         if by_tag:
             keys = [k for k in next(iter(by_tag.values())) if k != "items"]

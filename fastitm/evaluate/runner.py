@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .metrics import headline, task_metrics
+from .metrics import headline, identical_counts, task_metrics
 from .report import EvalReport, jsonable
 from .synthetic import shared_plan
-from .tasks import DataError, Item, load_task
+from .tasks import DataError, Item, drop_identical, load_task
 
 PREFETCH = 4  # items decoded ahead of the one being scored
 
@@ -39,10 +40,21 @@ class BadImage(DataError):
     """An item's image cannot be read; the message names the path."""
 
 
+def _existing(ref: str | tuple[str, ...], what: str) -> str:
+    """The image file a reference names: a path, or the first existing one of alternative paths."""
+    paths = ref if isinstance(ref, tuple) else (ref,)
+    for p in paths:
+        if Path(p).is_file():
+            return p
+    raise FileNotFoundError(f"{what}: image file not found: " + (
+        str(ref) if len(paths) == 1 else " or ".join(map(str, paths)) + " (either layout is read)"))
+
+
 def _decode(item: Item) -> list[Any]:
     """The item's images as 8-bit RGB PIL images (16-bit files as float tensors), read now."""
-    from ..inputs import _load_path, _pil_decode
     from PIL import Image
+
+    from ..inputs import _load_path, _pil_decode
 
     out = []
     for n, img in enumerate(item.images):
@@ -51,28 +63,51 @@ def _decode(item: Item) -> list[Any]:
             if isinstance(img, Image.Image):
                 img = _pil_decode(img, what)
             else:
-                if not Path(img).is_file():
-                    raise FileNotFoundError(f"{what}: image file not found: {img}")
-                img = _load_path(img, what)
+                img = _load_path(_existing(img, what), what)
         except (ValueError, OSError) as e:
             raise BadImage(str(e)) from None
         box = item.crops[n] if item.crops else None
-        if box is not None:  # (left, top, right, bottom), as PIL's crop
+        if box is not None:  # (left, top, right, bottom); fractional edges rounded, as PIL's crop does
+            left, top, right, bottom = (int(round(v)) for v in box)
             if isinstance(img, torch.Tensor):
-                img = img[:, int(box[1]) : int(box[3]), int(box[0]) : int(box[2])]
+                img = img[:, top:bottom, left:right]
             else:
-                img = img.crop(tuple(int(v) for v in box))
+                img = img.crop((left, top, right, bottom))
         out.append(img)
     return out
 
 
+def _same_pixels(a: Any, b: Any) -> bool:
+    """Decoded images (PIL, or float tensors for 16-bit files) with the same size and pixels."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and torch.equal(a, b)
+    return a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
+
+
+def _prepare(item: Item) -> tuple[Item, list[Any] | None]:
+    """(the item as scored, its decoded images): images with the true image's pixels are dropped as
+    well (:func:`~fastitm.evaluate.tasks.drop_identical`). An item without a negative is not decoded."""
+    if not item.has_negative:
+        return item, None
+    from dataclasses import replace
+
+    images = _decode(item)
+    if item.kind == "text":
+        return item, images
+    # drop by pixels on the images' indices, then map the survivors back to references and pixels
+    by_index = drop_identical(replace(item, images=list(range(len(images)))),
+                              lambda i, j: _same_pixels(images[i], images[j]))
+    return replace(by_index, images=[item.images[i] for i in by_index.images]), [images[i] for i in by_index.images]
+
+
 def _prefetch(items: list[Item], pool: ThreadPoolExecutor):
-    """Yield (item, future of its decoded images), keeping PREFETCH decodes in flight."""
+    """Yield futures of (item as scored, its decoded images), keeping PREFETCH decodes in flight."""
     futures: list[Future] = []
-    for n, item in enumerate(items):
+    for n in range(len(items)):
         while len(futures) < min(PREFETCH, len(items) - n):
-            futures.append(pool.submit(_decode, items[n + len(futures)]))
-        yield item, futures.pop(0)
+            futures.append(pool.submit(_prepare, items[n + len(futures)]))
+        yield futures.pop(0)
 
 
 def curve(items: list[Item], per_t: list[torch.Tensor]) -> list[dict]:
@@ -98,6 +133,7 @@ class _Progress:
         self.path, self.key = path, key
         self.done: dict[int, tuple[torch.Tensor, torch.Tensor, dict]] = {}
         self.skipped: dict[int, dict] = {}
+        self.no_negative: dict[int, dict] = {}  # items whose every candidate is identical to the true one
         if path is not None and path.exists():
             from ..engine import CheckpointError
 
@@ -109,7 +145,7 @@ class _Progress:
             if not isinstance(data, dict) or data.get("key") != key:
                 raise CheckpointError(f"eval checkpoint {path} belongs to another run (task, data, options, plan "
                                       "or model); pass another --checkpoint")
-            self.done, self.skipped = data["done"], data["skipped"]
+            self.done, self.skipped, self.no_negative = data["done"], data["skipped"], data["no_negative"]
 
     def save(self) -> None:
         if self.path is None:
@@ -119,7 +155,8 @@ class _Progress:
 
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save({"key": self.key, "done": self.done, "skipped": self.skipped}, f)
+            torch.save({"key": self.key, "done": self.done, "skipped": self.skipped,
+                        "no_negative": self.no_negative}, f)
         os.replace(tmp, self.path)
 
 
@@ -201,19 +238,23 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     state = _Progress(ckpt, _run_key(task, data, method, plan_options, plan, model, items) if ckpt else "")
     last_save = time.monotonic()
     todo = [(offset + n, item) for n, item in enumerate(mine) if offset + n not in state.done
-            and offset + n not in state.skipped]
+            and offset + n not in state.skipped and offset + n not in state.no_negative]
     show = progress_disabled(progress) if dist.rank() == 0 else True
     try:
         with ThreadPoolExecutor(max_workers=2) as pool, \
                 tqdm(total=len(items), initial=max(0, len(items) - len(todo) * dist.world_size()),
                      desc=f"fastitm eval {task}", unit="item", disable=show, dynamic_ncols=True) as bar:
-            for (idx, _), (item, fut) in zip(todo, _prefetch([it for _, it in todo], pool)):
+            for (idx, item), fut in zip(todo, _prefetch([it for _, it in todo], pool)):
                 try:
-                    images = fut.result()
+                    item, images = fut.result()
                 except BadImage as e:
                     if not skip_bad:
                         raise BadImage(f"{e} (pass --skip-bad / skip_bad=True to skip such items)") from None
                     state.skipped[idx] = {"id": item.id, "error": str(e)}
+                    bar.update(dist.world_size())
+                    continue
+                if not item.has_negative:  # left out of the metrics, counted
+                    state.no_negative[idx] = {"id": item.id, "dropped": item.dropped}
                     bar.update(dist.world_size())
                     continue
                 res = score(images, item.texts, model=model, method=method, plan=plan, backend=backend,
@@ -222,36 +263,42 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                     res.matrix[0] if item.kind == "text" else res.matrix[:, 0]).tolist()
                 state.done[idx] = (res.matrix, res.per_timestep,
                                    {"id": item.id, "kind": item.kind, "scores": jsonable(cands), "label": item.label,
-                                    "tags": item.tags})
+                                    "tags": item.tags, "dropped": item.dropped, "kept": item.kept})
                 bar.update(dist.world_size())
                 if time.monotonic() - last_save >= checkpoint_every:
                     state.save()
                     last_save = time.monotonic()
     finally:  # finished work is kept on errors and Ctrl-C alike
         state.save()
-    parts = dist.gather((state.done, state.skipped))
+    parts = dist.gather((state.done, state.skipped, state.no_negative))
     done: dict = {}
     skipped_all: dict = {}
-    for d, sk in parts:
+    no_negative: dict = {}
+    for d, sk, nn in parts:
         done.update(d)
         skipped_all.update(sk)
+        no_negative.update(nn)
     order = sorted(done)
-    scored = [items[n] for n in order]
+    # as scored: the label counts the candidates left after dropping identical ones
+    scored = [replace(items[n], label=done[n][2]["label"], dropped=done[n][2]["dropped"]) for n in order]
     matrices = [done[n][0] for n in order]
     per_t = [done[n][1] for n in order]
     records = [done[n][2] for n in order]
     skipped = [skipped_all[n] for n in sorted(skipped_all)]
     if not scored:
-        raise DataError(f"no item of {data} could be scored ({len(skipped)} skipped)")
+        raise DataError(f"no item of {data} could be scored ({len(skipped)} skipped as unreadable, "
+                        f"{len(no_negative)} with every candidate identical to the true one)")
     from ..ops._backend import choose
 
     opts = dict(spec.options)
     choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)
     metrics = task_metrics(scored, matrices)
+    if any(i.label is not None or i.kind == "group" for i in scored):
+        metrics.update(identical_counts(records, [no_negative[n] for n in sorted(no_negative)]))
     eliminated = bool(opts.get("elimination"))
     return EvalReport(task=task, method=spec.name, options=jsonable(opts), metrics=metrics,
                       items=records, curve=[] if eliminated else curve(scored, per_t), plan=plan.describe(),
                       data=str(data), preset=preset, choices=choices, skipped=skipped,
-                      stats={"items": len(scored), "skipped": len(skipped),
+                      stats={"items": len(scored), "skipped": len(skipped), "no_negative": len(no_negative),
                              "backend": choose(backend, [torch.empty(0, device=model.device)], "fastitm eval"),
                              "ranks": dist.world_size()})

@@ -7,13 +7,20 @@ An item is one small scoring problem: some images, some texts, and which one is 
 - ``kind="image"``: K candidate images, one text, ``label`` = the true image's index;
 - ``kind="group"``: a Winoground group, images (i0, i1) x texts (t0, t1), image k matches text k.
 
-Images are given as paths or PIL images and decoded only when the item is scored. A missing or
-malformed file raises :class:`DataError` naming the file, the field and the expected format.
+Images are given as paths (or a tuple of alternative paths: the first that exists is read) or PIL
+images, and decoded only when the item is scored. A missing or malformed file raises
+:class:`DataError` naming the file, the field and the expected format.
+
+A candidate identical to the true one is not a negative (:func:`drop_identical`): the same text after
+the task's preprocessing, the same image file (and, when decoded, the same pixels). It gets
+bit-identical scores, so it could only ever tie; it is dropped and counted, and an item left with no
+negative is counted and left out of the metrics.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,16 +34,69 @@ class DataError(ValueError):
 
 @dataclass
 class Item:
-    """One scoring problem. ``images``: paths or PIL images; ``texts``: strings; ``label``: the right
-    candidate (None for groups); ``tags``: what the metrics break down by (e.g. Winoground's tag)."""
+    """One scoring problem. ``images``: paths, tuples of alternative paths, or PIL images; ``texts``:
+    strings; ``label``: the right candidate (None for groups and the bias tasks); ``tags``: what the
+    metrics break down by (e.g. Winoground's tag), a string or a list of strings (the item counts
+    under each); ``dropped``: candidates removed as identical to the true one; ``kept``: the original
+    indices of the candidates left (None when none was dropped)."""
 
     id: str
     kind: str
     images: list[Any]
     texts: list[str]
     label: int | None = None
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str | list[str]] = field(default_factory=dict)
     crops: list[tuple[float, float, float, float] | None] | None = None  # per image (left, top, right, bottom)
+    dropped: int = 0
+    kept: list[int] | None = None
+
+    @property
+    def candidates(self) -> int:
+        """How many candidates the item chooses among."""
+        if self.kind == "group":  # 2 x 2; one text or one image left: nothing to tell apart
+            return min(len(self.texts), len(self.images))
+        return len(self.texts) if self.kind == "text" else len(self.images)
+
+    @property
+    def has_negative(self) -> bool:
+        return self.candidates >= 2
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Two image references that name the same file (PIL images are compared by pixels once decoded)."""
+    if isinstance(a, (str, Path)) and isinstance(b, (str, Path)):
+        return Path(a).resolve() == Path(b).resolve()
+    if isinstance(a, tuple) and isinstance(b, tuple):  # alternative paths
+        return a == b
+    return a is b
+
+
+def drop_identical(item: Item, same_image: Callable[[Any, Any], bool] = _same_path) -> Item:
+    """``item`` without the candidates identical to the true one: for a text choice, texts equal to
+    the true text; for an image choice, images that ``same_image`` says are the true image (by
+    default: the same file). A group whose two texts or two images are identical keeps no negative:
+    it is returned with one text (and ``has_negative`` False). Items without a ground truth (the
+    bias tasks) are returned as they are."""
+    from dataclasses import replace
+
+    if item.kind == "group":
+        if item.texts[0] == item.texts[1] or same_image(item.images[0], item.images[1]):
+            return replace(item, texts=item.texts[:1], images=item.images[:1], dropped=item.dropped + 1)
+        return item
+    if item.label is None:
+        return item
+    cands = item.texts if item.kind == "text" else item.images
+    truth = cands[item.label]
+    keep = [n for n, c in enumerate(cands) if n == item.label or
+            not (c == truth if item.kind == "text" else same_image(c, truth))]
+    if len(keep) == len(cands):
+        return item
+    prev = item.kept if item.kept is not None else list(range(len(cands)))
+    new = [cands[n] for n in keep]
+    changes = {"texts": new} if item.kind == "text" else {
+        "images": new, "crops": [item.crops[n] for n in keep] if item.crops else item.crops}
+    return replace(item, label=keep.index(item.label), dropped=item.dropped + len(cands) - len(keep),
+                   kept=[prev[n] for n in keep], **changes)
 
 
 def _read_json(path: Path, expected: str) -> Any:
@@ -116,7 +176,9 @@ WINOGROUND_FIELDS = ("caption_0", "caption_1", "image_0", "image_1")
 def load_winoground(data_dir: str | Path, split: str | None = None) -> list[Item]:
     """The Hugging Face ``facebook/winoground`` dataset saved with ``save_to_disk`` (a DatasetDict with
     its ``test`` split, or that split alone): ``caption_0``, ``caption_1``, ``image_0``, ``image_1``,
-    ``id`` and the tags (``tag``, ``secondary_tag``, ``collapsed_tag``)."""
+    ``id`` and the tags (``tag``, ``secondary_tag``, ``collapsed_tag``). ``tag`` and ``secondary_tag``
+    hold comma-joined lists ("Symbolic, Series"): each example counts under each of its tags, as in
+    the Winoground paper's per-tag table (an empty secondary tag: none)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: folder not found (expected facebook/winoground saved with save_to_disk)")
@@ -139,7 +201,13 @@ def load_winoground(data_dir: str | Path, split: str | None = None) -> list[Item
                         f"Winoground's {list(WINOGROUND_FIELDS)}")
     items = []
     for n, ex in enumerate(ds):
-        tags = {k: str(ex[k]) for k in ("tag", "secondary_tag", "collapsed_tag") if k in ex and ex[k] is not None}
+        tags: dict[str, str | list[str]] = {}
+        for key in ("tag", "secondary_tag"):  # comma-joined: "Symbolic, Series" counts under both
+            values = [v.strip() for v in str(ex.get(key) or "").split(",") if v.strip()]
+            if values:
+                tags[key] = values
+        if ex.get("collapsed_tag"):
+            tags["collapsed_tag"] = str(ex["collapsed_tag"])
         items.append(Item(str(ex.get("id", n)), "group", [ex["image_0"], ex["image_1"]],
                           [ex["caption_0"], ex["caption_1"]], None, tags))
     return items
@@ -242,25 +310,28 @@ CLEVR_SUBTASKS = ("pair_binding_size", "pair_binding_color", "recognition_color"
 
 
 def load_clevr(data_dir: str | Path, split: str | None = None) -> list[Item]:
-    """``{data}/captions/{subtask}.json`` ({image file: [[true caption, false caption, ...], ...]}) for
+    """``{data}/captions/{subtask}.json`` ({image file: [[true caption, false caption], ...]}) for
     the seven subtasks, images in ``{data}/images/``. Pick the caption; accuracy per subtask.
 
-    The published loader means ``spatial`` entries to use their 2nd and 3rd strings, but compares the
-    string literal ``'subtask'`` with ``'spatial'``, so it never does; fastitm does what it means."""
+    Every entry of the released caption files is two strings, the true caption first, ``spatial``
+    included, and the published numbers use strings 0 and 1 of every entry (its loader's branch for
+    ``spatial``, which would take strings 1 and 2, compares the literal ``'subtask'`` and never runs)."""
     root = Path(data_dir)
     items = []
     for sub in CLEVR_SUBTASKS:
         path = root / "captions" / f"{sub}.json"
-        data = _read_json(path, "a JSON object {image file: [[caption, caption, ...], ...]}")
+        data = _read_json(path, "a JSON object {image file: [[true caption, false caption], ...]}")
         if not isinstance(data, dict):
-            raise DataError(f"{path}: expected a JSON object {{image file: [[captions], ...]}}")
+            raise DataError(f"{path}: expected a JSON object {{image file: [[true caption, false caption], ...]}}")
         for img, entries in data.items():
+            if not isinstance(entries, list):
+                raise DataError(f"{path}: entry {img!r} must be a list of [true caption, false caption] pairs")
             for n, caps in enumerate(entries):
-                first = 1 if sub == "spatial" else 0
-                if not isinstance(caps, list) or len(caps) < first + 2:
-                    raise DataError(f"{path}: entry {img!r}[{n}] must be a list of at least {first + 2} captions")
+                if not isinstance(caps, list) or len(caps) < 2 or not all(isinstance(c, str) for c in caps[:2]):
+                    raise DataError(f"{path}: entry {img!r}[{n}] must be a list [true caption, false caption], "
+                                    f"got {caps!r:.80}")
                 items.append(Item(f"{sub}/{img}/{n}", "text", [str(root / "images" / img)],
-                                  [caps[first], caps[first + 1]], 0, {"subtask": sub}))
+                                  [caps[0], caps[1]], 0, {"subtask": sub}))
     return items
 
 
@@ -334,6 +405,14 @@ def load_bias(data_dir: str | Path, split: str | None = None) -> list[Item]:
     for field_name, v in (("pleasant_phrases", good), ("unpleasant_phrases", bad)):
         if not isinstance(v, list) or not v or not all(isinstance(t, str) for t in v):
             raise DataError(f"{path}: field {field_name!r} must be a non-empty list of phrases")
+    if (len(good) + len(bad)) // 2 != len(good):
+        # The published code splits the phrase columns at half of all phrases (floor), which files
+        # the last pleasant phrases as unpleasant (or the reverse) when that is not where the
+        # pleasant list ends; fastitm keeps each phrase in its own list. The released file has 60
+        # and 60: the same split.
+        warnings.warn(f"{path}: {len(good)} pleasant and {len(bad)} unpleasant phrases; the published code "
+                      f"would split them at {(len(good) + len(bad)) // 2}, fastitm at {len(good)} (where "
+                      "the file puts them), so its effect sizes are not the published code's", stacklevel=1)
     texts = list(good) + list(bad)
     items = []
     for group, folder in MMBIAS_GROUPS.items():
@@ -368,9 +447,10 @@ def load_bias_gender(data_dir: str | Path, split: str | None = None) -> list[Ite
     return items
 
 
-def _load_order(data_dir: Path, file: str) -> list[Item]:
+def _load_order(data_dir: Path, file: str, image_path: Callable[[str], Any] | None = None) -> list[Item]:
     from .order import MissingModel, caption_options
 
+    image_path = image_path or (lambda p: str(data_dir / p))
     path = data_dir / file
     anns = _read_json(path, 'a JSON list of {"image": path, "caption": [captions]} (the Karpathy split file)')
     if not isinstance(anns, list) or not anns:
@@ -385,7 +465,7 @@ def _load_order(data_dir: Path, file: str) -> list[Item]:
                 texts = caption_options(cap, len(items))
             except MissingModel as e:
                 raise DataError(str(e)) from None
-            items.append(Item(f"{a}/{c}", "text", [str(data_dir / ann["image"])], texts, 0))
+            items.append(Item(f"{a}/{c}", "text", [image_path(ann["image"])], texts, 0))
     return items
 
 
@@ -398,10 +478,17 @@ def load_coco_order(data_dir: str | Path, split: str | None = None) -> list[Item
 
 
 def load_flickr30k_order(data_dir: str | Path, split: str | None = None) -> list[Item]:
-    """ARO's Flickr30k-Order: ``{data}/flickr30k/flickr30k_{split}.json`` (split "val" by default),
-    images under ``{data}/flickr30k/``; as COCO-Order."""
+    """ARO's Flickr30k-Order: ``{data}/flickr30k/flickr30k_{split}.json`` (split "val" by default);
+    as COCO-Order. The file names images ``flickr30k-images/<id>.jpg``; GDBench reads them from
+    ``{data}/flickr30k/images/<id>.jpg`` (its vendored ARO code rewrites the folder name; the folder
+    its README fills and the re-ranking tasks read), ARO from ``flickr30k-images/``: either layout
+    works, the first that holds the image is read."""
     root = Path(data_dir) / "flickr30k"
-    return _load_order(root, f"flickr30k_{split or 'val'}.json")
+
+    def both(p: str) -> tuple[str, str]:
+        return str(root / p.replace("flickr30k-images", "images")), str(root / p)
+
+    return _load_order(root, f"flickr30k_{split or 'val'}.json", both)
 
 
 TASKS: dict[str, Callable[..., list[Item]]] = {
@@ -423,9 +510,10 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
 
 
 def load_task(task: str, data: str | Path, split: str | None = None) -> list[Item]:
+    """The task's items, each without the candidates identical to its true one (:func:`drop_identical`)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    return TASKS[task](data, split)
+    return [drop_identical(item) for item in TASKS[task](data, split)]
 
 
 def iter_items(items: list[Item], limit: int | None) -> Iterator[Item]:
