@@ -1,0 +1,178 @@
+"""Racing: spend denoiser rows only where they decide the answer (after Clark & Jaini, "Text-to-Image
+Diffusion Models are Zero-Shot Classifiers", arXiv 2303.15233).
+
+The candidates of one item (the texts of an image, or the images of a text) are scored on the same
+timesteps and noise, so their per-timestep scores are paired samples. The plan's timesteps are taken
+in a fixed spread order (:func:`fastitm.methods.spread_order`), ``round_size`` at a time. After each
+round from ``min_timesteps`` on, every live candidate is compared with the item's current best (the
+highest mean so far) by a one-sided paired t-test on the per-timestep score differences and dropped
+when it is worse at the corrected level below. An item stops when ``keep`` candidates are left or
+the plan is exhausted; the survivors are then ranked by their means, as the fixed plan ranks them.
+
+What ``alpha`` promises, per item: the candidate with the highest expected score is dropped with
+probability at most ``alpha``, to the extent that its per-timestep differences with each other
+candidate behave like independent normal draws (the t-test's assumption; the timesteps of a plan
+differ in noise level, which adds spread to the differences and so makes the test cautious). Two
+corrections make it hold:
+
+- multiple comparisons: at each look the best candidate may face up to ``K - 1`` tests, any of which
+  could drop it wrongly;
+- sequential testing: testing after every round and stopping at the first significant result inflates
+  a fixed-size test's error (optional stopping), by up to the number of looks.
+
+Both are handled by Bonferroni: each test runs at ``alpha / (looks * (K - 1))``, where ``looks`` is
+the number of rounds at which the plan can test. It is conservative (successive looks share most of
+their samples), but it needs no assumption about the look schedule, and it makes the decisions a
+pure function of the per-timestep scores: the same scores give the same decisions, however the rows
+were batched, sharded or resumed.
+
+What it does not promise: which of two candidates whose difference the plan cannot resolve survives
+(a near tie runs to the plan's end and is decided by the full mean, as without racing); an exact tie
+(identical per-timestep scores) is never decided by the test and always runs to the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ADAPTIVE_KEYS = ("alpha", "min_timesteps", "round_size", "keep")
+
+
+@dataclass(frozen=True)
+class RaceOptions:
+    """``alpha``: per item, the largest probability of dropping the best candidate; ``min_timesteps``:
+    no candidate is dropped before this many timesteps; ``round_size``: timesteps per round (tests
+    happen between rounds); ``keep``: the item stops when this many candidates are left (1 for
+    accuracy, 5 for R@5)."""
+
+    alpha: float = 0.05
+    min_timesteps: int = 5
+    round_size: int = 5
+    keep: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"adaptive alpha must be a number in [0, 1), got {self.alpha!r}")
+        for name in ("min_timesteps", "round_size", "keep"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"adaptive {name} must be a positive int, got {v!r}")
+        if self.min_timesteps < 2:
+            raise ValueError(f"adaptive min_timesteps must be at least 2 (a paired t-test needs two samples), "
+                             f"got {self.min_timesteps}")
+
+    @classmethod
+    def parse(cls, adaptive: bool | dict | RaceOptions | None) -> RaceOptions | None:
+        """``adaptive=`` as users give it: False/None (off), True (defaults), a dict of options."""
+        if adaptive is None or adaptive is False:
+            return None
+        if adaptive is True:
+            return cls()
+        if isinstance(adaptive, RaceOptions):
+            return adaptive
+        if not isinstance(adaptive, dict):
+            raise TypeError(f"adaptive must be True, False or a dict of {list(ADAPTIVE_KEYS)}, got "
+                            f"{type(adaptive).__name__}")
+        unknown = sorted(set(adaptive) - set(ADAPTIVE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown adaptive option(s) {unknown}; choose from {list(ADAPTIVE_KEYS)}")
+        return cls(**adaptive)
+
+    def looks(self, T: int) -> list[int]:
+        """The numbers of timesteps after which the plan tests: ``min_timesteps`` and every
+        ``round_size`` after it, while timesteps are left to save."""
+        return list(range(self.min_timesteps, T, self.round_size))
+
+    def level(self, T: int, K: int) -> float:
+        """The level of each test: ``alpha / (looks * (K - 1))`` (Bonferroni over looks and rivals)."""
+        return self.alpha / max(1, len(self.looks(T)) * (K - 1))
+
+
+def paired_pvalues(diffs: torch.Tensor) -> torch.Tensor:
+    """One-sided paired t-test p-values that each row's mean difference is above 0.
+
+    ``diffs``: [C, n] (n >= 2) per-timestep differences best - candidate. A row of identical
+    differences has no spread: p = 0 when they are positive, 1 otherwise (an exact tie: never)."""
+    from scipy.stats import t as student_t
+
+    d = diffs.double()
+    n = d.shape[1]
+    mean = d.mean(dim=1)
+    sd = d.std(dim=1, unbiased=True)
+    p = torch.ones_like(mean)
+    spread = sd > 0
+    tstat = mean[spread] / (sd[spread] / n**0.5)
+    p[spread] = torch.from_numpy(student_t.sf(tstat.numpy(), n - 1)).to(p)
+    p[~spread & (mean > 0)] = 0.0
+    return p
+
+
+def step(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions) -> torch.Tensor:
+    """One decision between rounds: ``scores`` [K, n] are the per-timestep scores of the n timesteps
+    evaluated so far (in evaluation order; rows of dropped candidates are ignored), ``live`` [K] bool.
+    Returns the new ``live``. Never leaves fewer than ``opts.keep`` (nor 1) candidates: when the
+    test would, the ``keep`` best by mean stay."""
+    K, n = scores.shape
+    live = live.clone()
+    if n < opts.min_timesteps or int(live.sum()) <= opts.keep or opts.alpha == 0.0:
+        return live
+    means = scores.double().mean(dim=1)
+    idx = live.nonzero().flatten()
+    best = idx[torch.argmax(means[idx])]  # the first of equal means: deterministic
+    rivals = idx[idx != best]
+    p = paired_pvalues(scores[best][None, :] - scores[rivals])
+    drop = rivals[p < opts.level(T, K)]
+    if int(live.sum()) - len(drop) < opts.keep:  # keep the `keep` best by mean among the live
+        order = idx[torch.sort(-means[idx], stable=True).indices]
+        drop = order[opts.keep :]
+    live[drop] = False
+    return live
+
+
+@dataclass
+class Race:
+    """The outcome of racing one item: ``live`` [K] survivors; ``timesteps`` [K] how many timesteps
+    each candidate was scored at; ``means`` [K] each candidate's mean over those; ``stopped`` the
+    number of timesteps the item ran (``T``: the plan's end); ``choice`` the best survivor."""
+
+    live: torch.Tensor
+    timesteps: torch.Tensor
+    means: torch.Tensor
+    stopped: int
+    choice: int
+
+    @property
+    def rows(self) -> int:
+        """Conditional denoiser rows spent on the item (candidate x timestep)."""
+        return int(self.timesteps.sum())
+
+
+def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = None) -> Race:
+    """Race one item on per-timestep scores already computed: ``per_t`` [K, T] in plan order
+    (``order``: the evaluation order of the plan's indices, by default the spread order). What racing
+    would have decided and spent; the engine's racing takes the same decisions (:func:`step`) on the
+    rows it computes."""
+    from .methods import spread_order
+
+    K, T = per_t.shape
+    order = spread_order(T) if order is None else list(order)
+    if sorted(order) != list(range(T)):
+        raise ValueError(f"order must be a permutation of the plan's {T} timestep indices")
+    scores = per_t[:, order]
+    live = torch.ones(K, dtype=torch.bool)
+    used = torch.zeros(K, dtype=torch.long)
+    n = 0
+    for stop in opts.looks(T) + [T]:
+        used[live] += stop - n
+        n = stop
+        if n == T:
+            break
+        live = step(scores[:, :n], live, T, opts)
+        if int(live.sum()) <= opts.keep:
+            break
+    means = torch.stack([scores[k, : used[k]].double().mean() for k in range(K)])
+    cand = live.nonzero().flatten()
+    choice = int(cand[torch.argmax(means[cand])])
+    return Race(live=live, timesteps=used, means=means, stopped=n, choice=choice)
