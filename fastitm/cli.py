@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[scoring],
                        help="evaluate on a benchmark task (published metrics, accuracy vs timesteps)",
                        description="Score a benchmark task read from its published on-disk format and write "
-                       "report.json, report.md and accuracy_vs_timesteps.png to --out.")
+                       "report.json, report.md, accuracy_vs_timesteps.png and accuracy_vs_rows.png "
+                       "to --out.")
     e.add_argument("task", choices=sorted(TASKS), help="the task")
     e.add_argument("--data", required=True, help="the dataset folder (jsonl: the .jsonl file)")
     e.add_argument("--split", default=None, help="dataset split where the task has several (default: the published one)")

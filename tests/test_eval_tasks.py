@@ -48,6 +48,7 @@ def test_flickr30k_text_retrieval_cli(tiny, tiny_dir, flickr_dir, tmp_path):
     rc = main(["eval", "flickr30k_text", "--data", str(flickr_dir), "--model", str(tiny_dir), "--timesteps", str(T),
                "--out", str(out), "--no-progress"])
     assert rc == 0 and (out / "report.md").is_file() and (out / "accuracy_vs_timesteps.png").is_file()
+    assert (out / "accuracy_vs_rows.png").is_file() and "## Racing, simulated" in (out / "report.md").read_text()
     rep = json.loads((out / "report.json").read_text())
     items = load_task("flickr30k_text", flickr_dir)
     ranks = []
@@ -188,6 +189,30 @@ def test_jsonl_both_item_kinds_ties_and_identical_candidates(tiny, tmp_path, exa
         assert rec["label"] == x["label"]
         right += strict_rank(s, x["label"]) == 0
     assert rep["metrics"]["accuracy"] == pytest.approx(right / 3)
+
+
+def test_racing_simulated_on_the_runs_scores_by_hand(tiny, tmp_path, examples):
+    """The report's racing table: each alpha's choices and rows equal racing each item's per-timestep
+    scores (from a direct fastitm.score) by hand; the full plan's row is every candidate at every timestep."""
+    from fastitm.racing import RaceOptions, simulate
+
+    caps = [e.caption for e in examples]
+    lines = [{"image": f"{n}.png", "texts": caps[n:] + caps[:n], "label": 0} for n in range(3)]
+    f = _jsonl(tmp_path, examples, lines)
+    rep = fastitm.evaluate.run("jsonl", f, model=tiny, timesteps=16)
+    assert [r["alpha"] for r in rep.racing] == [None, 0.01, 0.05, 0.2]
+    assert rep.racing[0]["rows_per_item"] == 6 * 16 and rep.racing[0]["accuracy"] == rep.metrics["accuracy"]
+    per_t = [scores_t(tiny, examples[n].image, lines[n]["texts"]) for n in range(3)]
+    for row in rep.racing[1:]:
+        races = [simulate(p, RaceOptions(alpha=row["alpha"])) for p in per_t]
+        assert row["rows_per_item"] == sum(r.rows for r in races) / 3
+        right = [r.live[0] and all(r.means[0] > r.means[k] for k in range(1, 6) if r.live[k]) for r in races]
+        assert row["accuracy"] == pytest.approx(sum(map(bool, right)) / 3)
+        assert row["plan_end"] == pytest.approx(sum(r.stopped == 16 for r in races) / 3)
+
+
+def scores_t(model, image, texts):
+    return fastitm.score([image], texts, model=model, timesteps=16, seed=0).per_timestep[0]
 
 
 def test_identical_pixels_are_not_a_negative(tiny, tmp_path, examples):

@@ -17,7 +17,9 @@ class EvalReport:
     plan), the headline metrics; ``skipped``: unreadable items left out with ``skip_bad``. Items that
     lost candidates identical to the true one carry ``dropped`` and ``kept`` (the original indices of
     the candidates scored); ``metrics`` counts them (``identical_dropped``, ``items_with_identical``,
-    ``no_negative``: items left with no negative, not in the metrics)."""
+    ``no_negative``: items left with no negative, not in the metrics); ``racing``: what racing would
+    have decided and spent on this run's per-timestep scores, per alpha (see
+    :func:`fastitm.evaluate.runner.racing_curve`)."""
 
     task: str
     method: str
@@ -31,13 +33,14 @@ class EvalReport:
     choices: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    racing: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         from .. import __version__
 
         return {"task": self.task, "data": self.data, "method": self.method, "preset": self.preset,
                 "options": self.options, "choices": self.choices, "metrics": self.metrics,
-                "accuracy_vs_timesteps": self.curve, "plan": self.plan, "skipped": self.skipped,
+                "accuracy_vs_timesteps": self.curve, "racing_simulated": self.racing, "plan": self.plan, "skipped": self.skipped,
                 "stats": self.stats, "items": self.items, "fastitm": __version__}
 
     def to_markdown(self) -> str:
@@ -75,6 +78,15 @@ class EvalReport:
             for row in self.curve:
                 if row["timesteps"] in shown:
                     lines.append(f"| {row['timesteps']} | " + " | ".join(f"{row['metrics'][k]:.4f}" for k in keys) + " |")
+        if self.racing:
+            lines += ["", "## Racing, simulated on this run's per-timestep scores", "",
+                      "What `fastitm.racing` (paired t-tests against each item's best, Bonferroni over looks and "
+                      "rivals) would have decided and spent: conditional denoiser rows per item (candidate x "
+                      "timestep; the full plan scores every candidate at every timestep).", "",
+                      "| | rows per item | accuracy | items run to the plan's end |", "|---|---|---|---|"]
+            for r in self.racing:
+                name = "full plan" if r["alpha"] is None else f"racing, alpha {r['alpha']}"
+                lines.append(f"| {name} | {r['rows_per_item']:.1f} | {r['accuracy']:.4f} | {r['plan_end']:.0%} |")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path | None:
@@ -104,8 +116,37 @@ class EvalReport:
         plt.close(fig)
         return path
 
+    def plot_racing(self, path: str | Path) -> Path | None:
+        """Accuracy vs conditional denoiser rows per item as a PNG: the fixed plan's first n timesteps
+        (from the curve) and racing at each simulated alpha (None without matplotlib or the data)."""
+        if not self.racing or not self.curve or "accuracy" not in self.curve[0]["metrics"]:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        per_timestep = self.racing[0]["rows_per_item"] / len(self.curve)
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.plot([row["timesteps"] * per_timestep for row in self.curve],
+                [row["metrics"]["accuracy"] for row in self.curve], color="gray", label="fixed plan, first n timesteps")
+        for r in self.racing[1:]:
+            ax.plot(r["rows_per_item"], r["accuracy"], "o", label=f"racing, alpha {r['alpha']} (simulated)")
+        ax.set_xlabel("denoiser rows per item (candidate x timestep)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{self.task}, {self.method}: accuracy vs rows")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
     def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write report.json, report.md and accuracy_vs_timesteps.png into ``out_dir``."""
+        """Write report.json, report.md, accuracy_vs_timesteps.png and accuracy_vs_rows.png into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = {"json": out / "report.json", "markdown": out / "report.md"}
@@ -114,6 +155,9 @@ class EvalReport:
         png = self.plot(out / "accuracy_vs_timesteps.png")
         if png is not None:
             written["plot"] = png
+        png = self.plot_racing(out / "accuracy_vs_rows.png")
+        if png is not None:
+            written["racing_plot"] = png
         return written
 
 

@@ -125,6 +125,37 @@ def curve(items: list[Item], per_t: list[torch.Tensor]) -> list[dict]:
     return rows
 
 
+RACING_ALPHAS = (0.01, 0.05, 0.2)
+
+
+def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALPHAS) -> list[dict]:
+    """What racing (:mod:`fastitm.racing`, default options but ``alpha``) would have decided and spent
+    on this run's per-timestep scores: per alpha, the accuracy (the true candidate survives with the
+    highest mean, strictly), the conditional denoiser rows per item (candidate x timestep) and the
+    share of items that ran to the plan's end; first the full plan's own. Choice items only."""
+    from ..racing import RaceOptions, simulate
+
+    choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t)
+              if i.kind in ("text", "image") and i.label is not None]
+    if not choice:
+        return []
+    T = choice[0][1].shape[1]
+
+    def right(means: torch.Tensor, live: torch.Tensor, label: int) -> bool:
+        others = [k for k in live.nonzero().flatten().tolist() if k != label]
+        return bool(live[label]) and all(means[label] > means[k] for k in others)
+
+    rows = [{"alpha": None, "accuracy": sum(right(s.double().mean(1), torch.ones(len(s), dtype=torch.bool), i.label)
+                                            for i, s in choice) / len(choice),
+             "rows_per_item": sum(s.numel() for _, s in choice) / len(choice), "plan_end": 1.0}]
+    for a in alphas:
+        races = [(i, simulate(s, RaceOptions(alpha=a))) for i, s in choice]
+        rows.append({"alpha": a, "accuracy": sum(right(r.means, r.live, i.label) for i, r in races) / len(races),
+                     "rows_per_item": sum(r.rows for _, r in races) / len(races),
+                     "plan_end": sum(r.stopped == T for _, r in races) / len(races)})
+    return rows
+
+
 class _Progress:
     """Per-item results of this rank, saved atomically to its checkpoint file and reloaded on resume.
     A file made for another task, data, options, plan or model is refused."""
@@ -298,6 +329,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     eliminated = bool(opts.get("elimination"))
     return EvalReport(task=task, method=spec.name, options=jsonable(opts), metrics=metrics,
                       items=records, curve=[] if eliminated else curve(scored, per_t), plan=plan.describe(),
+                      racing=[] if eliminated else racing_curve(scored, per_t),
                       data=str(data), preset=preset, choices=choices, skipped=skipped,
                       stats={"items": len(scored), "skipped": len(skipped), "no_negative": len(no_negative),
                              "backend": choose(backend, [torch.empty(0, device=model.device)], "fastitm eval"),
