@@ -198,7 +198,7 @@ def _run_key(task, data, method, options, plan, model, items) -> str:
 
     h = hashlib.sha256()
     for part in (task, str(Path(data).resolve()), method, sorted((k, repr(v)) for k, v in options.items()),
-                 plan.describe(), [i.id for i in items], model_digest(model)):
+                 plan.describe(), [(i.id, i.candidates, i.kept) for i in items], model_digest(model)):
         h.update(repr(part).encode() + b"\0")
     hash_tensor(h, plan.noise)
     return h.hexdigest()
