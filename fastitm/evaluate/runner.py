@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .metrics import headline, identical_counts, task_metrics
+from .metrics import headline, identical_counts, rank_of_truth, task_metrics
 from .report import EvalReport, jsonable
 from .synthetic import shared_plan
 from .tasks import DataError, Item, drop_identical, load_task
@@ -90,8 +90,6 @@ def _prepare(item: Item) -> tuple[Item, list[Any] | None]:
     well (:func:`~fastitm.evaluate.tasks.drop_identical`). An item without a negative is not decoded."""
     if not item.has_negative:
         return item, None
-    from dataclasses import replace
-
     images = _decode(item)
     if item.kind == "text":
         return item, images
@@ -142,8 +140,9 @@ def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALP
     T = choice[0][1].shape[1]
 
     def right(means: torch.Tensor, live: torch.Tensor, label: int) -> bool:
-        others = [k for k in live.nonzero().flatten().tolist() if k != label]
-        return bool(live[label]) and all(means[label] > means[k] for k in others)
+        """The metrics' rule among the survivors: no other survivor scores at least as high."""
+        survivors = live.nonzero().flatten()
+        return bool(live[label]) and rank_of_truth(means[survivors], int((survivors < label).sum()))[0] == 0
 
     rows = [{"alpha": None, "accuracy": sum(right(s.double().mean(1), torch.ones(len(s), dtype=torch.bool), i.label)
                                             for i, s in choice) / len(choice),

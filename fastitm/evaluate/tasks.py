@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -77,8 +77,6 @@ def drop_identical(item: Item, same_image: Callable[[Any, Any], bool] = _same_pa
     default: the same file). A group whose two texts or two images are identical keeps no negative:
     it is returned with one text (and ``has_negative`` False). Items without a ground truth (the
     bias tasks) are returned as they are."""
-    from dataclasses import replace
-
     if item.kind == "group":
         if item.texts[0] == item.texts[1] or same_image(item.images[0], item.images[1]):
             return replace(item, texts=item.texts[:1], images=item.images[:1], dropped=item.dropped + 1)
