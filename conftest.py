@@ -3,8 +3,15 @@
 
 import json
 import os
+import sys
 
 import torch
+
+# The GPU check installs without pip (bench/gpu_check.py): fastitm, with kernels/ as fastitm.kernels,
+# is linked into a site folder named by FASTITM_SITE. pytest has just put this checkout first on
+# sys.path, where fastitm/ has no kernels/, so that folder goes before it.
+if os.environ.get("FASTITM_SITE"):
+    sys.path.insert(0, os.environ["FASTITM_SITE"])
 
 # Triton decides at import whether @triton.jit functions run in its interpreter, so the choice is
 # made here, before anything imports Triton: on a machine without CUDA every Triton kernel runs

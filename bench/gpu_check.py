@@ -1,23 +1,36 @@
-"""Prove every GPU path on a bare CUDA machine in one command, and write what was seen.
+"""Prove every GPU path on a bare CUDA machine in one call of at most 8 minutes, and write what was seen.
 
 Two subcommands, each run through ``make``:
 
 - ``wheels`` (``make gpu-wheels``, on a machine with the package registry): downloads into ``.whl/``
-  the pure-Python wheels fastitm needs beyond what a CUDA machine with torch, Triton, transformers
-  and safetensors already has (diffusers and its one missing requirement, and the benchmark plugin),
-  pinned to the versions installed here, so the GPU machine runs what CI tested.
-- ``run`` (``make gpu-check OUT=dir``): stages, each in its own process with its own time limit, so
-  one failure or hang does not stop the rest: the offline install (``pip install --no-index`` from
-  ``.whl/``, then fastitm built with its native extension), an import check, ``pytest -m gpu tests``,
-  the GPU benchmarks, and a scoring run of the SD 2.1-base architecture (random weights) in bf16 with
-  and without CUDA graphs. It writes three files to ``OUT``: ``gpu-report.json`` and ``gpu-report.md``
-  (the device, the versions, every stage's outcome, every test's outcome, every figure with its
-  conditions) and ``gpu-logs.tar.gz`` (each stage's log and raw results). Tests and figures are
-  logged as they finish, so a stage stopped at its time limit keeps what it reached and names the
-  test it was in.
+  the wheels fastitm needs beyond what a CUDA machine with torch, Triton and transformers has
+  (diffusers and the requirements it checks at import, Pillow as a Python 3.12 manylinux wheel, the
+  benchmark plugin), pinned to the versions installed here, so the GPU machine runs what CI tested.
+- ``run`` (``make gpu-check OUT=dir``): stages in order of value, each in its own process with a time
+  budget, the whole run ending itself by ``--budget`` seconds (480 by default) and rewriting its
+  report after every stage, so whatever stops it keeps what was measured:
+
+  ====================  ==========================================================================
+  install               no pip: the carried wheels the machine lacks are unpacked into a site
+                        folder, fastitm is linked there (its native extension, the CPU path, is not
+                        built); then the device and versions are read
+  ceilings              bf16 GEMM 8192^3 and a device-to-device copy (bench/gpu_stages.py)
+  kernels               the fused ops at SD 2.1 and SDXL layer shapes, fp32/fp16/bf16 vs fp32
+  headline              SD 2.1-base rows/s: engine (graphs on/off) vs a bare UNet loop vs the
+                        reference vs a published-style per-pair loop, batch 16/32/64/128
+  fused-ops             the fused ops vs SDPA + logsumexp, next to their floors
+  levers                channels_last, fuse_qkv (compile only with time to spare)
+  gpu-tests             ``pytest -m gpu tests`` with what is left
+  ====================  ==========================================================================
+
+  ``--budget SECONDS`` scales every stage; time a stage leaves unused passes to the next.
+  ``--only`` and ``--limit`` pick stages and fix their limits (the earlier two-call form; also the
+  old ``gpu-benchmarks`` stage, ``pytest -m gpu bench``, which the one-call plan leaves out).
+  ``OUT`` gets three files: gpu-report.md and gpu-report.json (device, versions, every stage, test
+  and figure with its conditions), then gpu-logs.tar.gz (each stage's log and raw results).
 
 On a machine without CUDA the GPU stages are reported as skipped; the install, the stage runner and
-the report writer still run, which is how CI checks this file.
+the report still run (the dry run), which is how CI checks this file.
 """
 
 from __future__ import annotations
@@ -32,30 +45,50 @@ import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Distributions carried as wheels: (name, why). diffusers is absent from the CUDA machine's image;
-# importlib-metadata is diffusers' one requirement it lacks. pytest-benchmark (and py-cpuinfo) run the
-# benchmarks, setuptools and pybind11 build the native extension; they are there today, carried so an
-# image without them, or with versions older than fastitm's build needs (NEEDS), still works. A carried
-# wheel is installed only where its distribution is missing or too old, except diffusers, always ours.
+# importlib-metadata and zipp are requirements of diffusers it lacks; diffusers checks requests,
+# filelock and numpy at import, so requests and its own requirements come too, used only where missing.
+# Pillow is the one binary wheel (CPython 3.12, manylinux), likewise only where missing.
 CARRIED = (
     ("diffusers", "the model classes; not installed on the CUDA image"),
     ("importlib-metadata", "a requirement of diffusers the CUDA image lacks"),
     ("zipp", "a requirement of importlib-metadata"),
-    ("pytest-benchmark", "runs the benchmarks"),
+    ("requests", "checked by diffusers at import"),
+    ("urllib3", "a requirement of requests"),
+    ("idna", "a requirement of requests"),
+    ("charset-normalizer", "a requirement of requests"),
+    ("certifi", "a requirement of requests"),
+    ("filelock", "checked by diffusers at import"),
+    ("pillow", "image decoding (binary: cp312 manylinux)"),
+    ("pytest-benchmark", "runs the benchmarks of the gpu-benchmarks stage"),
     ("py-cpuinfo", "a requirement of pytest-benchmark"),
-    ("setuptools", "builds fastitm (PEP 639 license metadata needs setuptools >= 77)"),
-    ("pybind11", "builds the native extension"),
 )
+BINARY = {"pillow"}
 ALWAYS_INSTALL = {"diffusers"}
-NEEDS = {"setuptools": ">=77", "pybind11": ">=2.12", "pytest-benchmark": ">=4"}
+NEEDS = {"pytest-benchmark": ">=4", "huggingface-hub": ">=1.32"}
 
-# Stage time limits (seconds): together within 20 minutes on one H100, install included.
-LIMITS = {"install": 240, "imports": 60, "gpu-tests": 420, "gpu-benchmarks": 300, "sd21-scoring": 180}
+# The one-call plan: (stage, seconds) in order of value, for a budget of BUDGET seconds, RESERVE of
+# which is kept for the reports and the log archive. A stage may use what earlier stages left.
+BUDGET = 480
+RESERVE = 20
+PLAN = (("install", 30), ("ceilings", 20), ("kernels", 60), ("headline", 170), ("fused-ops", 35),
+        ("levers", 70), ("gpu-tests", 75))
+OPTIONAL = {"gpu-benchmarks": 300}  # only with --only
+MEASURING = ("ceilings", "kernels", "headline", "fused-ops", "levers")  # bench/gpu_stages.py
+LIMITS = {**dict(PLAN), **OPTIONAL}
+assert sum(s for _, s in PLAN) + RESERVE <= BUDGET
+
+
+def planned_limits(budget: int = BUDGET) -> dict[str, int]:
+    """Each stage's seconds for a total ``budget``: the plan scaled, the reserve kept."""
+    scale = (budget - RESERVE) / (BUDGET - RESERVE)
+    return {name: max(5, int(secs * scale)) for name, secs in PLAN}
 
 
 @dataclass
@@ -84,23 +117,26 @@ class Report:
 # -- wheels ------------------------------------------------------------------------------------------
 
 def download_wheels(dest: Path, python_version: str = "3.12") -> list[Path]:
-    """Download the CARRIED wheels, pinned to this environment's versions, into ``dest``; every one
-    must be pure Python (``*-none-any.whl``), since the GPU machine may differ in platform."""
+    """Download the CARRIED wheels, pinned to this environment's versions, into ``dest``: pure Python
+    (``*-none-any.whl``) except BINARY, fetched for CPython ``python_version`` on manylinux x86-64."""
     from importlib.metadata import PackageNotFoundError, version
 
     dest.mkdir(parents=True, exist_ok=True)
-    specs = []
+    specs = {"pure": [], "binary": []}
     for name, _ in CARRIED:
         try:
-            specs.append(f"{name}=={version(name)}")
+            spec = f"{name}=={version(name)}"
         except PackageNotFoundError:
-            specs.append(name)
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-           "--python-version", python_version, "--implementation", "py", "--abi", "none", "--platform", "any",
-           "-d", str(dest), *specs]
-    subprocess.run(cmd, check=True)
+            spec = name
+        specs["binary" if name in BINARY else "pure"].append(spec)
+    base = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+            "--python-version", python_version, "-d", str(dest)]
+    subprocess.run([*base, "--implementation", "py", "--abi", "none", "--platform", "any", *specs["pure"]], check=True)
+    abi = "cp" + python_version.replace(".", "")
+    subprocess.run([*base, "--implementation", "cp", "--abi", abi, "--platform", "manylinux2014_x86_64",
+                    "--platform", "manylinux_2_28_x86_64", *specs["binary"]], check=True)
     wheels = sorted(dest.glob("*.whl"))
-    impure = [w.name for w in wheels if not w.name.endswith("-none-any.whl")]
+    impure = [w.name for w in wheels if not w.name.endswith("-none-any.whl") and _dist_of(w) not in BINARY]
     if impure:
         raise SystemExit(f"not pure-Python wheels: {impure}")
     (dest / "MANIFEST.json").write_text(json.dumps({"wheels": [w.name for w in wheels], "specs": specs,
@@ -112,14 +148,15 @@ def _dist_of(wheel: Path) -> str:
     return wheel.name.split("-")[0].replace("_", "-").lower()
 
 
-def install_command(wheels_dir: Path, python: str) -> list[list[str]]:
-    """The offline install: the carried wheels a machine lacks, then fastitm with its native extension."""
+def wheels_to_unpack(wheels_dir: Path) -> list[Path]:
+    """The carried wheels this interpreter needs: diffusers always, the rest where their distribution
+    is missing or older than NEEDS."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     from packaging.specifiers import SpecifierSet
 
     wanted = []
-    for w in sorted(wheels_dir.glob("*.whl")):
+    for w in sorted(wheels_dir.glob("*.whl")) if wheels_dir.is_dir() else []:
         dist = _dist_of(w)
         try:
             have = distribution(dist).version
@@ -127,13 +164,32 @@ def install_command(wheels_dir: Path, python: str) -> list[list[str]]:
             have = None
         too_old = have is not None and dist in NEEDS and not SpecifierSet(NEEDS[dist]).contains(have, prereleases=True)
         if dist in ALWAYS_INSTALL or have is None or too_old:
-            wanted.append(str(w))
-    cmds = []
-    if wanted:
-        cmds.append([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade", *wanted])
-    cmds.append([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "-e",
-                 str(ROOT)])
-    return cmds
+            wanted.append(w)
+    return wanted
+
+
+def build_overlay(wheels_dir: Path, site: Path) -> list[str]:
+    """The offline install without pip (whose rights and versions on a foreign image are unknown):
+    unpack the wanted wheels into ``site`` and link fastitm there as the installed layout has it
+    (``kernels/`` as ``fastitm.kernels``). Stages run with ``PYTHONPATH=site``. Returns what was done."""
+    site.mkdir(parents=True, exist_ok=True)
+    done = []
+    for w in wheels_to_unpack(wheels_dir):
+        with zipfile.ZipFile(w) as z:
+            z.extractall(site)
+        done.append(f"unpacked {w.name}")
+    pkg = site / "fastitm"
+    pkg.mkdir(exist_ok=True)
+    for entry in (ROOT / "fastitm").iterdir():
+        if entry.name == "__pycache__" or entry.name.startswith("_C"):
+            continue  # the native extension is the CPU path; one built elsewhere is for another Python
+        link = pkg / entry.name
+        if not link.exists():
+            link.symlink_to(entry)
+    if not (pkg / "kernels").exists():
+        (pkg / "kernels").symlink_to(ROOT / "kernels")
+    done.append(f"linked fastitm from {ROOT}")
+    return done
 
 
 # -- running stages ------------------------------------------------------------------------------------
@@ -172,8 +228,8 @@ def skip(stage: Stage, why: str) -> Stage:
     return stage
 
 
-def probe(python: str) -> dict:
-    """Device and versions, read in a fresh process (after the install)."""
+def probe(python: str, env: dict | None = None) -> dict:
+    """Device and versions, read in a fresh process (after the install, with its ``PYTHONPATH``)."""
     code = r"""
 import json, platform, sys
 out = {"python": platform.python_version()}
@@ -191,20 +247,26 @@ except Exception as e:
     out["torch"] = f"not importable: {e}"
     out["cuda"] = False
     out["device"] = "unknown"
-for name in ("triton", "diffusers", "transformers", "safetensors", "peft", "fastitm"):
+for name in ("triton", "diffusers", "transformers", "huggingface_hub", "safetensors", "peft", "numpy", "PIL", "scipy",
+             "pytest", "fastitm", "fastitm.kernels"):
     try:
-        out[name] = __import__(name).__version__
+        mod = __import__(name, fromlist=["_"])
+        out[name] = getattr(mod, "__version__", "importable")
     except Exception as e:
         out[name] = f"not importable: {type(e).__name__}"
 try:
     from fastitm.ops import native_status
     out["native_extension"] = native_status() or "built"
+    import fastitm, fastitm.kernels
+    out["fastitm_from"] = fastitm.__file__
+    out["fastitm.kernels_from"] = fastitm.kernels.__file__
 except Exception as e:
     out["native_extension"] = f"unknown: {e}"
 print(json.dumps(out))
 """
     try:
-        res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+        res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, cwd="/",
+                             env={**os.environ, **(env or {})})
         return json.loads(res.stdout.strip().splitlines()[-1])
     except Exception as e:  # the probe itself must never stop the report
         return {"python": platform.python_version(), "cuda": False, "device": "unknown", "probe_error": str(e)}
@@ -282,62 +344,117 @@ def benchmark_figures(path: Path) -> list[dict]:
 
 
 def run(out: Path, wheels: Path, python: str, limits: dict | None = None, only: set | None = None,
-        work: Path | None = None) -> Report:
-    """All stages in order; returns the report, written to ``out`` as gpu-report.md/json and
-    gpu-logs.tar.gz (the stages' logs and raw results, kept in ``work``: a fresh temporary folder by
-    default, so that ``out`` holds just those three files)."""
-    limits = {**LIMITS, **(limits or {})}
+        work: Path | None = None, budget: int = BUDGET, smoke: bool = False) -> Report:
+    """All stages in order within ``budget`` seconds; returns the report, written to ``out`` after every
+    stage (gpu-report.md/json) and at the end with gpu-logs.tar.gz (the stages' logs and raw results,
+    kept in ``work``: a fresh temporary folder by default, so that ``out`` holds just those three files).
+    ``smoke`` runs the measuring stages on the CPU with the tiny model (CI's check that they run)."""
+    t0 = time.monotonic()
+    deadline = t0 + budget - RESERVE
+    planned = planned_limits(budget)
+    fixed = dict(limits or {})
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fastitm-gpu-check-")) if work is None else work
     work.mkdir(parents=True, exist_ok=True)
-    report = Report(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    t0 = time.monotonic()
-    stages = {name: Stage(name, limit_s=limits[name]) for name in LIMITS}
+    site = work / "site"
+    report = Report(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), work=str(work))
+    names = [n for n, _ in PLAN] + [n for n in OPTIONAL if only and n in only]
+    stages = {n: Stage(n, limit_s=fixed.get(n, planned.get(n, OPTIONAL.get(n, 0)))) for n in names}
+    report.stages = [asdict(s) for s in stages.values()]
+    figures = work / "figures.jsonl"
+    env = {"PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0", "PYTHONPATH": str(site), "FASTITM_SITE": str(site),
+           "FASTITM_FIGURES_LOG": str(work / "bench-figures.jsonl")}
+    no_cuda = "no CUDA device on this machine"
+    spent_plan = 0  # the planned seconds of the stages run so far: a stage may use what they left
 
     def wanted(name):
         return only is None or name in only
 
-    if wanted("install"):
-        if not wheels.is_dir() or not any(wheels.glob("*.whl")):
-            skip(stages["install"], f"no wheels in {wheels}: run `make gpu-wheels` where the registry is reachable")
-        else:
-            run_stage(stages["install"], install_command(wheels, python), work)
-    versions = probe(python)
-    report.versions = versions
-    report.device = versions.get("device", "unknown")
-    report.cuda = bool(versions.get("cuda"))
-    if wanted("imports"):
-        run_stage(stages["imports"], [[python, "-c", "import fastitm, diffusers, transformers, fastitm.cli; "
-                                       "fastitm.testing.tiny_model(0); print('ok')"]], work)
-    no_cuda = "no CUDA device on this machine"
-    env = {"PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0", "FASTITM_FIGURES_LOG": str(work / "figures.jsonl")}
-    for name, cmd in (
-        ("gpu-tests", [python, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p", "no:cacheprovider",
-                       f"--junitxml={work / 'gpu-tests.xml'}"]),
-        ("gpu-benchmarks", [python, "-m", "pytest", "-m", "gpu", "bench", "-q", "-s", "-p", "no:cacheprovider",
-                            f"--junitxml={work / 'gpu-benchmarks.xml'}", f"--benchmark-json={work / 'bench.json'}"]),
-        ("sd21-scoring", [python, str(Path(__file__).resolve()), "score-run", "--json", str(work / "sd21.json")]),
-    ):
+    def limit_for(name) -> int:
+        if name in fixed:
+            return fixed[name]
+        left = int(deadline - time.monotonic())
+        carry = int(t0 + spent_plan - time.monotonic())  # > 0 when earlier stages finished early
+        return max(0, min(left, stages[name].limit_s + max(0, carry)))
+
+    def save():
+        report.stages = [asdict(s) for s in stages.values()]
+        report.tests = (test_log_outcomes(work / "gpu-tests.jsonl", "gpu-tests")
+                        or junit_outcomes(work / "gpu-tests.xml", "gpu-tests"))
+        report.tests += (test_log_outcomes(work / "gpu-benchmarks.jsonl", "gpu-benchmarks")
+                         or junit_outcomes(work / "gpu-benchmarks.xml", "gpu-benchmarks"))
+        report.figures = stage_figures(figures) + (benchmark_figures(work / "bench.json")
+                                                   or figure_log(work / "bench-figures.jsonl"))
+        report.total_seconds = round(time.monotonic() - t0, 1)
+        write_report(report, out)
+
+    for name in names:
+        stage = stages[name]
         if not wanted(name):
             continue
-        if not report.cuda:
-            skip(stages[name], no_cuda)
+        if name == "install":
+            start = time.monotonic()
+            with open(work / "install.log", "w") as log:
+                try:
+                    for line in build_overlay(wheels, site):
+                        log.write(line + "\n")
+                    report.versions = probe(python, env)
+                    log.write(json.dumps(report.versions, indent=1) + "\n")
+                    stage.status = "passed"
+                    missing = [k for k in ("diffusers", "fastitm", "fastitm.kernels")
+                               if "not importable" in str(report.versions.get(k, "not importable"))]
+                    stage.detail = (f"not importable: {', '.join(missing)}" if missing else
+                                    f"{len(wheels_to_unpack(wheels))} wheel(s) unpacked, fastitm linked")
+                    if missing:
+                        stage.status = "failed"
+                    if not any(wheels.glob("*.whl")) if wheels.is_dir() else True:
+                        stage.detail += f"; no wheels in {wheels} (`make gpu-wheels` where the registry is reachable)"
+                except Exception as e:  # the report must still be written
+                    stage.status, stage.detail = "failed", f"{type(e).__name__}: {e}"
+                    log.write(stage.detail + "\n")
+            stage.seconds, stage.log = round(time.monotonic() - start, 1), "install.log"
+            report.device = report.versions.get("device", "unknown")
+            report.cuda = bool(report.versions.get("cuda"))
+        elif not report.cuda and not smoke:
+            skip(stage, no_cuda)
         else:
-            run_stage(stages[name], [cmd], work, {**env, "FASTITM_TEST_LOG": str(work / f"{name}.jsonl")})
-    report.stages = [asdict(s) for s in stages.values()]
-    for name in ("gpu-tests", "gpu-benchmarks"):
-        # The incremental log when there is one (it survives a timeout), else pytest's JUnit file.
-        report.tests += (test_log_outcomes(work / f"{name}.jsonl", name)
-                         or junit_outcomes(work / f"{name}.xml", name))
-    report.figures = benchmark_figures(work / "bench.json") or figure_log(work / "figures.jsonl")
-    if (work / "sd21.json").is_file():
-        report.figures += json.loads((work / "sd21.json").read_text())
-    report.total_seconds = round(time.monotonic() - t0, 1)
-    report.work = str(work)
-    write_report(report, out)
+            stage.limit_s = limit_for(name)
+            if stage.limit_s < 5:
+                skip(stage, f"no time left in the {budget} s budget")
+            elif name in MEASURING:
+                cmd = [python, str(ROOT / "bench" / "gpu_stages.py"), name, "--figures", str(figures),
+                       "--until", str(time.time() + stage.limit_s - 3), *(["--smoke"] if smoke else [])]
+                run_stage(stage, [cmd], work, env)
+            elif name == "gpu-tests":
+                cmd = [python, "-m", "pytest", "-m", "gpu", str(ROOT / "tests"), "-q", "-p", "no:cacheprovider",
+                       "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
+                       f"--junitxml={work / 'gpu-tests.xml'}"]
+                run_stage(stage, [cmd], work, {**env, "FASTITM_TEST_LOG": str(work / "gpu-tests.jsonl")})
+            elif name == "gpu-benchmarks":
+                cmd = [python, "-m", "pytest", "-m", "gpu", str(ROOT / "bench"), "-q", "-s", "-p", "no:cacheprovider",
+                       "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
+                       f"--junitxml={work / 'gpu-benchmarks.xml'}", f"--benchmark-json={work / 'bench.json'}"]
+                run_stage(stage, [cmd], work, {**env, "FASTITM_TEST_LOG": str(work / "gpu-benchmarks.jsonl")})
+        spent_plan += planned.get(name, 0)
+        save()
+    save()
     with tarfile.open(out / "gpu-logs.tar.gz", "w:gz") as tar:
-        tar.add(work, arcname="gpu-logs")
+        tar.add(work, arcname="gpu-logs", filter=lambda ti: None if ti.name.startswith("gpu-logs/site") else ti)
     return report
+
+
+def stage_figures(path: Path) -> list[dict]:
+    """The figures bench/gpu_stages.py appended as it measured (a line cut by a kill is dropped)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out.append({"source": rec.get("stage", ""), "name": rec["name"], "median_ms": None, "figures": rec["figures"]})
+    return out
 
 
 # -- the report ------------------------------------------------------------------------------------------
@@ -358,6 +475,16 @@ def render_markdown(r: Report) -> str:
     lines += ["", "## Stages", "", "| stage | status | seconds | limit (s) | detail | log |", "|---|---|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']} | {s['limit_s']} | {s['detail']} | {s['log']} |"
               for s in r.stages]
+    lines += ["", "## Figures (each with its conditions)", ""]
+    if not r.figures:
+        lines.append("none (no GPU stage ran)")
+    for f in r.figures:
+        lines.append(f"### [{f['source']}] {f['name']}")
+        if f.get("median_ms") is not None:
+            lines.append(f"- median time per benchmark round: {f['median_ms']} ms")
+        for k, v in (f.get("figures") or {}).items():
+            lines.append(f"- {k}: {v}")
+        lines.append("")
     counts: dict[str, int] = {}
     for t in r.tests:
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
@@ -366,84 +493,28 @@ def render_markdown(r: Report) -> str:
         lines += ["| test | outcome | seconds | message |", "|---|---|---|---|"]
         lines += [f"| {t['id']} | {t['outcome']} | {t['seconds']:.2f} | {t['message'].replace('|', '/')} |"
                   for t in r.tests]
-    lines += ["", "## Figures", ""]
-    if not r.figures:
-        lines.append("none (no GPU stage ran)")
-    for f in r.figures:
-        lines.append(f"### {f['name']}")
-        if f.get("median_ms") is not None:
-            lines.append(f"- median time per benchmark round: {f['median_ms']} ms")
-        for k, v in (f.get("figures") or {}).items():
-            lines.append(f"- {k}: {v}")
-        lines.append("")
     return "\n".join(lines) + "\n"
-
-
-# -- the SD 2.1-base scoring run -------------------------------------------------------------------------
-
-def score_run(json_path: Path, images: int = 8, texts: int = 8, timesteps: int = 10, rounds: int = 3) -> list[dict]:
-    """Score random images against texts with the SD 2.1-base architecture (random weights) in bf16,
-    with and without CUDA graphs, side by side in one process; figures with their conditions."""
-    import torch
-
-    import fastitm
-
-    model = fastitm.testing.sd21_base_architecture(device="cuda", dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.rand(images, 3, 512, 512, generator=g)
-    caps = [f"a photo of object {i} next to object {i + 1}" for i in range(texts)]
-    figures = []
-    plan = fastitm.make_plan(model, timesteps, seed=0)
-    results = {}
-    for graphs in ("0", "1"):
-        os.environ["FASTITM_CUDA_GRAPHS"] = graphs
-        times = []
-        for _ in range(rounds + 1):  # the first round warms up (compilation, capture)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            res = fastitm.score(imgs, caps, model=model, plan=plan, progress=False)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        rows = res.stats["unet_rows"]
-        med = sorted(times[1:])[len(times[1:]) // 2]
-        results[graphs] = res.matrix
-        figures.append({"source": "sd21-scoring", "name": f"SD 2.1-base diffusion_itm, CUDA graphs {'on' if graphs == '1' else 'off'}",
-                        "figures": {"rows_per_s": round(rows / med, 1), "ms_per_batch": round(1e3 * med / (rows / res.stats["batch_size"]), 2),
-                                    "median_s": round(med, 3), "rounds": rounds, "unet_rows": rows,
-                                    "batch_size": res.stats["batch_size"], "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                                    "conditions": f"{images} images 512 px x {texts} texts x {timesteps} timesteps, bf16, random weights, "
-                                                  f"backend {res.backend}, {torch.cuda.get_device_name(0)}"}})
-    diff = (results["1"] - results["0"]).abs().max().item()
-    figures.append({"source": "sd21-scoring", "name": "CUDA graphs vs eager, same plan",
-                    "figures": {"max_abs_score_difference": diff,
-                                "speedup": round(figures[0]["figures"]["median_s"] / figures[1]["figures"]["median_s"], 3)}})
-    json_path.write_text(json.dumps(figures, indent=2))
-    return figures
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("wheels", help="download the carried pure-Python wheels (needs the package registry)")
+    w = sub.add_parser("wheels", help="download the carried wheels (needs the package registry)")
     w.add_argument("--dest", default=str(ROOT / ".whl"))
-    r = sub.add_parser("run", help="install offline, run every GPU stage, write gpu-report.md/json")
+    r = sub.add_parser("run", help="install offline, run every GPU stage within the budget, write gpu-report.md/json")
     r.add_argument("--out", required=True)
     r.add_argument("--wheels", default=str(ROOT / ".whl"))
     r.add_argument("--python", default=sys.executable)
-    r.add_argument("--only", default="", help=f"comma-separated stages to run (default all: {','.join(LIMITS)}); "
-                   "e.g. split over two sessions of a machine whose commands may run 10 minutes")
+    r.add_argument("--budget", type=int, default=BUDGET, help=f"seconds for the whole check (default {BUDGET})")
+    r.add_argument("--only", default="", help=f"comma-separated stages to run (default: {','.join(n for n, _ in PLAN)}; "
+                   f"also {','.join(OPTIONAL)})")
     r.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
-                   help="override a stage's time limit (repeatable)")
-    s = sub.add_parser("score-run", help="the SD 2.1-base bf16 scoring stage (CUDA)")
-    s.add_argument("--json", required=True)
+                   help="fix a stage's time limit (repeatable)")
+    r.add_argument("--smoke", action="store_true", help="run the measuring stages on the CPU with the tiny model")
     args = p.parse_args(argv)
     if args.cmd == "wheels":
         for wheel in download_wheels(Path(args.dest)):
             print(wheel.name)
-        return 0
-    if args.cmd == "score-run":
-        score_run(Path(args.json))
         return 0
     only = {x.strip() for x in args.only.split(",") if x.strip()} or None
     limits = {}
@@ -454,8 +525,14 @@ def main(argv=None) -> int:
         limits[name] = int(secs)
     if only and only - set(LIMITS):
         p.error(f"--only: unknown stage(s) {', '.join(sorted(only - set(LIMITS)))}; stages: {', '.join(LIMITS)}")
-    report = run(Path(args.out).resolve(), Path(args.wheels).resolve(), args.python, limits, only)
-    print(render_markdown(report).split("## Tests")[0])
+    if args.budget < 60:
+        p.error(f"--budget {args.budget}: at least 60 seconds")
+    plan = planned_limits(args.budget)
+    print(f"plan for a {args.budget} s budget: " + ", ".join(f"{n} {s} s" for n, s in plan.items())
+          + f" (sum {sum(plan.values())} s, {RESERVE} s kept for the report)", flush=True)
+    report = run(Path(args.out).resolve(), Path(args.wheels).resolve(), args.python, limits, only,
+                 budget=args.budget, smoke=args.smoke)
+    print(render_markdown(report).split("## Tests")[0][:20000])
     print(f"wrote {Path(args.out) / 'gpu-report.md'}, gpu-report.json and gpu-logs.tar.gz (logs in {report.work})")
     return 0
 
