@@ -80,6 +80,10 @@ RESERVE = 20
 PLAN = (("install", 30), ("ceilings", 20), ("kernels", 60), ("headline", 170), ("fused-ops", 35),
         ("levers", 70), ("gpu-tests", 75))
 OPTIONAL = {"gpu-benchmarks": 300}  # only with --only
+# The GPU tests the other stages do not cover come first (the kernels stage already checks the fused ops
+# at real shapes; their many small parametrized cases run last, with what time is left).
+GPU_TESTS_FIRST = ("test_engine_gpu.py", "test_low_precision.py", "test_speed.py", "test_attention_processor.py",
+                   "test_error_reduce.py", "test_cross_attention_lse_grad.py")
 MEASURING = ("ceilings", "kernels", "headline", "fused-ops", "levers")  # bench/gpu_stages.py
 LIMITS = {**dict(PLAN), **OPTIONAL}
 assert sum(s for _, s in PLAN) + RESERVE <= BUDGET
@@ -426,7 +430,8 @@ def run(out: Path, wheels: Path, python: str, limits: dict | None = None, only: 
                        "--until", str(time.time() + stage.limit_s - 3), *(["--smoke"] if smoke else [])]
                 run_stage(stage, [cmd], work, env)
             elif name == "gpu-tests":
-                cmd = [python, "-m", "pytest", "-m", "gpu", str(ROOT / "tests"), "-q", "-p", "no:cacheprovider",
+                first = [str(ROOT / "tests" / f) for f in GPU_TESTS_FIRST if (ROOT / "tests" / f).is_file()]
+                cmd = [python, "-m", "pytest", "-m", "gpu", *first, str(ROOT / "tests"), "-q", "-p", "no:cacheprovider",
                        "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
                        f"--junitxml={work / 'gpu-tests.xml'}"]
                 run_stage(stage, [cmd], work, {**env, "FASTITM_TEST_LOG": str(work / "gpu-tests.jsonl")})

@@ -175,29 +175,37 @@ def stage_kernels(ctx: Ctx) -> None:
     if ctx.smoke:
         layers = [("SD 2.1", 2, 64)]
     failures = 0
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for family, heads, lq in layers:
-            if not ctx.fits(8, f"cross_attention_lse forward {family} {heads}x{lq} {dtype}"):
-                continue
-            g = torch.Generator(device="cpu").manual_seed(heads * 7919 + lq)
-            shape_q, shape_k = (batch, heads, lq, HEAD_DIM), (batch, heads, KEYS, HEAD_DIM)
-            q, k, v = (torch.randn(s, generator=g).to(ctx.device, dtype) for s in (shape_q, shape_k, shape_k))
-            t = time.perf_counter()
-            out, pooled = cross_attention_lse(q, k, v, backend=backend)
-            ctx.sync()
-            first_s = time.perf_counter() - t
-            ref_out, ref_pooled = cross_attention_lse_ref(q, k, v)  # fp32 oracle on the same rounded inputs
-            own_out, own_pooled = cross_attention_lse_ref(q, k, v, upcast=False)  # PyTorch in this dtype
-            err_o, err_p = _rel(out, ref_out), _rel(pooled, ref_pooled)
-            torch_o, torch_p = _rel(own_out, ref_out), _rel(own_pooled, ref_pooled)
-            bound = 1e-5 if dtype == torch.float32 else None
-            ok = (err_o <= bound and err_p <= bound) if bound else (err_o <= 2 * torch_o + 1e-6 and err_p <= 2 * torch_p + 1e-6)
-            failures += not ok
-            ctx.record(f"cross_attention_lse forward {family} q{list(shape_q)} {str(dtype)[6:]}", {
-                "ok": ok, "out_rel_err": f"{err_o:.2e}", "pooled_rel_err": f"{err_p:.2e}",
-                "torch_out_rel_err": f"{torch_o:.2e}", "torch_pooled_rel_err": f"{torch_p:.2e}",
-                "rule": "fp32: <= 1e-5; fp16/bf16: <= 2x PyTorch's own error in that dtype",
-                "first_call_s_incl_compile_and_autotune": round(first_s, 2)})
+    # Breadth first: every dtype at the largest SD 2.1 layer, then the backward and the error reduction,
+    # then the other layers, so a stage cut short has checked every kernel in every dtype.
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    forward = [(d, *layers[0]) for d in dtypes] + [(d, *layer) for layer in layers[1:] for d in dtypes]
+
+    def forward_check(dtype, family, heads, lq):
+        nonlocal failures
+        if not ctx.fits(8, f"cross_attention_lse forward {family} {heads}x{lq} {dtype}"):
+            return
+        g = torch.Generator(device="cpu").manual_seed(heads * 7919 + lq)
+        shape_q, shape_k = (batch, heads, lq, HEAD_DIM), (batch, heads, KEYS, HEAD_DIM)
+        q, k, v = (torch.randn(s, generator=g).to(ctx.device, dtype) for s in (shape_q, shape_k, shape_k))
+        t = time.perf_counter()
+        out, pooled = cross_attention_lse(q, k, v, backend=backend)
+        ctx.sync()
+        first_s = time.perf_counter() - t
+        ref_out, ref_pooled = cross_attention_lse_ref(q, k, v)  # fp32 oracle on the same rounded inputs
+        own_out, own_pooled = cross_attention_lse_ref(q, k, v, upcast=False)  # PyTorch in this dtype
+        err_o, err_p = _rel(out, ref_out), _rel(pooled, ref_pooled)
+        torch_o, torch_p = _rel(own_out, ref_out), _rel(own_pooled, ref_pooled)
+        bound = 1e-5 if dtype == torch.float32 else None
+        ok = (err_o <= bound and err_p <= bound) if bound else (err_o <= 2 * torch_o + 1e-6 and err_p <= 2 * torch_p + 1e-6)
+        failures += not ok
+        ctx.record(f"cross_attention_lse forward {family} q{list(shape_q)} {str(dtype)[6:]}", {
+            "ok": ok, "out_rel_err": f"{err_o:.2e}", "pooled_rel_err": f"{err_p:.2e}",
+            "torch_out_rel_err": f"{torch_o:.2e}", "torch_pooled_rel_err": f"{torch_p:.2e}",
+            "rule": "fp32: <= 1e-5; fp16/bf16: <= 2x PyTorch's own error in that dtype",
+            "first_call_s_incl_compile_and_autotune": round(first_s, 2)})
+
+    for case in forward[:len(dtypes)]:
+        forward_check(*case)
     # Backward at the two largest SD 2.1 layers, every dtype, against autograd through the fp32 reference.
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for heads, lq in (SD21_LAYERS[:2] if not ctx.smoke else ((2, 64),)):
@@ -255,6 +263,8 @@ def stage_kernels(ctx: Ctx) -> None:
             failures += not ok
             ctx.record(f"error_reduce F={F} {str(dtype)[6:]}", {"ok": ok, "per_t_rel_err": f"{err:.2e}",
                                                               "rule": "<= 1e-4 of the fp32 reduction of the same rounded inputs"})
+    for case in forward[len(dtypes):]:
+        forward_check(*case)
     ctx.record("kernels summary", {"failures": failures})
     if failures:
         raise SystemExit(f"{failures} kernel check(s) failed")
@@ -523,7 +533,7 @@ def stage_levers(ctx: Ctx) -> None:
         return statistics.median(timed(ctx, fn, rounds=rounds, warmup=0)), base.matrix
 
     plain_s, plain_m = measure()
-    for lever in ("channels_last", "fuse_qkv"):
+    for lever in ("fuse_qkv", "channels_last"):
         if not ctx.fits(30, f"lever {lever}"):
             continue
         fastitm.speed.apply(model, **{lever: True})
@@ -538,7 +548,8 @@ def stage_levers(ctx: Ctx) -> None:
                                       "without_again_s": round(again_s, 3),
                                       "speedup": round(statistics.mean([plain_s, again_s]) / with_s, 3),
                                       "max_abs_score_diff": float((with_m - plain_m).abs().max()),
-                                      "conditions": f"engine, batch {bs}, {n_img}x{n_txt}x{T}, bf16, CUDA graphs on"})
+                                      "conditions": f"engine, batch {bs}, {n_img}x{n_txt}x{T}, bf16, CUDA graphs "
+                                                    f"{os.environ.get('FASTITM_CUDA_GRAPHS', 'default (off)')}"})
         plain_s = again_s
     if not ctx.smoke and ctx.fits(150, "lever compile (its first call compiles for minutes)"):
         fastitm.speed.apply(model, compile=True)

@@ -6,7 +6,7 @@
   once and reused by every text, and only when the method needs it.
 - Errors go through the fused error reduction straight into the per-timestep score buffer;
   Discffusion's pooling comes from the fused cross-attention processor, never from attention maps.
-- On CUDA the UNet forward is a replayed CUDA graph (:mod:`fastitm.cuda_graphs`).
+- On CUDA the UNet forward can be a replayed CUDA graph (:mod:`fastitm.cuda_graphs`, off by default).
 - Diffusion Classifier's adaptive elimination computes only the rows its rounds need.
 - Long runs: a progress bar in rows per second; Ctrl-C finishes the batch in flight and stops with
   :class:`Interrupted`; with ``checkpoint=path`` the finished cells are saved as the run goes and a

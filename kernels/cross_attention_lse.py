@@ -114,19 +114,43 @@ def cross_attention_lse_fwd(
     Lk = k.shape[2]
     block_n = max(16, triton.next_power_of_2(Lk))
     block_d = max(16, triton.next_power_of_2(D))
-    num_warps = 4 if block_d <= 64 else 8
+    num_warps = fwd_default(block_d, q.dtype)[1]
     if block_m is None:
-        # Keep the q/k/v tiles within registers/shared memory for the widest heads (D=160 -> 256).
-        block_m = 64 if block_d <= 64 else 32
-        if q.device.type == "cpu":  # the interpreter: fewer, larger programs run faster
-            block_m = 64
+        block_m = 64 if q.device.type == "cpu" else fwd_default(block_d, q.dtype)[0]  # cpu: the interpreter
         if _tuning.enabled(q.device):
             key = ("cross_attention_lse_fwd", triton.next_power_of_2(Lq), block_n, block_d, q.dtype, pool,
                    key_mask is not None)
-            configs = [(bm, nw) for bm in (32, 64, 128) for nw in (4, 8) if bm * block_d <= 128 * 128]
-            block_m, num_warps = _tuning.pick(key, configs, lambda c: _launch_fwd(
+            block_m, num_warps = _tuning.pick(key, fwd_candidates(block_d, q.dtype), lambda c: _launch_fwd(
                 q, k, v, scale, pool, lam, key_mask, c[0], block_n, block_d, c[1]))
     return _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_m, block_n, block_d, num_warps)
+
+
+def fwd_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """(BLOCK_M, num_warps) pairs the forward's autotuner times (``python -m fastitm.kernels.report``
+    compiles each for sm_90 and sm_80 and shows registers, spills and programs per SM).
+
+    fp32 uses IEEE products (no tensor cores), unrolled by the compiler into FMA chains: BLOCK_M 128
+    with 4 warps took 36 s to compile for sm_90 on a 2-core CPU and BLOCK_M 64 with 4 warps 14 s, and
+    timing the whole list stalled a GPU check for over a minute; fp32 keeps the tiles that compile in
+    seconds. Half precision: up to 128 x 128 elements of q per program (the widest heads get fewer rows).
+    """
+    if dtype == torch.float32:
+        return [(bm, nw) for bm, nw in ((32, 4), (32, 8), (64, 8)) if bm * block_d <= 64 * 128]
+    return [(bm, nw) for bm in (32, 64, 128) for nw in (4, 8) if bm * block_d <= 128 * 128]
+
+
+def fwd_default(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) without autotuning: q/k/v tiles within registers for the widest heads
+    (D=160 -> BLOCK_D 256), one of :func:`fwd_candidates`."""
+    if dtype == torch.float32:
+        return (64, 8) if block_d <= 64 else (32, 8)
+    return (64, 4) if block_d <= 64 else (32, 8)
+
+
+def bwd_config(block_d: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) of the backward (on a GPU; the interpreter uses BLOCK_M 64): it holds about
+    3x the forward's tiles (dS, dP, the partials), so smaller row blocks."""
+    return (32, 4) if block_d <= 64 else (16, 8)
 
 
 def _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_m, block_n, block_d, num_warps):
@@ -269,10 +293,7 @@ def cross_attention_lse_bwd(
     block_n = max(16, triton.next_power_of_2(Lk))
     block_d = max(16, triton.next_power_of_2(D))
     if block_m is None:
-        # The backward holds ~3x the forward's tiles (dS, dP, the partials): smaller row blocks.
-        block_m = 32 if block_d <= 64 else 16
-        if q.device.type == "cpu":
-            block_m = 64
+        block_m = 64 if q.device.type == "cpu" else bwd_config(block_d)[0]
     n_mblocks = triton.cdiv(Lq, block_m)
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     dk_part = torch.empty((B * H, n_mblocks, Lk, D), dtype=torch.float32, device=q.device)
@@ -294,7 +315,7 @@ def cross_attention_lse_bwd(
         HAS_MASK=key_mask is not None,
         IEEE=(q.dtype == torch.float32),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4 if block_d <= 64 else 8,
+        num_warps=bwd_config(block_d)[1],
     )
     dk = dk_part.sum(dim=1).view(B, H, Lk, D).to(k.dtype)
     dv = dv_part.sum(dim=1).view(B, H, Lk, D).to(v.dtype)

@@ -85,7 +85,7 @@ def error_reduce_fwd(pred, target, row_target, row_image, row_text, row_timestep
         # Candidates run on scratch copies of the score buffers (the kernel writes them in place, and
         # scores accumulate), made only when a shape is timed, not on every call.
         key = ("error_reduce", triton.next_power_of_2(F), pred.dtype, bool(mse))
-        configs = [(bf, nw) for bf in (256, 512, 1024, 2048) for nw in (2, 4, 8) if bf <= max(256, 2 * F)]
+        configs = candidates(F)
         scratch: list = []
 
         def candidate(c):
@@ -97,6 +97,11 @@ def error_reduce_fwd(pred, target, row_target, row_image, row_text, row_timestep
         block_f, num_warps = _tuning.pick(key, configs, candidate)
     return _launch(pred, target, row_target, row_image, row_text, row_timestep, uncond, per_t, scores, mse,
                    normalize, M, block_f, num_warps)
+
+
+def candidates(F: int) -> list[tuple[int, int]]:
+    """(BLOCK_F, num_warps) pairs the autotuner times for rows of F elements."""
+    return [(bf, nw) for bf in (256, 512, 1024, 2048) for nw in (2, 4, 8) if bf <= max(256, 2 * F)]
 
 
 def _launch(pred, target, row_target, row_image, row_text, row_timestep, uncond, per_t, scores, mse, normalize, M,

@@ -17,7 +17,7 @@ def unet_inputs(tiny, B=3):
     x = torch.randn(B, *tiny.latent_shape, generator=g)
     t = torch.tensor([10, 500, 990][:B])
     ids = tiny.tokenizer(["a red dog", "a blue circle left of a cat", ""][:B], padding="max_length",
-                         max_length=77, return_tensors="pt").input_ids
+                         max_length=77, return_tensors="pt").input_ids.to(tiny.text_encoder.device)
     with torch.no_grad():
         emb = tiny.text_encoder(ids)[0]
     return x, t, emb
@@ -76,7 +76,7 @@ def test_masked_processors_capture_in_a_cuda_graph():
     from fastitm.cuda_graphs import UNetRunner
 
     tiny = fastitm.testing.tiny_model(seed=0).to(device="cuda")
-    x, t, emb = (a.cuda() for a in unet_inputs(tiny))
+    x, t, emb = (a.cuda() for a in unet_inputs(tiny))  # the text encoder runs where the model is
     mask = torch.ones(3, 77, dtype=torch.bool, device="cuda")
     mask[:, 20:] = False
     sink = PooledScores()

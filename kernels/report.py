@@ -1,0 +1,204 @@
+"""Compile every Triton kernel for a GPU that is not here, and read what the compiler made of it.
+
+    python -m fastitm.kernels.report [--target 90 80] [--dtype bf16 fp16 fp32] [--json FILE]
+
+For each kernel (cross-attention LSE forward and backward, error reduction), each configuration its
+launcher may pick (the autotune candidates, or the fixed one) and each dtype it serves, at the
+Stable Diffusion shapes (77 keys -> BLOCK_N 128, head dim 64 -> BLOCK_D 64), ``triton.compile``
+builds the cubin for ``GPUTarget("cuda", cc, 32)`` and the ``cuobjdump`` shipped with Triton reads
+its registers, local memory (spills) and SASS (tensor-core instructions: HGMMA on sm_90, HMMA on
+sm_80). Programs per SM follow from registers, shared memory and warps. No GPU and no CUDA toolkit
+are needed; ``tests/test_kernel_compile.py`` runs this in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+from . import cross_attention_lse as cal
+from . import error_reduce as er
+
+# Per-SM limits by compute capability: registers, shared memory (bytes), warps, resident blocks.
+SM_LIMITS = {90: (65536, 228 * 1024, 64, 32), 80: (65536, 164 * 1024, 64, 32)}
+MAX_SHARED_PER_BLOCK = {90: 227 * 1024, 80: 163 * 1024}
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+BLOCK_N, BLOCK_D = 128, 64  # 77 CLIP keys, head dim 64
+ERROR_F = 4 * 64 * 64  # one SD 2.1 latent row
+
+
+@dataclass
+class Row:
+    kernel: str
+    config: str
+    dtype: str
+    target: str
+    registers: int
+    shared_bytes: int
+    local_bytes: int  # spills
+    mma: str  # HGMMA, HMMA or none
+    programs_per_sm: int
+    compile_s: float
+
+
+def _ints(names):
+    return {n: "i32" for n in names}
+
+
+def _attention_signature(kernel, dtype: str, backward: bool) -> dict:
+    names = kernel.arg_names
+    sig = {}
+    for n in names:
+        if n in ("POOL_PROBS", "HAS_MASK", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_D"):
+            sig[n] = "constexpr"
+        elif n in ("Q", "K", "V", "O", "DO", "DQ"):
+            sig[n] = f"*{dtype}"
+        elif n in ("PARTIAL", "DPOOL", "DK_PART", "DV_PART"):
+            sig[n] = "*fp32"
+        elif n == "MASK":
+            sig[n] = "*i8"
+        elif n in ("scale", "lam"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    return sig
+
+
+def _error_signature(dtype: str) -> dict:
+    sig = {n: "*i64" for n in ("ROW_TARGET", "ROW_IMAGE", "ROW_TEXT", "ROW_T")}
+    sig.update({"PRED": f"*{dtype}", "TARGET": f"*{dtype}", "UNCOND": "*fp32", "PER_T": "*fp32", "SCORES": "*fp32",
+                "ROW_ERR": "*fp32"})
+    sig.update(_ints(("stride_pred", "stride_target", "F", "M", "T")))
+    sig.update({n: "constexpr" for n in ("PHASE", "MSE", "NORMALIZE", "HAS_PER_T", "HAS_SCORES", "BLOCK_F")})
+    return {n: sig[n] for n in er._error_reduce_fwd_kernel.arg_names}
+
+
+def cases(dtypes=(torch.bfloat16, torch.float16, torch.float32)):
+    """(kernel name, jit function, signature, constexprs, num_warps, config label, dtype) for everything the
+    launchers may compile at the SD shapes."""
+    out = []
+    for dtype in dtypes:
+        t = TYPES[dtype]
+        ieee = dtype == torch.float32
+        for bm, nw in cal.fwd_candidates(BLOCK_D, dtype):
+            consts = {"POOL_PROBS": False, "HAS_MASK": False, "IEEE": ieee, "BLOCK_M": bm, "BLOCK_N": BLOCK_N,
+                      "BLOCK_D": BLOCK_D}
+            out.append(("cross_attention_lse_fwd", cal._cross_attention_lse_fwd_kernel,
+                        _attention_signature(cal._cross_attention_lse_fwd_kernel, t, False), consts, nw,
+                        f"BLOCK_M={bm} warps={nw}", t))
+        bm, nw = cal.bwd_config(BLOCK_D)
+        consts = {"POOL_PROBS": False, "HAS_MASK": False, "IEEE": ieee, "BLOCK_M": bm, "BLOCK_N": BLOCK_N,
+                  "BLOCK_D": BLOCK_D}
+        out.append(("cross_attention_lse_bwd", cal._cross_attention_lse_bwd_kernel,
+                    _attention_signature(cal._cross_attention_lse_bwd_kernel, t, True), consts, nw,
+                    f"BLOCK_M={bm} warps={nw}", t))
+        for bf, nw in er.candidates(ERROR_F):
+            consts = {"PHASE": 1, "MSE": False, "NORMALIZE": True, "HAS_PER_T": True, "HAS_SCORES": False,
+                      "BLOCK_F": bf}
+            out.append(("error_reduce", er._error_reduce_fwd_kernel, _error_signature(t), consts, nw,
+                        f"BLOCK_F={bf} warps={nw}", t))
+    return out
+
+
+def cuobjdump() -> str:
+    found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "**", "bin", "cuobjdump"), recursive=True)
+    if not found:
+        raise FileNotFoundError("cuobjdump is not in this Triton package (it ships with Triton's NVIDIA backend)")
+    return found[0]
+
+
+def programs_per_sm(cc: int, registers: int, shared: int, warps: int) -> int:
+    regs_sm, shared_sm, warps_sm, blocks_sm = SM_LIMITS[cc]
+    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    by_regs = regs_sm // max(1, per_warp * warps)
+    by_shared = shared_sm // shared if shared else blocks_sm
+    return min(by_regs, by_shared, warps_sm // warps, blocks_sm)
+
+
+def compile_case(case, cc: int, tool: str | None = None) -> Row:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, fn, sig, consts, nw, label, dtype = case
+    tool = tool or cuobjdump()
+    t0 = time.perf_counter()
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", cc, 32),
+                            options={"num_warps": nw})
+    seconds = time.perf_counter() - t0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    fields = {}
+    for line in usage.splitlines():
+        if "REG:" in line:
+            for item in line.split():
+                key, _, value = item.partition(":")
+                if value.isdigit():
+                    fields[key] = int(value)
+    registers = fields.get("REG", 0)
+    shared = max(int(kernel.metadata.shared), fields.get("SHARED", 0))  # dynamic (launch) or static
+    mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
+    return Row(name, label, dtype, f"sm_{cc}", registers, shared, fields.get("LOCAL", 0), mma,
+               programs_per_sm(cc, registers, shared, nw), round(seconds, 1))
+
+
+def problems(row: Row) -> list[str]:
+    """What disqualifies a configuration: spills, shared memory over the target's per-block limit,
+    and a half-precision matrix kernel without tensor-core instructions."""
+    out = []
+    if row.local_bytes:
+        out.append(f"spills {row.local_bytes} bytes to local memory")
+    if row.shared_bytes > MAX_SHARED_PER_BLOCK[int(row.target[3:])]:
+        out.append(f"shared memory {row.shared_bytes} over the per-block limit")
+    if row.kernel.startswith("cross_attention") and row.dtype != "fp32" and row.mma == "none":
+        out.append("no tensor-core instruction (HGMMA/HMMA) in a half-precision matrix kernel")
+    return out
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| kernel | config | dtype | target | registers | shared (B) | spills (B) | MMA | programs/SM | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.kernel} | {r.config} | {r.dtype} | {r.target} | {r.registers} | {r.shared_bytes} | {r.local_bytes} "
+              f"| {r.mma} | {r.programs_per_sm} | {r.compile_s} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS))
+    p.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=list(TYPES.values()))
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    dtypes = [d for d, n in TYPES.items() if n in args.dtype]
+    tool = cuobjdump()
+    rows = []
+    print(f"Triton {triton.__version__}; shapes: 77 keys (BLOCK_N {BLOCK_N}), head dim 64 (BLOCK_D {BLOCK_D}), "
+          f"error rows of {ERROR_F} elements", flush=True)
+    for cc in args.target:
+        for case in cases(dtypes):
+            rows.append(compile_case(case, cc, tool))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    bad = [(r, problems(r)) for r in rows if problems(r)]
+    for r, why in bad:
+        print(f"problem: {r.kernel} {r.config} {r.dtype} {r.target}: {'; '.join(why)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
