@@ -1,0 +1,46 @@
+"""Every Triton kernel compiled for Hopper (sm_90) without a GPU: the autotune candidates and the
+fixed configurations the launchers may pick, in the dtypes they serve, at the Stable Diffusion shapes.
+bf16 stands for both half types (the same code; equal registers in the full table). A compile error, a spill to local memory, shared memory over the target's limit or a half-precision
+matrix kernel without tensor-core instructions fails. ``python -m fastitm.kernels.report --quick`` runs
+in a subprocess (the test session runs Triton interpreted, which cannot compile); its full table, with
+sm_80 and the fp32 backward (about 40 s of compile here), is in bench/RESULTS.md."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+report = pytest.importorskip("fastitm.kernels.report")
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+    try:
+        report.cuobjdump()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "fastitm.kernels.report", "--target", "90", "--quick", "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.is_file(), res.stdout[-2000:] + res.stderr[-2000:]
+    rows = [report.Row(**r) for r in json.loads(out.read_text())["rows"]]
+    kinds = {(r.kernel, r.dtype) for r in rows}
+    assert ("cross_attention_lse_fwd", "bf16") in kinds and ("cross_attention_lse_bwd", "bf16") in kinds
+    assert ("cross_attention_lse_fwd", "fp32") in kinds and ("error_reduce", "bf16") in kinds
+    for r in rows:
+        assert report.problems(r) == [], r
+        assert r.registers > 0 and r.programs_per_sm >= 1, r
+        if r.kernel.startswith("cross_attention") and r.dtype != "fp32":
+            assert r.mma in ("HGMMA", "HMMA"), r
+    assert res.returncode == 0, res.stdout[-2000:]
+
+
+def test_programs_per_sm_by_hand():
+    # 214 registers: ceil(214 * 32 / 256) * 256 = 6912 per warp, x 4 warps = 27648 -> 65536 // 27648 = 2
+    assert report.programs_per_sm(90, 214, 49152, 4) == 2
+    assert report.programs_per_sm(90, 32, 100 * 1024, 4) == 2  # shared memory: 2 x 100 KB in 228 KB
+    assert report.programs_per_sm(90, 32, 1024, 8) == 8  # warps: 64 per SM, 8 per program
+    bad = report.Row("cross_attention_lse_fwd", "x", "bf16", "sm_90", 100, 300 * 1024, 64, "none", 1, 0.0)
+    assert len(report.problems(bad)) == 3
