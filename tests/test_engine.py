@@ -250,11 +250,17 @@ def test_checkpoint_of_another_run_is_refused(tiny, tmp_path):
         fastitm.score(imgs, ["a"], model=tiny, timesteps=1, checkpoint=str(tmp_path / "no" / "c.pt"))
 
 
-def test_unet_runner_eager_interface(tiny):
-    """The runner the engine calls: eager on CPU, same outputs as the UNet, bucket enforced."""
+def test_unet_runner_eager_interface(tiny, monkeypatch):
+    """The runner the engine calls: eager on CPU, same outputs as the UNet, bucket enforced; graphs
+    only on CUDA and only when asked for (off by default: the H200 run in bench/RESULTS.md)."""
     from fastitm.cuda_graphs import UNetRunner, graphs_enabled
 
-    assert not graphs_enabled(torch.device("cpu"))
+    monkeypatch.delenv("FASTITM_CUDA_GRAPHS", raising=False)
+    assert not graphs_enabled(torch.device("cpu")) and not graphs_enabled(torch.device("cuda"))
+    monkeypatch.setenv("FASTITM_CUDA_GRAPHS", "1")
+    assert graphs_enabled(torch.device("cuda")) and not graphs_enabled(torch.device("cpu"))
+    monkeypatch.setenv("FASTITM_CUDA_GRAPHS", "0")
+    assert not graphs_enabled(torch.device("cuda"))
     runner = UNetRunner(tiny.unet, None, bucket=4, use_graph=False)
     x = torch.randn(3, 4, 8, 8)
     t = torch.tensor([10, 500, 990])
