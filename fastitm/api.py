@@ -30,6 +30,7 @@ def score(
     checkpoint_every: float = 60.0,
     distributed: bool = False,
     pairs: Any = None,
+    adaptive: Any = None,
     **options: Any,
 ) -> ScoreResult:
     """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
@@ -63,14 +64,22 @@ def score(
         device, and every rank gets the full result (see :mod:`fastitm.distributed`). Without a
         process group the call runs in this process alone.
 
+    adaptive: paired racing (:mod:`fastitm.racing`), for every method: True, or a dict of ``alpha``
+        (0.05: per image, the largest probability of dropping its best text), ``min_timesteps`` (5),
+        ``round_size`` (5) and ``keep`` (1: the image stops when this many texts are left). The plan's
+        timesteps run in rounds in a spread order; after each round a text worse than the image's best
+        by a paired test is dropped (its score is -inf; ``res.partial_means`` keeps its mean over the
+        timesteps it ran). The candidates of an image are its requested texts (``pairs=``).
+
     ``res.stats`` counts the work: UNet rows computed, VAE images, text encodes, rows saved by
-    adaptive elimination (``diffusion_classifier``, ``elimination=[(T_1, keep_1), ...]``).
+    adaptive elimination (``diffusion_classifier``, ``elimination=[(T_1, keep_1), ...]``) or racing
+    (``stats["racing"]``: rows and timesteps per image, and whether it ran to the plan's end).
     """
     from . import engine
 
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
-                      backend=backend, pairs=pairs)
+                      backend=backend, pairs=pairs, adaptive=adaptive)
     if distributed:
         from .distributed import is_distributed, score_sharded
 

@@ -32,6 +32,25 @@ def _parse_option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+def _parse_adaptive(text: str | None):
+    """``--adaptive`` alone: racing with its defaults; ``--adaptive alpha=0.01,min_timesteps=5``: those
+    options (see fastitm.racing.RaceOptions)."""
+    if text is None:
+        return None
+    if text == "on":
+        return True
+    out: dict = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"--adaptive expects KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        try:
+            out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"--adaptive {key.strip()}={value!r}: expected a number") from None
+    return out
+
+
 def format_table(matrix, row_names: Sequence[str], col_names: Sequence[str], width: int = 18) -> str:
     """Scores as a text table; the best text of each image is marked with '*'."""
 
@@ -88,6 +107,7 @@ def check_output_path(path: str, what: str) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from . import score
+    from .racing import RaceOptions
     from .common import check_arguments
     from .engine import Interrupted, check_checkpoint_path
 
@@ -103,12 +123,14 @@ def cmd_score(args: argparse.Namespace) -> int:
                     plan=None, resize=args.resize, latent=args.latent, scheme=args.scheme, noise=args.noise,
                     preset=args.preset, options=options, backend=args.backend)
 
+    adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))
     model = _load(args.model, args.dtype, args.device, args.method, _levers(args))
     try:
         res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
                     seed=args.seed, preset=args.preset, resize=args.resize, scheme=args.scheme, latent=args.latent,
                     noise=args.noise, backend=args.backend, batch_size=args.batch_size,
-                    progress=None if not args.no_progress else False, checkpoint=args.checkpoint, **options)
+                    progress=None if not args.no_progress else False, checkpoint=args.checkpoint,
+                    adaptive=adaptive, **options)
     except Interrupted as e:
         print(f"fastitm: {e}", file=sys.stderr)
         return 130
@@ -131,6 +153,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import distributed as dist
     from .evaluate import run
+    from .racing import RaceOptions
 
     options = dict(args.option or [])
     for name in ("preset", "resize", "latent", "scheme", "noise"):
@@ -141,6 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file; give a folder for report.json, report.md and the plot")
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint")
+    adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))
     # Under torchrun: one process per GPU (or CPU process with gloo); rank 0 reports.
     dist.init_from_env(args.device)
     device = dist.local_device(args.device)
@@ -149,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  timesteps=10 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
                  batch_size=args.batch_size, progress=None if not args.no_progress else False,
-                 checkpoint=args.checkpoint, **options)
+                 checkpoint=args.checkpoint, adaptive=adaptive, **options)
     if dist.rank() != 0:
         return 0
     written = report.save(out)
@@ -267,6 +291,10 @@ def _scoring_arguments() -> argparse.ArgumentParser:
                    help="denoiser rows per forward pass (default: from the device: on CUDA what fits half the free "
                         "memory, on the CPU 32 for small latents)")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c.add_argument("--adaptive", nargs="?", const="on", default=None, metavar="KEY=VALUE,...",
+                   help="paired racing: drop a text once a paired test says it is worse than the image's best "
+                   "(fewer denoiser rows); alone for the defaults (alpha=0.05,min_timesteps=5,round_size=5,keep=1) "
+                   "or with those options")
     return c
 
 

@@ -35,6 +35,8 @@ class Run:
     image_offset: int = 0
     # Which (image, text) pairs to score, bool [N, M]; None: all of them.
     pairs: torch.Tensor | None = None
+    # Paired racing (fastitm.racing.RaceOptions), or None: every requested pair on every timestep.
+    race: Any = None
 
     def requested(self) -> torch.Tensor:
         """bool [N, M]: the pairs to score."""
@@ -83,12 +85,15 @@ def prepare_run(
     preset: str | None = None,
     backend: str = "auto",
     pairs: Any = None,
+    adaptive: Any = None,
 ) -> Run:
     """Validate everything before any model work, so a bad argument fails in milliseconds: the
     arguments first, then (loading the embedded model only now when ``model`` is None) what needs
     the model."""
     from .model import Model
+    from .racing import RaceOptions
 
+    race = RaceOptions.parse(adaptive)
     preset, choices, spec, texts = check_arguments(images, texts, method=method, timesteps=timesteps, seed=seed,
                                                    plan=plan, resize=resize, latent=latent, scheme=scheme,
                                                    noise=noise, preset=preset, options=options, backend=backend)
@@ -110,8 +115,11 @@ def prepare_run(
         choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)
     plan.check_model(model)
     check_rounds(spec.options.get("elimination"), len(plan))
+    if race is not None and spec.options.get("elimination"):
+        raise ValueError("adaptive= and elimination= both choose which candidates to drop; give one of them "
+                         "(adaptive racing decides per item by a paired test, elimination by a fixed schedule)")
     return Run(model, pixels, texts, plan, spec, preset, choices,
-               pairs=None if pairs is None else check_pairs(pairs, pixels.shape[0], len(texts)))
+               pairs=None if pairs is None else check_pairs(pairs, pixels.shape[0], len(texts)), race=race)
 
 
 def check_pairs(pairs: Any, n_images: int, n_texts: int) -> torch.Tensor:

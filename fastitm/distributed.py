@@ -91,6 +91,11 @@ def score_sharded(run, *, backend: str, batch_size: int | None, progress: bool |
     per_t = torch.cat([p[1] for p in parts])
     stats = {"ranks": world_size(), "unet_rows": sum(p[2]["unet_rows"] for p in parts),
              "per_rank": [p[2] for p in parts]}
+    if run.race is not None:  # per-image lists in image order, as one process gives them
+        races = [p[2]["racing"] for p in parts]
+        stats["racing"] = {"options": races[0]["options"], "dropped": sum(r["dropped"] for r in races),
+                           **{k: [v for r in races for v in r[k]] for k in ("rows_per_image", "timesteps_per_image",
+                                                                          "plan_end")}}
     return ScoreResult(matrix=matrix, plan=run.plan, method=run.spec.name, options=dict(run.spec.options),
                        backend=parts[0][3], per_timestep=per_t, stats=stats, preset=run.preset,
                        choices=dict(run.choices), family=run.model.family)

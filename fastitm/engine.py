@@ -130,6 +130,8 @@ def fingerprint(run: Run) -> str:
     add(plan.noise)
     add((plan.latent, plan.seed, plan.noise_mode))
     add(run.pairs)
+    if run.race is not None:  # racing computes other cells (added only then: other runs' keys are unchanged)
+        add(("race", sorted(vars(run.race).items())))
     add((m.family, str(m.dtype), m.prediction, m.scaling_factor))
     add(sorted((k, v) for k, v in m.scheduler.config.items() if not k.startswith("_")))
     add(model_digest(m))
@@ -171,6 +173,7 @@ class _State:
         self.uncond = torch.zeros(N, T, dtype=torch.float32, device=device)
         self.attn_uncond = torch.zeros(N, T, dtype=torch.float32, device=device)
         self.done = torch.zeros(N, M + 1, T, dtype=torch.bool)
+        self.live: torch.Tensor | None = None  # racing's survivors [N, M] (derived from per_t: not saved)
 
     def save(self, path: Path, key: str) -> None:
         # A temporary file of our own in the same folder, then an atomic rename: an interruption
@@ -269,6 +272,9 @@ def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     one stage of every row. With it, one stage per round (:func:`fastitm.methods.elimination_stages`)
     and a last one for the survivors; each is generated after the previous stage's errors are in
     ``state``, and survivors are ranked by the mean over every timestep evaluated so far."""
+    if run.race is not None:
+        yield from _race_stages(run, state)
+        return
     T = len(run.plan)
     spec = run.spec
     rounds = spec.options.get("elimination")
@@ -280,6 +286,50 @@ def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
         if r < len(stages) - 1:
             seen += ks
             alive = survivors(state.per_t[:, :, seen].cpu().mean(dim=2), alive, rounds[r][1])
+
+
+def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
+    """Racing (:mod:`fastitm.racing`): the plan's timesteps in spread order, one stage per round; after
+    each, :func:`fastitm.racing.step` decides each racing image's texts on the per-timestep scores
+    computed so far. An image stops when ``keep`` texts are left. Decisions are a function of those
+    scores alone, so batching, resuming and sharding by image take the same ones. ``state.live``:
+    the survivors."""
+    from .methods import spread_order
+    from .racing import step
+
+    opts, T = run.race, len(run.plan)
+    order = spread_order(T)
+    requested = run.requested()
+    state.live = requested.clone()
+    racing = requested.sum(dim=1) > opts.keep  # images with something to decide
+    start = 0
+    for r, stop in enumerate(opts.looks(T) + [T]):
+        # The first round runs every requested text (each gets a mean, even where nothing is decided);
+        # later rounds only the live texts of images still racing.
+        alive = state.live if r == 0 else state.live & racing[:, None]
+        yield stage_chunks(alive, order[start:stop], run.spec.needs_uncond)
+        start = stop
+        if stop == T:
+            break
+        seen = torch.tensor(order[:stop])
+        per_t = state.per_t.cpu()
+        for i in racing.nonzero().flatten().tolist():
+            cand = requested[i].nonzero().flatten()
+            live = step(per_t[i, cand][:, seen], state.live[i, cand], T, opts)
+            state.live[i, cand] = live
+            if int(live.sum()) <= opts.keep:
+                racing[i] = False
+
+
+def racing_stats(run: Run, state: _State) -> dict:
+    """Per image: denoiser rows spent (the unconditional row included), the timesteps it ran and
+    whether that was the plan's end; the options; texts dropped in all."""
+    T = len(run.plan)
+    steps = state.done.any(dim=1).sum(dim=1)
+    live = state.live if state.live is not None else run.requested()
+    return {"options": dict(vars(run.race)), "rows_per_image": state.done.sum(dim=(1, 2)).tolist(),
+            "timesteps_per_image": steps.tolist(), "plan_end": (steps == T).tolist(),
+            "dropped": int((run.requested() & ~live).sum())}
 
 
 def survivors(scores: torch.Tensor, alive: torch.Tensor, keep: int) -> torch.Tensor:
@@ -306,6 +356,11 @@ def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) 
     matrix = matrix.masked_fill(~finished, float("nan"))  # unfinished, or not asked for (pairs=)
     if run.spec.options.get("elimination") and complete:
         matrix = matrix.masked_fill(~finished & requested, float("-inf"))  # eliminated candidates
+    if run.race is not None:
+        stats["racing"] = racing_stats(run, state)
+        if complete:  # survivors: their mean over the timesteps they ran; dropped texts: -inf
+            partial = per_t.nanmean(dim=2)
+            matrix = torch.where(state.live, partial, torch.where(requested, float("-inf"), float("nan")))
     if complete:
         bad = int(torch.isnan(matrix[requested]).sum())
         if bad:  # never silently: NaN scores mean the model overflowed (e.g. fp16) or had NaN weights

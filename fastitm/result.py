@@ -71,6 +71,14 @@ class ScoreResult:
     def shape(self) -> tuple[int, int]:
         return tuple(self.matrix.shape)
 
+    @property
+    def partial_means(self) -> torch.Tensor | None:
+        """[N_images, N_texts]: each pair's mean over the timesteps it was scored at (NaN where none),
+        the score racing or elimination had when it dropped a text; None without ``per_timestep``."""
+        if self.per_timestep is None:
+            return None
+        return self.per_timestep.nanmean(dim=2)
+
     def text_retrieval(self, k: int = 1) -> torch.Tensor:
         """[N_images, k]: for each image, the indices of its k best texts, best first."""
         k = self._check_k(k, self.matrix.shape[1], "texts")

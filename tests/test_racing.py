@@ -114,3 +114,113 @@ def test_bad_options_name_the_option(adaptive, match):
 def test_parse():
     assert RaceOptions.parse(False) is None and RaceOptions.parse(True) == RaceOptions()
     assert RaceOptions.parse({"alpha": 0.01, "keep": 5}) == RaceOptions(alpha=0.01, keep=5)
+
+
+# -- racing in the engine (fastitm.score(adaptive=...)) ---------------------------------------------------
+
+import fastitm  # noqa: E402
+from fastitm.testing import assert_close  # noqa: E402
+
+RACE_TEXTS = ["a red dog", "a blue circle left of a cat", "two green squares", "a yellow car on a road",
+              "an empty room"]
+# A loose level and short rounds so the tiny random model drops texts within 12 timesteps.
+LOOSE = {"alpha": 0.6, "min_timesteps": 3, "round_size": 2}
+
+
+def _race_inputs():
+    return torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(11)), RACE_TEXTS
+
+
+@pytest.mark.parametrize("method", ["diffusion_itm", "discffusion", "diffusion_classifier"])
+def test_engine_races_as_the_simulation_decides_on_the_reference_scores(tiny, method):
+    """The engine's decisions equal racing simulated on the reference's per-timestep scores of the
+    same plan, and every row it computed equals the reference's."""
+    imgs, texts = _race_inputs()
+    opts = dict(model=tiny, method=method, timesteps=12, seed=3, batch_size=7)
+    res = fastitm.score(imgs, texts, adaptive=LOOSE, **opts)
+    ref = fastitm.reference.score(imgs, texts, model=tiny, method=method, plan=res.plan)
+    race = RaceOptions.parse(LOOSE)
+    done = ~res.per_timestep.isnan()
+    assert_close(res.per_timestep[done], ref.per_timestep[done], rtol=1e-5, atol=2e-5, name="rows raced")
+    rows = 0
+    for i in range(imgs.shape[0]):
+        sim = simulate(ref.per_timestep[i], race)
+        survivors = res.matrix[i].isfinite()
+        assert torch.equal(survivors, sim.live), (i, survivors, sim.live)
+        assert torch.equal(done[i].sum(dim=1), sim.timesteps), i
+        assert_close(res.matrix[i][survivors], sim.means[sim.live].float(), rtol=1e-5, atol=2e-5)
+        assert res.stats["racing"]["timesteps_per_image"][i] == sim.stopped
+        rows += res.stats["racing"]["rows_per_image"][i]
+    assert rows == res.stats["unet_rows"] < (13 if method == "diffusion_itm" else 12) * 3 * len(texts)
+    assert res.stats["racing"]["dropped"] == int((res.matrix == float("-inf")).sum()) > 0
+    # the dropped texts keep the mean they had when they were dropped
+    dropped = res.matrix == float("-inf")
+    assert res.partial_means[dropped].isfinite().all()
+
+
+def test_alpha_zero_is_the_full_plan_and_batching_does_not_change_decisions(tiny):
+    imgs, texts = _race_inputs()
+    opts = dict(model=tiny, timesteps=12, seed=3)
+    full = fastitm.score(imgs, texts, batch_size=16, **opts)
+    zero = fastitm.score(imgs, texts, adaptive={**LOOSE, "alpha": 0.0}, batch_size=5, **opts)
+    assert zero.stats["unet_rows"] == full.stats["unet_rows"] and all(zero.stats["racing"]["plan_end"])
+    assert_close(zero.matrix, full.matrix, rtol=1e-5, atol=2e-5)
+    a = fastitm.score(imgs, texts, adaptive=LOOSE, batch_size=3, **opts)
+    b = fastitm.score(imgs, texts, adaptive=LOOSE, batch_size=64, **opts)
+    assert torch.equal(a.matrix.isinf(), b.matrix.isinf()) and a.stats["racing"] == b.stats["racing"]
+    fin = a.matrix.isfinite()
+    assert_close(a.matrix[fin], b.matrix[fin], rtol=1e-5, atol=2e-5)
+
+
+def test_racing_respects_pairs_and_keep(tiny):
+    imgs, texts = _race_inputs()
+    pairs = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    res = fastitm.score(imgs, texts, model=tiny, timesteps=12, seed=3, pairs=pairs, adaptive={**LOOSE, "keep": 2})
+    assert res.matrix[~pairs].isnan().all()  # never asked for
+    survivors = res.matrix.isfinite()
+    assert (survivors.sum(dim=1) >= torch.tensor([2, 2, 1])).all()
+    # image 2 has one candidate: scored on the first round only, nothing to decide
+    assert res.stats["racing"]["timesteps_per_image"][2] == LOOSE["min_timesteps"] and survivors[2, 0]
+
+
+def test_racing_resumes_to_the_uninterrupted_result(tiny, tmp_path):
+    imgs, texts = _race_inputs()
+    kw = dict(model=tiny, timesteps=12, seed=3, batch_size=4, adaptive=LOOSE)
+    full = fastitm.score(imgs, texts, **kw)
+    ckpt = tmp_path / "race.pt"
+    seen = [0]
+
+    def hook(module, args, kwargs):
+        seen[0] += 1
+        if seen[0] == 6:
+            import signal
+
+            signal.raise_signal(signal.SIGINT)
+
+    h = tiny.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    from fastitm.engine import Interrupted
+
+    try:
+        with pytest.raises(Interrupted) as info:
+            fastitm.score(imgs, texts, checkpoint=str(ckpt), checkpoint_every=1e9, **kw)
+    finally:
+        h.remove()
+    assert 0 < info.value.rows_done < full.stats["unet_rows"]
+    res = fastitm.score(imgs, texts, checkpoint=str(ckpt), **kw)
+    assert res.stats["unet_rows"] == full.stats["unet_rows"] - info.value.rows_done
+    assert torch.equal(res.matrix.isinf(), full.matrix.isinf()) and res.stats["racing"] == full.stats["racing"]
+    fin = full.matrix.isfinite()
+    assert_close(res.matrix[fin], full.matrix[fin], rtol=1e-5, atol=2e-5)
+    # a checkpoint of the full plan is not a racing run's: refused, named
+    with pytest.raises(Exception, match="checkpoint"):
+        fastitm.score(imgs, texts, model=tiny, timesteps=12, seed=3, checkpoint=str(ckpt))
+
+
+def test_adaptive_arguments_are_checked(tiny):
+    imgs, texts = _race_inputs()
+    with pytest.raises(ValueError, match="adaptive= and elimination="):
+        fastitm.score(imgs, texts, model=tiny, method="diffusion_classifier", elimination=[(2, 2)], adaptive=True)
+    with pytest.raises(ValueError, match="unknown adaptive option"):
+        fastitm.score(imgs, texts, model=tiny, adaptive={"alpha": 0.1, "rounds": 3})
+    with pytest.raises(ValueError, match="alpha"):
+        fastitm.score(imgs, texts, model=tiny, adaptive={"alpha": 1.5})

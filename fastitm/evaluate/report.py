@@ -87,6 +87,17 @@ class EvalReport:
             for r in self.racing:
                 name = "full plan" if r["alpha"] is None else f"racing, alpha {r['alpha']}"
                 lines.append(f"| {name} | {r['rows_per_item']:.1f} | {r['accuracy']:.4f} | {r['plan_end']:.0%} |")
+        raced = [i for i in self.items if "rows" in i]
+        if raced:
+            ends = sum(bool(i["plan_end"]) for i in raced)
+            lines += ["", f"Racing ({self.options.get('adaptive')}): {len(raced)} items, "
+                          f"{sum(i['rows'] for i in raced) / len(raced):.1f} denoiser rows per item (unconditional rows "
+                          f"included); {ends} ran to the plan's end. Per item: `rows`, `plan_end` in report.json."]
+        st = self.stats
+        if st.get("batches"):
+            lines += ["", f"Engine: {st['unet_rows']} denoiser rows in {st['batches']} batches of up to "
+                          f"{st['batch_size']} ({st['engine_calls']} calls, several items each): mean batch fill "
+                          f"{st['batch_fill']:.1%}."]
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path | None:

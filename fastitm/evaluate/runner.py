@@ -99,6 +99,50 @@ def _prepare(item: Item) -> tuple[Item, list[Any] | None]:
     return replace(by_index, images=[item.images[i] for i in by_index.images]), [images[i] for i in by_index.images]
 
 
+STREAM_BATCHES = 16  # denoiser batches per engine call in an evaluation: the last one of a call may be short
+
+
+def _rows(item: Item, images: list, T: int, needs_uncond: bool) -> int:
+    """Denoiser rows of one item on the full plan (its images x texts, plus each image's unconditional row)."""
+    return len(images) * (len(item.texts) + int(needs_uncond)) * T
+
+
+def _score_window(window: list, state, work: dict, score, *, model, method, plan, backend, batch_size, race,
+                  options) -> None:
+    """One engine call for the items of ``window`` [(index, item, images)]: images and texts side by side,
+    each image scored against its own item's texts only (``pairs=``); each item's block into ``state``.
+    Racing runs on the text-choice items (a separate call from the others when the window mixes them)."""
+    groups = [[w for w in window if race is not None and w[1].kind == "text"],
+              [w for w in window if race is None or w[1].kind != "text"]]
+    for group, raced in zip(groups, (True, False), strict=True):
+        if not group:
+            continue
+        images, texts, spans = [], [], []
+        for _, item, imgs in group:
+            spans.append((len(images), len(images) + len(imgs), len(texts), len(texts) + len(item.texts)))
+            images += list(imgs)
+            texts += list(item.texts)
+        pairs = torch.zeros(len(images), len(texts), dtype=torch.bool)
+        for i0, i1, j0, j1 in spans:
+            pairs[i0:i1, j0:j1] = True
+        res = score(images, texts, model=model, method=method, plan=plan, backend=backend, batch_size=batch_size,
+                    progress=False, pairs=pairs, adaptive=race if raced else None, **options)
+        work["unet_rows"] += res.stats["unet_rows"]
+        work["batches"] += -(-res.stats["unet_rows"] // batch_size)
+        work["calls"] += 1
+        racing = res.stats.get("racing")
+        for (idx, item, _), (i0, i1, j0, j1) in zip(group, spans, strict=True):
+            matrix, per_t = res.matrix[i0:i1, j0:j1].clone(), res.per_timestep[i0:i1, j0:j1].clone()
+            cands = matrix.tolist() if item.kind == "group" else (
+                matrix[0] if item.kind == "text" else matrix[:, 0]).tolist()
+            record = {"id": item.id, "kind": item.kind, "scores": jsonable(cands), "label": item.label,
+                      "tags": item.tags, "dropped": item.dropped, "kept": item.kept}
+            if racing is not None:
+                record["rows"] = sum(racing["rows_per_image"][i0:i1])
+                record["plan_end"] = all(racing["plan_end"][i0:i1])
+            state.done[idx] = (matrix, per_t, record)
+
+
 def _prefetch(items: list[Item], pool: ThreadPoolExecutor):
     """Yield futures of (item as scored, its decoded images), keeping PREFETCH decodes in flight."""
     futures: list[Future] = []
@@ -206,7 +250,8 @@ def _run_key(task, data, method, options, plan, model, items) -> str:
 def run(task: str, data: str | Path, *, model: Any = None, method: str | None = None, timesteps: int = 10,
         seed: int = 0, split: str | None = None, limit: int | None = None, skip_bad: bool = False,
         backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
-        checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, **options: Any) -> EvalReport:
+        checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, adaptive: Any = None,
+        stream: int = STREAM_BATCHES, **options: Any) -> EvalReport:
     """Evaluate ``model`` on a benchmark task read from ``data`` (see :data:`fastitm.evaluate.TASKS`).
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
@@ -220,15 +265,35 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     rerunning resumes with only the missing items. ``limit``: score only the first N items.
     ``skip_bad``: an unreadable image skips its item (listed in ``report.skipped``) instead of
     stopping the run.
+
+    Items are scored ``stream`` denoiser batches' worth at a time: one engine call over several items
+    (their images and texts side by side, each image scored only against its own item's texts through
+    ``pairs=``), so batches stay full across item boundaries; each item's scores are what scoring it
+    alone gives (to float rounding: CPU kernels may sum in another order in another batch). Checkpoints
+    save per finished item; a Ctrl-C loses at most the call in flight. With sampled latents
+    (``latent="sample"`` and its variant), whose seeds follow an image's position in its call, each
+    item gets a call of its own.
+
+    ``adaptive``: paired racing (``True`` or a dict, see :func:`fastitm.score`) among the texts of each
+    image: for text-choice items (ARO, SVO, CLEVR, Pets, ...); image-choice and Winoground items run
+    the full plan (racing over an image's texts does not decide their image direction). Each item
+    record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
+    racing dropped scores -inf in the metrics and ``null`` in the record's ``scores``.
     """
     from tqdm.auto import tqdm
 
     from .. import score
     from ..common import check_arguments, progress_disabled
     from ..model import Model, load_model
+    from ..speed import default_batch_size
+
+    from ..racing import RaceOptions
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int, got {limit!r}")
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 1:
+        raise ValueError(f"stream must be a positive int (denoiser batches per engine call), got {stream!r}")
+    race = RaceOptions.parse(adaptive)
     if method is None:
         defaults = task_defaults(task, timesteps)
         method = defaults.pop("method", "diffusion_itm")
@@ -265,11 +330,26 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
             ckpt = ckpt.with_name(f"{ckpt.name}.rank{dist.rank()}-of-{dist.world_size()}")
         if not ckpt.parent.is_dir():
             raise FileNotFoundError(f"checkpoint folder {ckpt.parent} does not exist")
-    state = _Progress(ckpt, _run_key(task, data, method, plan_options, plan, model, items) if ckpt else "")
+    if race is not None and plan_options.get("elimination"):
+        raise ValueError("adaptive= and elimination= both choose which candidates to drop; give one of them")
+    key_options = {**plan_options, **({"adaptive": vars(race)} if race is not None else {})}
+    state = _Progress(ckpt, _run_key(task, data, method, key_options, plan, model, items) if ckpt else "")
     last_save = time.monotonic()
     todo = [(offset + n, item) for n, item in enumerate(mine) if offset + n not in state.done
             and offset + n not in state.skipped and offset + n not in state.no_negative]
     show = progress_disabled(progress) if dist.rank() == 0 else True
+    bs = batch_size if batch_size is not None else default_batch_size(model)
+    per_call = 1 if plan.latent != "mean" else stream * bs  # rows per engine call (sampled latents: per item)
+    work = {"unet_rows": 0, "batches": 0, "calls": 0}
+    window: list = []
+
+    def flush():
+        if window:
+            _score_window(window, state, work, score, model=model, method=method, plan=plan, backend=backend,
+                          batch_size=bs, race=race, options=plan_options)
+            bar.update(dist.world_size() * len(window))
+            window.clear()
+
     try:
         with ThreadPoolExecutor(max_workers=2) as pool, \
                 tqdm(total=len(items), initial=max(0, len(items) - len(todo) * dist.world_size()),
@@ -287,24 +367,21 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                     state.no_negative[idx] = {"id": item.id, "dropped": item.dropped}
                     bar.update(dist.world_size())
                     continue
-                res = score(images, item.texts, model=model, method=method, plan=plan, backend=backend,
-                            batch_size=batch_size, progress=False, **plan_options)
-                cands = res.matrix.tolist() if item.kind == "group" else (
-                    res.matrix[0] if item.kind == "text" else res.matrix[:, 0]).tolist()
-                state.done[idx] = (res.matrix, res.per_timestep,
-                                   {"id": item.id, "kind": item.kind, "scores": jsonable(cands), "label": item.label,
-                                    "tags": item.tags, "dropped": item.dropped, "kept": item.kept})
-                bar.update(dist.world_size())
-                if time.monotonic() - last_save >= checkpoint_every:
-                    state.save()
-                    last_save = time.monotonic()
+                window.append((idx, item, images))
+                if sum(_rows(it, imgs, len(plan), spec.needs_uncond) for _, it, imgs in window) >= per_call:
+                    flush()
+                    if time.monotonic() - last_save >= checkpoint_every:
+                        state.save()
+                        last_save = time.monotonic()
+            flush()
     finally:  # finished work is kept on errors and Ctrl-C alike
         state.save()
-    parts = dist.gather((state.done, state.skipped, state.no_negative))
+    parts = dist.gather((state.done, state.skipped, state.no_negative, work))
     done: dict = {}
     skipped_all: dict = {}
     no_negative: dict = {}
-    for d, sk, nn in parts:
+    work = {k: sum(p[3][k] for p in parts) for k in work}  # every rank's engine work
+    for d, sk, nn, _ in parts:
         done.update(d)
         skipped_all.update(sk)
         no_negative.update(nn)
@@ -325,11 +402,16 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     metrics = task_metrics(scored, matrices)
     if any(i.label is not None or i.kind == "group" for i in scored):
         metrics.update(identical_counts(records, [no_negative[n] for n in sorted(no_negative)]))
-    eliminated = bool(opts.get("elimination"))
+    eliminated = bool(opts.get("elimination")) or race is not None  # per-timestep scores are partial
+    if race is not None:
+        opts["adaptive"] = dict(vars(race))
+    fill = work["unet_rows"] / (work["batches"] * bs) if work["batches"] else None
     return EvalReport(task=task, method=spec.name, options=jsonable(opts), metrics=metrics,
                       items=records, curve=[] if eliminated else curve(scored, per_t), plan=plan.describe(),
                       racing=[] if eliminated else racing_curve(scored, per_t),
                       data=str(data), preset=preset, choices=choices, skipped=skipped,
                       stats={"items": len(scored), "skipped": len(skipped), "no_negative": len(no_negative),
                              "backend": choose(backend, [torch.empty(0, device=model.device)], "fastitm eval"),
-                             "ranks": dist.world_size()})
+                             "ranks": dist.world_size(), "batch_size": bs, "engine_calls": work["calls"],
+                             "unet_rows": work["unet_rows"], "batches": work["batches"],
+                             "batch_fill": None if fill is None else round(fill, 4)})

@@ -1,0 +1,99 @@
+"""Racing in the engine vs the full plan, side by side in one process (issue 19's benchmark).
+
+    python bench/racing_bench.py [--examples 60] [--timesteps 50] [--rounds 1] [--json out.json]
+
+The embedded model on held-out synthetic images (:func:`fastitm.data.make_dataset`), one 2-way item per
+(image, hard-negative kind): the image against its caption and that negative, all five kinds. Both
+arms score every item in one ``fastitm.score`` call (``pairs=``: each item's image row against its own
+two captions) under the same plan; ``adaptive=True`` (or ``--alpha``) races, the other runs every
+timestep. Reported: accuracy of each; on the items whose full-plan choice is clear (a paired t-test of
+true minus other over all timesteps, two-sided p < 0.01) how often racing makes the same choice; the
+near-tie items; denoiser rows and wall time of each (median over ``--rounds`` alternating rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int, default=60, help="held-out images (x 5 kinds = items)")
+    p.add_argument("--timesteps", type=int, default=50)
+    p.add_argument("--alpha", type=float, nargs="+", default=[0.05])
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    from scipy.stats import ttest_1samp
+
+    import fastitm
+    from fastitm import data
+
+    model = fastitm.load_model()
+    examples = data.make_dataset(args.examples, "heldout", seed=7, size=model.resolution)
+    images, texts, items = [], [], []
+    for e in examples:
+        for kind, neg in e.negatives.items():
+            images.append(e.image)
+            items.append((kind, len(texts)))
+            texts += [e.caption, neg]
+    pairs = torch.zeros(len(images), len(texts), dtype=torch.bool)
+    for i, (_, j) in enumerate(items):
+        pairs[i, j : j + 2] = True
+    plan = fastitm.make_plan(model, args.timesteps, seed=0)
+    arms = {"full": None, **{f"alpha {a}": {"alpha": a} for a in args.alpha}}
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    results = {}
+    for _ in range(args.rounds):
+        for name, adaptive in arms.items():
+            t = time.perf_counter()
+            results[name] = fastitm.score(images, texts, model=model, plan=plan, pairs=pairs, adaptive=adaptive,
+                                          progress=False)
+            times[name].append(time.perf_counter() - t)
+
+    full = results["full"]
+    choice_full, clear, near = [], [], 0
+    for i, (kind, j) in enumerate(items):
+        d = (full.per_timestep[i, j] - full.per_timestep[i, j + 1]).double()
+        pval = float(ttest_1samp(d.numpy(), 0.0).pvalue) if d.std() > 0 else (0.0 if d.mean() != 0 else 1.0)
+        choice_full.append(0 if full.matrix[i, j] > full.matrix[i, j + 1] else 1)
+        clear.append(pval < 0.01)
+        near += pval >= 0.01
+    out = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} threads",
+           "model": model.source, "items": len(items), "kinds": sorted({k for k, _ in items}),
+           "timesteps": args.timesteps, "rounds": args.rounds, "clear_items": sum(clear), "near_ties": near, "arms": {}}
+    for name, res in results.items():
+        choice = [0 if res.matrix[i, j] > res.matrix[i, j + 1] else 1 for i, (_, j) in enumerate(items)]
+        acc = sum(c == 0 for c in choice) / len(items)
+        same_clear = sum(c == f for c, f, cl in zip(choice, choice_full, clear, strict=True) if cl)
+        per_kind = {}
+        for kind in out["kinds"]:
+            idx = [n for n, (k, _) in enumerate(items) if k == kind]
+            per_kind[kind] = round(sum(choice[n] == 0 for n in idx) / len(idx), 4)
+        out["arms"][name] = {
+            "accuracy": round(acc, 4), "accuracy_by_kind": per_kind,
+            "same_choice_on_clear_items": f"{same_clear}/{sum(clear)}",
+            "unet_rows": res.stats["unet_rows"], "wall_s": [round(x, 2) for x in times[name]],
+            "wall_median_s": round(statistics.median(times[name]), 2),
+            "plan_end_items": (sum(res.stats["racing"]["plan_end"]) if "racing" in res.stats else len(items))}
+    base = out["arms"]["full"]
+    for name, arm in out["arms"].items():
+        arm["rows_vs_full"] = round(base["unet_rows"] / arm["unet_rows"], 2)
+        arm["wall_vs_full"] = round(base["wall_median_s"] / arm["wall_median_s"], 2)
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
