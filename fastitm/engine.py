@@ -295,7 +295,7 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     scores alone, so batching, resuming and sharding by image take the same ones. ``state.live``:
     the survivors."""
     from .methods import spread_order
-    from .racing import step
+    from .racing import futile, step
 
     opts, T = run.race, len(run.plan)
     order = spread_order(T)
@@ -317,7 +317,7 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
             cand = requested[i].nonzero().flatten()
             live = step(per_t[i, cand][:, seen], state.live[i, cand], T, opts)
             state.live[i, cand] = live
-            if int(live.sum()) <= opts.keep:
+            if int(live.sum()) <= opts.keep or futile(per_t[i, cand][:, seen], live, T, opts):
                 racing[i] = False
 
 

@@ -48,11 +48,43 @@ def test_a_clear_winner_stops_early_and_keeps_the_winner():
         assert race.means[k].item() == pytest.approx(per_t[k, order[:n]].mean().item(), rel=1e-12)
 
 
-def test_exact_ties_run_to_the_plans_end():
+def test_exact_ties_run_to_the_plans_end_without_futility_and_stop_at_its_first_look_with_it():
     row = draw([0.0], 30, seed=2)[0]
-    race = simulate(torch.stack([row, row, row - 5.0]), RaceOptions(alpha=0.2, min_timesteps=3, round_size=1))
+    per_t = torch.stack([row, row, row - 5.0])
+    race = simulate(per_t, RaceOptions(alpha=0.2, min_timesteps=3, round_size=1, futility=0.0))
     assert race.stopped == 30 and race.live.tolist() == [True, True, False]
     assert race.timesteps.tolist()[:2] == [30, 30] and race.choice == 0
+    # futility looks from 2 x min_timesteps = 6 timesteps: the tie cannot be separated, so it stops there
+    race = simulate(per_t, RaceOptions(alpha=0.2, min_timesteps=3, round_size=1))
+    assert race.stopped == 6 and race.live.tolist() == [True, True, False] and race.choice == 0
+
+
+def test_futility_stops_near_ties_by_hand_and_spares_clear_items():
+    from scipy.stats import t as student_t
+
+    opts = RaceOptions(alpha=0.05, min_timesteps=5, round_size=5)
+    T = 40
+    order = spread_order(T)
+    # a difference the plan cannot resolve: +-1 around 0.01 in turn along the evaluation order
+    e = torch.zeros(T, dtype=torch.float64)
+    for k, idx in enumerate(order):
+        e[idx] = 0.01 + (1.0 if k % 2 == 0 else -1.0)
+    base = draw([0.0], T, seed=8)[0]
+    near = torch.stack([base, base + e])
+    race = simulate(near, opts)
+    # by hand at the first futility look (10 timesteps): projected t of best minus rival over all 40
+    s = near[:, order[:10]]
+    best = int(s.mean(dim=1).argmax())
+    d = s[best] - s[1 - best]
+    projected = (d.mean() / (d.std() / T**0.5)).item()
+    critical = student_t.isf(opts.level(T, 2), T - 1)
+    assert projected < 0.5 * critical and race.stopped == 10 and race.live.all()
+    assert race.choice == best  # decided by the means so far
+    off = simulate(near, RaceOptions(alpha=0.05, min_timesteps=5, round_size=5, futility=0.0))
+    assert off.stopped == T
+    # a clear difference is decided by the test, never by futility
+    clear = simulate(draw([1.0, 0.0], T, seed=9), opts)
+    assert clear.choice == 0 and clear.live.tolist() == [True, False]
 
 
 def test_alpha_zero_is_the_full_plan():
