@@ -110,7 +110,7 @@ def classes(args) -> int:
 
     model = fastitm.load_model()
     labels = [(c, s) for c in data.COLORS for s in data.SHAPES]
-    texts = [data.Scene((data.Obj(c, s, "big"),)).caption() for c, s in labels]
+    texts = [data.Scene((data.Obj(c, s, "big"),)).caption for c, s in labels]
     ex = [e for e in data.make_dataset(8 * args.examples, "heldout", seed=11, size=model.resolution,
                                        two_object_share=0.0) if e.scene.objects[0].size == "big"][: args.examples]
     truth = [labels.index((e.scene.objects[0].color, e.scene.objects[0].shape)) for e in ex]

@@ -173,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  timesteps=10 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
                  batch_size=args.batch_size, progress=None if not args.no_progress else False,
-                 checkpoint=args.checkpoint, adaptive=adaptive, **options)
+                 checkpoint=args.checkpoint, adaptive=adaptive, stream=args.stream, **options)
     if dist.rank() != 0:
         return 0
     written = report.save(out)
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="the dataset folder (jsonl: the .jsonl file)")
     e.add_argument("--split", default=None, help="dataset split where the task has several (default: the published one)")
     e.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    e.add_argument("--stream", type=int, default=16, metavar="BATCHES",
+                   help="denoiser batches' worth of items per engine call (default 16): batches stay full across items")
     e.add_argument("--skip-bad", action="store_true", help="skip items whose images cannot be read (listed in the report)")
     e.add_argument("--out", default="fastitm-eval", help="folder for the report (default fastitm-eval)")
     e.add_argument("--checkpoint", default=None,

@@ -189,16 +189,18 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
     """A random-weight model with Stable Diffusion 2.1-base's architecture (512 px images, 4x64x64
     latents, UNet 320/640/1280/1280 with linear projections and head dims 5/10/20/20, a 23-layer
     1024-wide CLIP text encoder). Random weights give true timings: for benchmarks, not scores.
-    The tokenizer is :func:`tiny_tokenizer` (its ids all fall inside the model's vocabulary)."""
+    The tokenizer is :func:`tiny_tokenizer` (its ids all fall inside the model's vocabulary).
+    ``device="meta"``: the networks without weights (for shape and size checks)."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .families.architectures import build_denoiser
 
     tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
+    meta = torch.device(device).type == "meta"  # shapes and counts only: no memory, no time
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
         torch.manual_seed(seed)
-        unet = build_denoiser("sd21_base", device="cpu")
+        unet = build_denoiser("sd21_base", device="meta" if meta else "cpu")
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
@@ -216,7 +218,7 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")
     model = Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"sd21_base_architecture(seed={seed})")
-    if torch.device(device).type != "cpu" or dtype != torch.float32:
+    if not meta and (torch.device(device).type != "cpu" or dtype != torch.float32):
         model.to(device=device, dtype=dtype)
     return model
 

@@ -51,24 +51,33 @@ def test_shards_cover_every_item_once():
 
 
 def test_two_gloo_processes_give_the_one_process_report_bit_for_bit(jsonl, tmp_path):
-    one = _eval(["--data", str(jsonl)], 1, tmp_path / "one")
+    # Items of 12 rows, batches of 12, calls of 2 batches: windows of 2 items ([0, 1], [2, 3], [4, 5], [6]);
+    # the ranks get whole windows (items 0-3 and 4-6), so every call is the one a single process makes.
+    calls = ["--batch-size", "12", "--stream", "2"]
+    one = _eval(["--data", str(jsonl), *calls], 1, tmp_path / "one")
     ckpt = tmp_path / "ck.pt"
-    two = _eval(["--data", str(jsonl), "--checkpoint", str(ckpt)], 2, tmp_path / "two")
+    two = _eval(["--data", str(jsonl), "--checkpoint", str(ckpt), *calls], 2, tmp_path / "two")
     assert two["stats"]["ranks"] == 2 and one["stats"]["ranks"] == 1
+    assert one["stats"]["engine_calls"] == two["stats"]["engine_calls"] == 4
     for key in ("metrics", "items", "accuracy_vs_timesteps", "plan"):
         assert two[key] == one[key], key  # the same floats, each item once
     # Each rank kept its own checkpoint of its own shard (4 + 3 of 7 items); a rerun resumes from them.
     shards = [torch.load(tmp_path / f"ck.pt.rank{r}-of-2", weights_only=False)["done"] for r in range(2)]
     assert sorted(shards[0]) == [0, 1, 2, 3] and sorted(shards[1]) == [4, 5, 6]
-    again = _eval(["--data", str(jsonl), "--checkpoint", str(ckpt)], 2, tmp_path / "again")
+    again = _eval(["--data", str(jsonl), "--checkpoint", str(ckpt), *calls], 2, tmp_path / "again")
     assert again["items"] == one["items"] and again["metrics"] == one["metrics"]
+
+
+# Each item is 1 image x (3 texts + the empty prompt) x 3 timesteps = 12 rows: with batches of 12 and
+# calls of one batch's worth, each engine call holds one item (the kill lands between items).
+ONE_PER_CALL = {"batch_size": 12, "stream": 1}
 
 
 def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch):
     import fastitm.evaluate.runner as runner
 
     tiny = fastitm.testing.tiny_model(seed=0)
-    full = fastitm.evaluate.run("jsonl", jsonl, model=tiny, timesteps=3)
+    full = fastitm.evaluate.run("jsonl", jsonl, model=tiny, timesteps=3, **ONE_PER_CALL)
     ckpt = tmp_path / "eval.pt"
     real, calls = fastitm.score, [0]
 
@@ -80,7 +89,7 @@ def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fastitm, "score", dying)
     with pytest.raises(KeyboardInterrupt):
-        runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt)
+        runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, **ONE_PER_CALL)
     monkeypatch.setattr(fastitm, "score", real)
     assert ckpt.exists() and len(torch.load(ckpt, weights_only=False)["done"]) == 3
     counted = [0]
@@ -90,7 +99,7 @@ def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(fastitm, "score", counting)
-    resumed = runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt)
+    resumed = runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, **ONE_PER_CALL)
     assert counted[0] == 4  # only the missing items
     assert resumed.to_json()["items"] == full.to_json()["items"] and resumed.metrics == full.metrics
     assert resumed.curve == full.curve

@@ -97,7 +97,7 @@ def test_build_without_embedded_model_says_so(monkeypatch, tmp_path, capsys):
 def test_sd21_base_architecture_matches_published_sizes():
     """The GPU benchmarks' model has SD 2.1-base's architecture: parameter counts of the published
     checkpoint's UNet, VAE and OpenCLIP-H text encoder, 512 px images and 4x64x64 latents."""
-    m = fastitm.testing.sd21_base_architecture()
+    m = fastitm.testing.sd21_base_architecture(device="meta")  # the same construction, without weights
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert (count(m.unet), count(m.vae), count(m.text_encoder)) == (865_910_724, 83_653_863, 340_387_840)
     assert m.latent_shape == (4, 64, 64) and m.resolution == 512

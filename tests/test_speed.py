@@ -149,7 +149,7 @@ def test_cpu_bf16_keeps_the_demo_choices_that_bf16_can_resolve():
 
     if fastitm.model.embedded_model_path() is None:
         pytest.skip("this build ships no embedded model")
-    examples = data.make_dataset(24, "heldout", seed=0, size=32)
+    examples = data.make_dataset(14, "heldout", seed=0, size=32)  # bf16 is emulated on CI's CPU: kept small
     reports = {}
     for dtype in ("fp32", "bf16"):
         with warnings.catch_warnings():
@@ -163,13 +163,14 @@ def test_cpu_bf16_keeps_the_demo_choices_that_bf16_can_resolve():
 
     err = (scores(reports["bf16"]) - scores(reports["fp32"])).abs().max().item()
     assert 0 < err < 0.05  # bf16 moves the scores, within its rounding of the L2 error terms (~10)
-    decided = 0
+    decided = total = 0
     for r32, r16 in zip(reports["fp32"].rows, reports["bf16"].rows):
         for n32, n16 in zip(r32["negatives"], r16["negatives"]):
             margin = r32["score"] - n32["score"]
+            total += 1
             if abs(margin) > 2 * err:
                 decided += 1
                 assert (r16["score"] - n16["score"] > 0) == (margin > 0), (r32["caption"], n32["caption"])
-    assert decided > 40  # most choices are clear enough to be checked
+    assert decided > 0.6 * total  # most choices are clear enough to be checked
     for kind in ("colour", "shape", "swap_attributes"):
         assert reports["bf16"].accuracy(kind) == reports["fp32"].accuracy(kind)

@@ -102,9 +102,18 @@ def _prepare(item: Item) -> tuple[Item, list[Any] | None]:
 STREAM_BATCHES = 16  # denoiser batches per engine call in an evaluation: the last one of a call may be short
 
 
-def _rows(item: Item, images: list, T: int, needs_uncond: bool) -> int:
-    """Denoiser rows of one item on the full plan (its images x texts, plus each image's unconditional row)."""
-    return len(images) * (len(item.texts) + int(needs_uncond)) * T
+def _windows(items: list[Item], T: int, needs_uncond: bool, per_call: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of consecutive items of at least ``per_call`` denoiser rows each (the last
+    may hold fewer), counting each item's images x (texts + the unconditional row) x T."""
+    out, start, rows = [], 0, 0
+    for n, item in enumerate(items):
+        rows += len(item.images) * (len(item.texts) + int(needs_uncond)) * T
+        if rows >= per_call:
+            out.append((start, n + 1))
+            start, rows = n + 1, 0
+    if start < len(items):
+        out.append((start, len(items)))
+    return out
 
 
 def _score_window(window: list, state, work: dict, score, *, model, method, plan, backend, batch_size, race,
@@ -269,7 +278,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     Items are scored ``stream`` denoiser batches' worth at a time: one engine call over several items
     (their images and texts side by side, each image scored only against its own item's texts through
     ``pairs=``), so batches stay full across item boundaries; each item's scores are what scoring it
-    alone gives (to float rounding: CPU kernels may sum in another order in another batch). Checkpoints
+    alone gives (to float rounding: CPU kernels may sum in another order in another batch). The calls
+    are fixed by the item list (ranks get whole calls, a resumed run recomputes whole calls), so the
+    report is the same to the bit with any number of ranks and after any interruption. Checkpoints
     save per finished item; a Ctrl-C loses at most the call in flight. With sampled latents
     (``latent="sample"`` and its variant), whose seeds follow an image's position in its call, each
     item gets a call of its own.
@@ -322,7 +333,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
 
     from .. import distributed as dist
 
-    offset, mine = dist.shard_items(items)
     ckpt = None
     if checkpoint is not None:
         ckpt = Path(checkpoint)
@@ -335,11 +345,16 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     key_options = {**plan_options, **({"adaptive": vars(race)} if race is not None else {})}
     state = _Progress(ckpt, _run_key(task, data, method, key_options, plan, model, items) if ckpt else "")
     last_save = time.monotonic()
-    todo = [(offset + n, item) for n, item in enumerate(mine) if offset + n not in state.done
-            and offset + n not in state.skipped and offset + n not in state.no_negative]
     show = progress_disabled(progress) if dist.rank() == 0 else True
     bs = batch_size if batch_size is not None else default_batch_size(model)
     per_call = 1 if plan.latent != "mean" else stream * bs  # rows per engine call (sampled latents: per item)
+    # Windows of consecutive items, about per_call rows each, fixed by the item list alone: each is one
+    # engine call whatever the number of ranks (ranks get whole windows), and a resumed run recomputes
+    # whole windows, so the floats do not depend on how the run was split or interrupted.
+    _, my_windows = dist.shard_items(_windows(items, len(plan), spec.needs_uncond, per_call))
+    window_of = {i: w for w, (a, b) in enumerate(my_windows) for i in range(a, b)}
+    todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
+            and i not in state.no_negative]
     work = {"unet_rows": 0, "batches": 0, "calls": 0}
     window: list = []
 
@@ -367,12 +382,12 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                     state.no_negative[idx] = {"id": item.id, "dropped": item.dropped}
                     bar.update(dist.world_size())
                     continue
-                window.append((idx, item, images))
-                if sum(_rows(it, imgs, len(plan), spec.needs_uncond) for _, it, imgs in window) >= per_call:
+                if window and window_of[window[0][0]] != window_of[idx]:
                     flush()
                     if time.monotonic() - last_save >= checkpoint_every:
                         state.save()
                         last_save = time.monotonic()
+                window.append((idx, item, images))
             flush()
     finally:  # finished work is kept on errors and Ctrl-C alike
         state.save()
