@@ -321,8 +321,10 @@ def test_log_outcomes(path: Path, source: str) -> list[dict]:
     return list(tests.values())
 
 
-def figure_log(path: Path) -> list[dict]:
-    """The figures the benchmarks appended to ``FASTITM_FIGURES_LOG`` (bench/conftest.py)."""
+def figure_log(path: Path, source: str | None = "gpu-benchmarks") -> list[dict]:
+    """The figures appended to a JSON-lines log as they were measured (a line cut by a kill is dropped):
+    the benchmarks' ``FASTITM_FIGURES_LOG`` (bench/conftest.py), or with ``source=None`` the measuring
+    stages' log (bench/gpu_stages.py), whose lines name their stage."""
     if not path.is_file():
         return []
     figures = []
@@ -331,7 +333,8 @@ def figure_log(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        figures.append({"source": "gpu-benchmarks", "name": rec["name"], "median_ms": None, "figures": rec["figures"]})
+        figures.append({"source": source or rec.get("stage", ""), "name": rec["name"], "median_ms": None,
+                        "figures": rec["figures"]})
     return figures
 
 
@@ -391,7 +394,7 @@ def run(out: Path, wheels: Path, python: str, limits: dict | None = None, only: 
                         + junit_outcomes(work / "gpu-tests-rest.xml", "gpu-tests"))
         report.tests += (test_log_outcomes(work / "gpu-benchmarks.jsonl", "gpu-benchmarks")
                          or junit_outcomes(work / "gpu-benchmarks.xml", "gpu-benchmarks"))
-        report.figures = stage_figures(figures) + (benchmark_figures(work / "bench.json")
+        report.figures = figure_log(figures, source=None) + (benchmark_figures(work / "bench.json")
                                                    or figure_log(work / "bench-figures.jsonl"))
         report.total_seconds = round(time.monotonic() - t0, 1)
         write_report(report, out)
@@ -455,20 +458,6 @@ def run(out: Path, wheels: Path, python: str, limits: dict | None = None, only: 
     with tarfile.open(out / "gpu-logs.tar.gz", "w:gz") as tar:
         tar.add(work, arcname="gpu-logs", filter=lambda ti: None if ti.name.startswith("gpu-logs/site") else ti)
     return report
-
-
-def stage_figures(path: Path) -> list[dict]:
-    """The figures bench/gpu_stages.py appended as it measured (a line cut by a kill is dropped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out.append({"source": rec.get("stage", ""), "name": rec["name"], "median_ms": None, "figures": rec["figures"]})
-    return out
 
 
 # -- the report ------------------------------------------------------------------------------------------

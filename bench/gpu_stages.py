@@ -280,6 +280,19 @@ def _model(ctx: Ctx):
     return fastitm.testing.sd21_base_architecture(device="cuda", dtype=torch.bfloat16)
 
 
+def _setup(ctx: Ctx):
+    """The model and the headline's inputs: N_IMAGES random images x N_TEXTS captions, a plan of
+    N_TIMESTEPS (smaller in a smoke run)."""
+    import fastitm
+
+    model = _model(ctx)
+    n_img, n_txt, T = (2, 3, 4) if ctx.smoke else (N_IMAGES, N_TEXTS, N_TIMESTEPS)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(n_img, 3, model.resolution, model.resolution, generator=g)
+    texts = [f"a photo of object {j} next to object {j + 1}" for j in range(n_txt)]
+    return model, imgs, texts, fastitm.make_plan(model, T, seed=0)
+
+
 def unet_flops_per_row(model) -> int:
     """FLOPs of one denoiser row at the model's latent size, counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -336,13 +349,9 @@ def stage_headline(ctx: Ctx) -> None:
     import fastitm
 
     t0 = time.perf_counter()
-    model = _model(ctx)
+    model, imgs, texts, plan = _setup(ctx)
     ceil = load_ceilings(ctx)
-    n_img, n_txt, T = (2, 3, 4) if ctx.smoke else (N_IMAGES, N_TEXTS, N_TIMESTEPS)
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.rand(n_img, 3, model.resolution, model.resolution, generator=g)
-    texts = [f"a photo of object {j} next to object {j + 1}" for j in range(n_txt)]
-    plan = fastitm.make_plan(model, T, seed=0)
+    n_img, n_txt, T = imgs.shape[0], len(texts), len(plan)
     flops = unet_flops_per_row(model)
     rows = n_img * T * (n_txt + 1)
     conditions = (f"{ctx.device_name()}, {model.source}, {model.dtype}, {model.resolution} px, latents "
@@ -518,12 +527,8 @@ def stage_fused_ops(ctx: Ctx) -> None:
 def stage_levers(ctx: Ctx) -> None:
     import fastitm
 
-    model = _model(ctx)
-    n_img, n_txt, T = (2, 3, 4) if ctx.smoke else (N_IMAGES, N_TEXTS, N_TIMESTEPS)
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.rand(n_img, 3, model.resolution, model.resolution, generator=g)
-    texts = [f"a photo of object {j}" for j in range(n_txt)]
-    plan = fastitm.make_plan(model, T, seed=0)
+    model, imgs, texts, plan = _setup(ctx)
+    n_img, n_txt, T = imgs.shape[0], len(texts), len(plan)
     bs = 8 if ctx.smoke else 64
     rounds = 1 if ctx.smoke else 3
     fn = lambda: fastitm.score(imgs, texts, model=model, plan=plan, batch_size=bs, progress=False)  # noqa: E731

@@ -188,11 +188,18 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _compile_indexed(job) -> Row:
+    cc, n, dtype_names, tool = job
+    dtypes = [d for d, name in TYPES.items() if name in dtype_names]
+    return compile_case(cases(dtypes)[n], cc, tool)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS))
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=list(TYPES.values()))
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     p.add_argument("--quick", action="store_true", help="CI's subset: bf16 standing for both half types (the same code, "
                    "the same registers in the full table), no fp32 backward (about 40 s of compile on a 2-core CPU)")
     args = p.parse_args(argv)
@@ -203,12 +210,20 @@ def main(argv=None) -> int:
     rows = []
     print(f"Triton {triton.__version__}; shapes: 77 keys (BLOCK_N {BLOCK_N}), head dim 64 (BLOCK_D {BLOCK_D}), "
           f"error rows of {ERROR_F} elements", flush=True)
-    for cc in args.target:
-        for case in cases(dtypes):
-            if args.quick and quick_skips(case):
-                continue
-            rows.append(compile_case(case, cc, tool))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    todo = [(cc, n) for cc in args.target for n, case in enumerate(cases(dtypes))
+            if not (args.quick and quick_skips(case))]
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the workers inherit the kernels; each compiles the case it is given by index
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
+            rows = list(pool.map(_compile_indexed, [(cc, n, args.dtype, tool) for cc, n in todo]))
+        for row in rows:
+            print(table([row]).splitlines()[-1], flush=True)
+    for cc, n in todo if args.jobs <= 1 else []:
+        rows.append(compile_case(cases(dtypes)[n], cc, tool))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
     bad = [(r, problems(r)) for r in rows if problems(r)]

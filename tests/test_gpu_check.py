@@ -135,7 +135,7 @@ def test_measuring_stages_run_on_the_cpu(tmp_path):
 
     for name in ("ceilings", "kernels", "headline", "fused-ops", "levers"):
         stages.STAGES[name](stages.Ctx(name, figures, time.time() + 300, smoke=True))
-    got = gpu_check.stage_figures(figures)
+    got = gpu_check.figure_log(figures, source=None)
     names = {(f["source"], f["name"]) for f in got}
     for want in [("ceilings", "bf16 GEMM ceiling"), ("kernels", "kernels summary"),
                  ("headline", "engine vs bare UNet loop, batch 8"), ("headline", "per-pair loop, published scripts' style"),
@@ -150,7 +150,7 @@ def test_measuring_stages_run_on_the_cpu(tmp_path):
     assert "### [headline] engine vs bare UNet loop, batch 8" in gpu_check.render_markdown(report)
     # a stage out of time records what it skipped instead of running over
     stages.STAGES["fused-ops"](stages.Ctx("fused-ops", figures, time.time() + 1, smoke=True))
-    assert any(f["name"].startswith("skipped: fused vs sdpa") for f in gpu_check.stage_figures(figures))
+    assert any(f["name"].startswith("skipped: fused vs sdpa") for f in gpu_check.figure_log(figures, source=None))
 
 
 def test_outcomes_survive_a_stage_killed_at_its_limit(tmp_path):

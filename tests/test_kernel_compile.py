@@ -22,7 +22,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
         pytest.skip(str(e))
     out = tmp_path / "rows.json"
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    res = subprocess.run([sys.executable, "-m", "fastitm.kernels.report", "--target", "90", "--quick", "--json", str(out)],
+    res = subprocess.run([sys.executable, "-m", "fastitm.kernels.report", "--target", "90", "--quick", "--jobs", "2", "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.is_file(), res.stdout[-2000:] + res.stderr[-2000:]
     rows = [report.Row(**r) for r in json.loads(out.read_text())["rows"]]

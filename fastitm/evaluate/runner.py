@@ -307,6 +307,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     race = RaceOptions.parse(adaptive)
     if method is None:
         defaults = task_defaults(task, timesteps)
+        if race is not None:  # racing replaces a task's default elimination schedule (Pets)
+            defaults.pop("elimination", None)
         method = defaults.pop("method", "diffusion_itm")
         options = {**defaults, **options}
     plan_options = dict(options)
