@@ -44,10 +44,14 @@ def _parse_adaptive(text: str | None):
         key, eq, value = part.partition("=")
         if not eq:
             raise ValueError(f"--adaptive expects KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        key, value = key.strip(), value.strip()
+        if key == "over":  # the one option that is a word: texts or images
+            out[key] = value
+            continue
         try:
-            out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
-            raise ValueError(f"--adaptive {key.strip()}={value!r}: expected a number") from None
+            raise ValueError(f"--adaptive {key}={value!r}: expected a number") from None
     return out
 
 
@@ -293,8 +297,8 @@ def _scoring_arguments() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     c.add_argument("--adaptive", nargs="?", const="on", default=None, metavar="KEY=VALUE,...",
                    help="paired racing: drop a text once a paired test says it is worse than the image's best "
-                   "(fewer denoiser rows); alone for the defaults (alpha=0.05,min_timesteps=5,round_size=5,keep=1) "
-                   "or with those options")
+                   "(fewer denoiser rows); alone for the defaults (alpha=0.05,min_timesteps=5,round_size=5,keep=1,"
+                   "futility=0.5,over=texts) or with those options (over=images: each text's images compete)")
     return c
 
 

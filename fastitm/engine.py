@@ -290,10 +290,10 @@ def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
 
 def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     """Racing (:mod:`fastitm.racing`): the plan's timesteps in spread order, one stage per round; after
-    each, :func:`fastitm.racing.step` decides each racing image's texts on the per-timestep scores
-    computed so far. An image stops when ``keep`` texts are left. Decisions are a function of those
-    scores alone, so batching, resuming and sharding by image take the same ones. ``state.live``:
-    the survivors."""
+    each, :func:`fastitm.racing.step` decides each race on the per-timestep scores computed so far: an
+    image's requested texts (``over="texts"``) or a text's requested images (``over="images"``). A race
+    stops when ``keep`` candidates are left, or for futility. Decisions are a function of those scores
+    alone, so batching, resuming and sharding take the same ones. ``state.live``: the survivors."""
     from .methods import spread_order
     from .racing import futile, step
 
@@ -301,24 +301,30 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     order = spread_order(T)
     requested = run.requested()
     state.live = requested.clone()
-    racing = requested.sum(dim=1) > opts.keep  # images with something to decide
+    by_image = opts.over == "texts"
+    # Races are the rows of these views ([races, candidates]); the transposes write through.
+    req, live_v = (requested, state.live) if by_image else (requested.T, state.live.T)
+    racing = req.sum(dim=1) > opts.keep  # races with something to decide
     start = 0
     for r, stop in enumerate(opts.looks(T) + [T]):
-        # The first round runs every requested text (each gets a mean, even where nothing is decided);
-        # later rounds only the live texts of images still racing.
-        alive = state.live if r == 0 else state.live & racing[:, None]
+        # The first round runs every requested pair (each gets a mean, even where nothing is decided);
+        # later rounds only the live candidates of races still running.
+        if r == 0:
+            alive = state.live
+        else:
+            alive = state.live & (racing[:, None] if by_image else racing[None, :])
         yield stage_chunks(alive, order[start:stop], run.spec.needs_uncond)
         start = stop
         if stop == T:
             break
         seen = torch.tensor(order[:stop])
-        per_t = state.per_t.cpu()
-        for i in racing.nonzero().flatten().tolist():
-            cand = requested[i].nonzero().flatten()
-            live = step(per_t[i, cand][:, seen], state.live[i, cand], T, opts)
-            state.live[i, cand] = live
-            if int(live.sum()) <= opts.keep or futile(per_t[i, cand][:, seen], live, T, opts):
-                racing[i] = False
+        per_t = state.per_t.cpu() if by_image else state.per_t.cpu().transpose(0, 1)
+        for g in racing.nonzero().flatten().tolist():
+            cand = req[g].nonzero().flatten()
+            live = step(per_t[g, cand][:, seen], live_v[g, cand], T, opts)
+            live_v[g, cand] = live
+            if int(live.sum()) <= opts.keep or futile(per_t[g, cand][:, seen], live, T, opts):
+                racing[g] = False
 
 
 def racing_stats(run: Run, state: _State) -> dict:

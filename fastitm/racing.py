@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-ADAPTIVE_KEYS = ("alpha", "min_timesteps", "round_size", "keep", "futility")
+ADAPTIVE_KEYS = ("alpha", "min_timesteps", "round_size", "keep", "futility", "over")
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,17 @@ class RaceOptions:
     no candidate is dropped before this many timesteps; ``round_size``: timesteps per round (tests
     happen between rounds); ``keep``: the item stops when this many candidates are left (1 for
     accuracy, 5 for R@5); ``futility``: the share of the critical value below which an item whose
-    whole plan could not separate its candidates stops early (0: never; see the module docstring).
-    Defaults chosen on the benchmark in bench/RESULTS.md."""
+    whole plan could not separate its candidates stops early (0: never; see the module docstring);
+    ``over``: what competes, ``"texts"`` (each image's texts: text retrieval, the default) or
+    ``"images"`` (each text's images: image retrieval; with DiffusionITM only normalized scores make
+    images comparable). Defaults chosen on the benchmark in bench/RESULTS.md."""
 
     alpha: float = 0.05
     min_timesteps: int = 5
     round_size: int = 5
     keep: int = 1
     futility: float = 0.5
+    over: str = "texts"
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha < 1.0:
@@ -77,6 +80,8 @@ class RaceOptions:
         if isinstance(self.futility, bool) or not isinstance(self.futility, (int, float)) or \
                 not 0.0 <= self.futility <= 1.0:
             raise ValueError(f"adaptive futility must be a number in [0, 1], got {self.futility!r}")
+        if self.over not in ("texts", "images"):
+            raise ValueError(f"adaptive over must be 'texts' or 'images', got {self.over!r}")
         if self.min_timesteps < 2:
             raise ValueError(f"adaptive min_timesteps must be at least 2 (a paired t-test needs two samples), "
                              f"got {self.min_timesteps}")

@@ -63,10 +63,15 @@ def test_adaptive_eval_races_text_items_as_simulated(tiny, jsonl_set, tmp_path):
     race = RaceOptions.parse(LOOSE)
     assert rep.options["adaptive"] == dict(vars(race)) and rep.curve == [] and rep.racing == []
     rows = 0
+    image_race = RaceOptions.parse({**LOOSE, "over": "images"})
     for x, rec in zip(lines, rep.items, strict=True):
-        if "texts" not in x:  # image-choice items run the full plan, unraced
-            assert "rows" not in rec and all(torch.tensor(rec["scores"]).isfinite())
-            rows += 2 * 2 * 12
+        if "texts" not in x:  # image-choice items: the text's images race
+            imgs = [ex[int(p.split(".")[0])].image for p in x["images"]]
+            per_t = fastitm.score(imgs, [x["text"]], model=tiny, timesteps=12, seed=0).per_timestep[:, 0]
+            sim = simulate(per_t, image_race)
+            assert [v is not None for v in rec["scores"]] == sim.live.tolist(), rec["id"]
+            assert rec["rows"] == 2 * sim.rows  # each image's text row and its unconditional row
+            rows += rec["rows"]
             continue
         img = ex[int(x["image"].split(".")[0])].image
         per_t = fastitm.score([img], x["texts"], model=tiny, timesteps=12, seed=0).per_timestep[0]

@@ -190,6 +190,27 @@ def test_engine_races_as_the_simulation_decides_on_the_reference_scores(tiny, me
     assert res.partial_means[dropped].isfinite().all()
 
 
+def test_racing_over_images_decides_each_texts_images_as_simulated(tiny):
+    """over="images": each text's images compete (image retrieval), decided as racing them on the
+    reference's per-timestep scores of that text's column."""
+    g = torch.Generator().manual_seed(12)
+    # images the tiny random model tells apart a little: noise, black, white, dim noise
+    imgs = torch.stack([torch.rand(3, 16, 16, generator=g), torch.zeros(3, 16, 16), torch.ones(3, 16, 16),
+                        0.2 * torch.rand(3, 16, 16, generator=g), torch.rand(3, 16, 16, generator=g)])
+    texts = RACE_TEXTS[:3]
+    opts = {**LOOSE, "over": "images", "futility": 0.0}  # no futility stop: the test must drop
+    res = fastitm.score(imgs, texts, model=tiny, timesteps=12, seed=3, batch_size=6, adaptive=opts)
+    ref = fastitm.reference.score(imgs, texts, model=tiny, plan=res.plan)
+    race = RaceOptions.parse(opts)
+    done = ~res.per_timestep.isnan()
+    assert_close(res.per_timestep[done], ref.per_timestep[done], rtol=1e-5, atol=2e-5)
+    for j in range(len(texts)):
+        sim = simulate(ref.per_timestep[:, j], race)
+        assert torch.equal(res.matrix[:, j].isfinite(), sim.live), j
+        assert torch.equal(done[:, j].sum(dim=1), sim.timesteps), j
+    assert res.stats["racing"]["dropped"] > 0 and res.stats["racing"]["options"]["over"] == "images"
+
+
 def test_alpha_zero_is_the_full_plan_and_batching_does_not_change_decisions(tiny):
     imgs, texts = _race_inputs()
     opts = dict(model=tiny, timesteps=12, seed=3)
@@ -256,3 +277,5 @@ def test_adaptive_arguments_are_checked(tiny):
         fastitm.score(imgs, texts, model=tiny, adaptive={"alpha": 0.1, "rounds": 3})
     with pytest.raises(ValueError, match="alpha"):
         fastitm.score(imgs, texts, model=tiny, adaptive={"alpha": 1.5})
+    with pytest.raises(ValueError, match="over must be"):
+        fastitm.score(imgs, texts, model=tiny, adaptive={"over": "pairs"})

@@ -121,9 +121,10 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
     """One engine call for the items of ``window`` [(index, item, images)]: images and texts side by side,
     each image scored against its own item's texts only (``pairs=``); each item's block into ``state``.
     Racing runs on the text-choice items (a separate call from the others when the window mixes them)."""
-    groups = [[w for w in window if race is not None and w[1].kind == "text"],
-              [w for w in window if race is None or w[1].kind != "text"]]
-    for group, raced in zip(groups, (True, False), strict=True):
+    over = {"text": "texts", "image": "images"}  # what competes in each item kind; groups run in full
+    groups = [(kind, [w for w in window if race is not None and w[1].kind == kind]) for kind in over]
+    groups.append((None, [w for w in window if race is None or w[1].kind not in over]))
+    for kind, group in groups:
         if not group:
             continue
         images, texts, spans = [], [], []
@@ -135,7 +136,8 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
         for i0, i1, j0, j1 in spans:
             pairs[i0:i1, j0:j1] = True
         res = score(images, texts, model=model, method=method, plan=plan, backend=backend, batch_size=batch_size,
-                    progress=False, pairs=pairs, adaptive=race if raced else None, **options)
+                    progress=False, pairs=pairs, adaptive=replace(race, over=over[kind]) if kind else None,
+                    **options)
         work["unet_rows"] += res.stats["unet_rows"]
         work["batches"] += -(-res.stats["unet_rows"] // batch_size)
         work["calls"] += 1
@@ -285,10 +287,10 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     (``latent="sample"`` and its variant), whose seeds follow an image's position in its call, each
     item gets a call of its own.
 
-    ``adaptive``: paired racing (``True`` or a dict, see :func:`fastitm.score`) among the texts of each
-    image: for text-choice items (ARO, SVO, CLEVR, Pets, ...); image-choice and Winoground items run
-    the full plan (racing over an image's texts does not decide their image direction). Each item
-    record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
+    ``adaptive``: paired racing (``True`` or a dict, see :func:`fastitm.score`): among the texts of the
+    image in text-choice items (ARO, SVO, CLEVR, Pets, ...), among the images of the text in
+    image-choice items (Flickr30k image retrieval, ...); Winoground items (both directions) run the full
+    plan. Each item record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
     racing dropped scores -inf in the metrics and ``null`` in the record's ``scores``.
     """
     from tqdm.auto import tqdm
