@@ -16,6 +16,19 @@ from .model import Model, ModelError, load_model  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402
 from .result import ScoreResult, winoground  # noqa: E402
 
+# Subpackages with heavier dependencies, imported on first use: ``fastitm.finetune.finetune(...)``
+# works after a plain ``import fastitm``.
+_LAZY = ("finetune", "racing", "speed", "distributed")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastitm' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS",
     "Interrupted",

@@ -80,24 +80,28 @@ class ScoreResult:
         return self.per_timestep.nanmean(dim=2)
 
     def text_retrieval(self, k: int = 1) -> torch.Tensor:
-        """[N_images, k]: for each image, the indices of its k best texts, best first."""
+        """[N_images, k]: for each image, the indices of its k best texts, best first; unscored pairs
+        (NaN: not in ``pairs=``) come after every scored one."""
         k = self._check_k(k, self.matrix.shape[1], "texts")
-        return self.matrix.topk(k, dim=1).indices
+        return self.matrix.nan_to_num(nan=float("-inf")).topk(k, dim=1).indices
 
     def image_retrieval(self, k: int = 1) -> torch.Tensor:
-        """[N_texts, k]: for each text, the indices of its k best images, best first."""
+        """[N_texts, k]: for each text, the indices of its k best images, best first; unscored pairs
+        come after every scored one."""
         k = self._check_k(k, self.matrix.shape[0], "images")
-        return self.matrix.topk(k, dim=0).indices.T.contiguous()
+        return self.matrix.nan_to_num(nan=float("-inf")).topk(k, dim=0).indices.T.contiguous()
 
     def text_accuracy(self, gt: Sequence[int] | torch.Tensor, k: int = 1) -> float:
-        """Share of images whose true text (``gt[i]``) is among their top-k texts."""
+        """Share of images whose true text (``gt[i]``) is among their top-k texts: right when fewer than
+        k other scored texts score at least as high (a tie never counts for the truth, as in
+        ``fastitm eval`` and :meth:`winoground`; unscored texts are not candidates)."""
         g = _gt_tensor(gt, self.matrix.shape[0], self.matrix.shape[1], "text retrieval")
-        return (self.text_retrieval(k) == g[:, None]).any(1).float().mean().item()
+        return _strict_accuracy(self.matrix, g, self._check_k(k, self.matrix.shape[1], "texts"), "image", "text")
 
     def image_accuracy(self, gt: Sequence[int] | torch.Tensor, k: int = 1) -> float:
-        """Share of texts whose true image (``gt[j]``) is among their top-k images."""
+        """Share of texts whose true image (``gt[j]``) is among their top-k images (the same rule)."""
         g = _gt_tensor(gt, self.matrix.shape[1], self.matrix.shape[0], "image retrieval")
-        return (self.image_retrieval(k) == g[:, None]).any(1).float().mean().item()
+        return _strict_accuracy(self.matrix.T, g, self._check_k(k, self.matrix.shape[0], "images"), "text", "image")
 
     def winoground(self, groups: Sequence[tuple[tuple[int, int], tuple[int, int]]] | None = None) -> dict:
         """Winoground scores over 2x2 groups ``((image0, image1), (text0, text1))``.
@@ -151,3 +155,17 @@ class ScoreResult:
                 "transformers": transformers.__version__,
             },
         }
+
+
+def _strict_accuracy(matrix: torch.Tensor, gt: torch.Tensor, k: int, query: str, candidate: str) -> float:
+    """Rows are queries: the share whose true candidate ranks below k by the strict rule of
+    :func:`fastitm.evaluate.metrics.rank_of_truth`; a true pair that was not scored is an error."""
+    from .evaluate.metrics import rank_of_truth
+
+    right = 0
+    for q, label in enumerate(gt.tolist()):
+        if torch.isnan(matrix[q, label]):
+            raise ValueError(f"the true {candidate} {label} of {query} {q} was not scored (NaN: not in pairs=, "
+                             "or unfinished); score it, or leave that " + query + " out of the ground truth")
+        right += rank_of_truth(matrix[q], label)[0] < k
+    return right / len(gt)

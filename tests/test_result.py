@@ -39,3 +39,35 @@ def test_winoground_scores():
     assert r.winoground(groups=[((0, 1), (0, 1))])["group"] == 1.0
     with pytest.raises(ValueError, match="even side"):
         result([[1.0, 2.0, 3.0]]).winoground()
+
+
+def test_unscored_pairs_are_not_candidates_and_ties_never_count_for_the_truth():
+    """With pairs=, unscored cells (NaN) neither outrank nor count; a true pair that was not scored is
+    an error; ties go against the truth, as in fastitm eval and winoground (by hand)."""
+    nan = float("nan")
+    # a diagonal mask, each image's only text the right one: every choice is right
+    diag = result([[0.3, nan, nan], [nan, -2.0, nan], [nan, nan, 0.0]])
+    assert diag.text_accuracy([0, 1, 2]) == 1.0 and diag.image_accuracy([0, 1, 2]) == 1.0
+    assert diag.text_retrieval(1).tolist() == [[0], [1], [2]]
+    # block pairs: image 0 scores texts 0 and 1 only; its true text 1 beats text 0, NaN text 2 is no rival
+    blocks = result([[0.1, 0.4, nan], [nan, nan, 0.2]])
+    assert blocks.text_accuracy([1, 2]) == 1.0 and blocks.text_retrieval(2).tolist()[0] == [1, 0]
+    with pytest.raises(ValueError, match="true text 0 of image 1 was not scored"):
+        blocks.text_accuracy([1, 0])
+    # identical captions score alike: the tie is never right, whichever index is the truth
+    tie = result([[0.5, 0.5]])
+    assert tie.text_accuracy([0]) == 0.0 and tie.text_accuracy([1]) == 0.0
+    assert tie.text_accuracy([0], k=2) == 1.0  # one rival at least as high: rank 1 < 2
+
+
+def test_finetune_is_reachable_after_import_fastitm():
+    import subprocess
+    import sys
+
+    code = "import fastitm; print(fastitm.finetune.finetune.__name__, fastitm.racing.RaceOptions.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["finetune", "RaceOptions"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import fastitm
+
+        fastitm.nope  # noqa: B018
