@@ -166,6 +166,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for report.json, report.md and the plot")
+    try:  # now, not after the run: a folder that cannot be made would lose every score
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: the folder cannot be created ({e.strerror or e}); give a folder "
+                         "where the report can be written") from None
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint")
     adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))

@@ -270,8 +270,16 @@ def test_missing_and_malformed_files_name_the_file(tmp_path):
 
 
 def test_cli_eval_errors_exit_2(tmp_path, capsys):
-    assert main(["eval", "jsonl", "--data", str(tmp_path / "none.jsonl"), "--model", "tiny", "--no-progress"]) == 2
+    assert main(["eval", "jsonl", "--data", str(tmp_path / "none.jsonl"), "--model", "tiny", "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 2
     assert "none.jsonl: file not found" in capsys.readouterr().err
+    # an --out that cannot be made fails before the model loads (here: a folder that does not exist)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["eval", "jsonl", "--data", str(tmp_path / "none.jsonl"), "--model", str(tmp_path / "no-model"),
+                 "--out", str(blocker / "report")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {blocker / 'report'}: the folder cannot be created" in err and "no-model" not in err
 
 
 # ---- every other task on a fixture in its published layout, through the CLI -------------------------
