@@ -115,3 +115,30 @@ def test_training_from_jsonl(tiny_dir, tmp_path):
     finetune("hardneg", str(f), out=tmp_path / "ad", model=str(tiny_dir), steps=2, examples=3, batch_size=2,
              progress=False)
     assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
+
+
+def test_divergence_stops_without_writing_an_adapter(tiny_dir, tmp_path, monkeypatch):
+    """A non-finite loss stops training with a message naming the step and lr, and no adapter is
+    written (it would score NaN); a non-finite lr and fp16 training are refused before any step."""
+    import fastitm.finetune.loop as loop
+
+    kw = dict(model=str(tiny_dir), steps=4, examples=12, batch_size=2, progress=False)
+    real, calls = loop._step, [0]
+
+    def exploding(*a, **k):
+        calls[0] += 1
+        loss, info = real(*a, **k)
+        return (loss * float("nan") if calls[0] == 2 else loss), info
+
+    monkeypatch.setattr(loop, "_step", exploding)
+    with pytest.raises(loop.Diverged, match=r"diverged at step 2: the loss is nan \(lr 0.0001\)"):
+        finetune("hardneg", "synthetic", out=tmp_path / "nan", lr=1e-4, **kw)
+    assert not (tmp_path / "nan" / "adapter_model.safetensors").exists()
+    assert torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)["step"] == 1  # the last finite state
+    monkeypatch.setattr(loop, "_step", real)
+    for lr in (float("inf"), float("nan"), -1e-4):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            finetune("hardneg", "synthetic", out=tmp_path / "lr", lr=lr, **kw)
+    half = fastitm.load_model(tiny_dir, dtype="fp16")
+    with pytest.raises(ValueError, match="fine-tuning in fp16 diverges"):
+        finetune("hardneg", "synthetic", out=tmp_path / "fp16", **{**kw, "model": half})

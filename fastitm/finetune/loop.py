@@ -4,6 +4,7 @@ every few minutes and on Ctrl-C, resume by rerunning the same command, and a car
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -21,6 +22,10 @@ from .lora import add_lora, adapter_state, save_adapter
 from .recipes import MARGIN, discffusion_loss, hardneg_loss
 
 RECIPES = ("hardneg", "discffusion")
+
+
+class Diverged(ValueError):
+    """Training produced a non-finite loss or weights; no adapter was written."""
 # Per recipe: what it trains and its defaults. HardNeg adapts every attention projection (the
 # published LoRACrossAttnProcessor on all processors); Discffusion the cross-attention ones.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -129,8 +134,8 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the adapter")
@@ -138,6 +143,9 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
         model = load_model(model)
     if not isinstance(model, Model):
         raise TypeError(f"model must be a fastitm Model or a folder, got {type(model).__name__}")
+    if model.dtype == torch.float16:
+        # Without loss scaling fp16 gradients underflow and the updates overflow: NaN from the first steps.
+        raise ValueError("fine-tuning in fp16 diverges (no loss scaling here): load the model with dtype fp32 or bf16")
     if model.family != "sd":
         # The recipes follow the published SD 1.x/2.x code (one text encoder, UNet cross-attention).
         raise ValueError(f"fine-tuning recipes are for SD 1.x/2.x models; {model.source} is {model.spec.label}")
@@ -192,6 +200,11 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
                 snapshot = (gen.get_state(), rng.getstate())  # a resumed step redraws exactly this
                 idx = torch.randint(len(exs), (batch_size,), generator=gen).tolist()
                 loss, info = _step(recipe, model, exs, idx, gen, rng, sink)
+                if not torch.isfinite(loss):  # diverged: stop before the update spreads it to the weights
+                    save(step, snapshot)
+                    raise Diverged(f"training diverged at step {step + 1}: the loss is {loss.item()} (lr {lr}); "
+                                   f"nothing was written to {out / 'adapter_model.safetensors'}; try a lower --lr "
+                                   f"(the checkpoint {ckpt} holds the last finite state)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -211,6 +224,10 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     model.unet.eval()
     model.unet.requires_grad_(False)
     seconds += time.monotonic() - t0
+    bad = [n for n, p in adapter_state(model.unet).items() if not torch.isfinite(p).all()]
+    if bad:  # never write an adapter that would score NaN
+        raise Diverged(f"training produced non-finite adapter weights ({len(bad)} tensors, e.g. {bad[0]}); "
+                       f"nothing was written to {out}; try a lower --lr")
     save_adapter(model.unet, out, rank, d["targets"])
     card = {"command": command or f"fastitm.finetune.finetune({recipe!r}, {str(data)!r}, ...)", "args": args,
             "seconds": round(seconds, 1), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
