@@ -111,9 +111,9 @@ def check_output_path(path: str, what: str) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from . import score
-    from .racing import RaceOptions
     from .common import check_arguments
     from .engine import Interrupted, check_checkpoint_path
+    from .racing import RaceOptions
 
     options = dict(args.option or [])
     if args.json:

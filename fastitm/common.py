@@ -91,7 +91,7 @@ def prepare_run(
     arguments first, then (loading the embedded model only now when ``model`` is None) what needs
     the model."""
     from .model import Model
-    from .racing import RaceOptions
+    from .racing import RaceOptions, check_not_with_elimination
 
     race = RaceOptions.parse(adaptive)
     preset, choices, spec, texts = check_arguments(images, texts, method=method, timesteps=timesteps, seed=seed,
@@ -115,9 +115,7 @@ def prepare_run(
         choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)
     plan.check_model(model)
     check_rounds(spec.options.get("elimination"), len(plan))
-    if race is not None and spec.options.get("elimination"):
-        raise ValueError("adaptive= and elimination= both choose which candidates to drop; give one of them "
-                         "(adaptive racing decides per item by a paired test, elimination by a fixed schedule)")
+    check_not_with_elimination(race, spec.options.get("elimination"))
     return Run(model, pixels, texts, plan, spec, preset, choices,
                pairs=None if pairs is None else check_pairs(pairs, pixels.shape[0], len(texts)), race=race)
 

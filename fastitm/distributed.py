@@ -90,6 +90,7 @@ def score_sharded(run, *, backend: str, batch_size: int | None, progress: bool |
     matrix = torch.cat([p[0] for p in parts])
     per_t = torch.cat([p[1] for p in parts])
     stats = {"ranks": world_size(), "unet_rows": sum(p[2]["unet_rows"] for p in parts),
+             "batches": sum(p[2]["batches"] for p in parts),
              "per_rank": [p[2] for p in parts]}
     if run.race is not None:  # per-image lists in image order, as one process gives them
         races = [p[2]["racing"] for p in parts]

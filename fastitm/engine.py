@@ -435,7 +435,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     text_weight = 0.5 if spec.mix_uncond else 1.0
     requested = run.requested()
     full_rows = T * (int(requested.sum()) + (int(requested.any(dim=1).sum()) if spec.needs_uncond else 0))
-    computed = 0
+    computed = batches = 0
     use_graph = graphs_enabled(device)
     stats = {"unet_rows": 0, "unet_rows_full": full_rows, "resumed_cells": resumed, "vae_images": N,
              "text_encodes": M + (1 if spec.needs_uncond else 0), "batch_size": bs, "cuda_graphs": use_graph}
@@ -488,12 +488,13 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
                         state.attn_uncond[i[empty_rows], k[empty_rows]] = pooled[empty_rows]
                 state.done[cells(rc)] = True
                 computed += len(r)
+                batches += 1
                 bar.update(len(r))
                 if ckpt is not None and time.monotonic() - last_save >= checkpoint_every:
                     state.save(ckpt, key)
                     last_save = time.monotonic()
                 if stop[0]:
-                    stats["unet_rows"] = computed
+                    stats["unet_rows"], stats["batches"] = computed, batches
                     if ckpt is not None:
                         state.save(ckpt, key)
                     partial = _result(run, state, backend, stats, complete=False)
@@ -502,7 +503,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
         bar.refresh()
     if ckpt is not None:
         state.save(ckpt, key)
-    stats["unet_rows"] = computed
+    stats["unet_rows"], stats["batches"] = computed, batches  # denoiser calls (stages re-cut their batches)
     stats["unet_rows_saved"] = full_rows - int(state.done.sum())
     if use_graph:
         stats["cuda_graphs"] = runner.use_graph

@@ -113,6 +113,14 @@ class RaceOptions:
         return self.alpha / max(1, len(self.looks(T)) * (K - 1))
 
 
+def check_not_with_elimination(race: RaceOptions | None, elimination) -> None:
+    """Racing and the Diffusion Classifier's elimination schedule both choose which candidates to
+    drop: refuse the two together (``fastitm.score`` and ``fastitm eval`` alike)."""
+    if race is not None and elimination:
+        raise ValueError("adaptive= and elimination= both choose which candidates to drop; give one of them "
+                         "(adaptive racing decides per item by a paired test, elimination by a fixed schedule)")
+
+
 def paired_pvalues(diffs: torch.Tensor) -> torch.Tensor:
     """One-sided paired t-test p-values that each row's mean difference is above 0.
 

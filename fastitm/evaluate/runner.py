@@ -120,7 +120,8 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
                   options) -> None:
     """One engine call for the items of ``window`` [(index, item, images)]: images and texts side by side,
     each image scored against its own item's texts only (``pairs=``); each item's block into ``state``.
-    Racing runs on the text-choice items (a separate call from the others when the window mixes them)."""
+    With racing, text-choice items race their texts and image-choice items their images, each kind in
+    a call of its own; other kinds run the full plan."""
     over = {"text": "texts", "image": "images"}  # what competes in each item kind; groups run in full
     groups = [(kind, [w for w in window if race is not None and w[1].kind == kind]) for kind in over]
     groups.append((None, [w for w in window if race is None or w[1].kind not in over]))
@@ -139,7 +140,7 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
                     progress=False, pairs=pairs, adaptive=replace(race, over=over[kind]) if kind else None,
                     **options)
         work["unet_rows"] += res.stats["unet_rows"]
-        work["batches"] += -(-res.stats["unet_rows"] // batch_size)
+        work["batches"] += res.stats["batches"]
         work["calls"] += 1
         racing = res.stats.get("racing")
         for (idx, item, _), (i0, i1, j0, j1) in zip(group, spans, strict=True):
@@ -298,9 +299,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     from .. import score
     from ..common import check_arguments, progress_disabled
     from ..model import Model, load_model
+    from ..racing import RaceOptions, check_not_with_elimination
     from ..speed import default_batch_size
-
-    from ..racing import RaceOptions
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int, got {limit!r}")
@@ -344,8 +344,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
             ckpt = ckpt.with_name(f"{ckpt.name}.rank{dist.rank()}-of-{dist.world_size()}")
         if not ckpt.parent.is_dir():
             raise FileNotFoundError(f"checkpoint folder {ckpt.parent} does not exist")
-    if race is not None and plan_options.get("elimination"):
-        raise ValueError("adaptive= and elimination= both choose which candidates to drop; give one of them")
+    check_not_with_elimination(race, plan_options.get("elimination"))  # before any model work
     key_options = {**plan_options, **({"adaptive": vars(race)} if race is not None else {})}
     state = _Progress(ckpt, _run_key(task, data, method, key_options, plan, model, items) if ckpt else "")
     last_save = time.monotonic()
