@@ -11,7 +11,7 @@ import fastitm
 from fastitm import data
 
 root = Path(fastitm.__file__).resolve().parent
-assert "site-packages" in str(root), f"fastitm imported from {root}, not from the installed wheel"
+assert root.is_relative_to(Path(sys.prefix).resolve()), f"fastitm imported from {root}, not from the installed wheel"
 for mod in ("fastitm.ops", "fastitm.kernels", "fastitm.engine", "fastitm.presets", "fastitm.cli"):
     __import__(mod)
 from fastitm.ops._backend import native_status  # noqa: E402

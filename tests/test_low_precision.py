@@ -38,8 +38,9 @@ def check_low_precision_rankings(method, opts, dtype, device, backend="auto", n_
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method,opts", [CONFIGS[0], CONFIGS[2]])  # both kernels (classifier: error_reduce only)
 def test_triton_interpreter(triton_interpret, method, opts, dtype):
-    # Fewer rows than on the GPU: the interpreter runs the fused attention per row in Python.
-    res = check_low_precision_rankings(method, opts, dtype, "cpu", backend="triton", n_images=2, n_texts=3,
+    # Fewer rows than on the GPU: the interpreter runs the fused attention per row in Python (one image:
+    # its texts are the rankings checked).
+    res = check_low_precision_rankings(method, opts, dtype, "cpu", backend="triton", n_images=1, n_texts=4,
                                        timesteps=2)
     assert res.backend == "triton"
 
