@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Sequence
 
+from . import interrupts
 from .evaluate.tasks import TASKS
 from .inputs import RESIZE_MODES
+from .locks import held
 from .methods import METHODS
 from .plan import LATENT_MODES, NOISE_MODES, TIMESTEP_SCHEMES
 
@@ -137,7 +140,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     adaptive=adaptive, **options)
     except Interrupted as e:
         print(f"fastitm: {e}", file=sys.stderr)
-        return 130
+        return interrupts.exit_code()
     names = [Path(p).name for p in args.images]
     preset = f"  preset: {res.preset}" if res.preset else ""
     print(f"model: {model.source} ({model.spec.label})")
@@ -156,7 +159,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import distributed as dist
-    from .evaluate import run
     from .racing import RaceOptions
 
     options = dict(args.option or [])
@@ -176,6 +178,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))
     # Under torchrun: one process per GPU (or CPU process with gloo); rank 0 reports.
     dist.init_from_env(args.device)
+    with ExitStack() as stack:
+        if dist.rank() == 0:  # the one that writes: --out is its alone for the run
+            _check_report_folder(out, args.task, args.data, args.overwrite)
+            stack.enter_context(held(out / ".fastitm-eval.lock", lambda holder: ValueError(
+                f"--out {out} is in use by another fastitm eval (process {holder}); wait for it to finish or give "
+                "another --out")))
+        return _eval(args, out, options, adaptive)
+
+
+def _check_report_folder(out: Path, task: str, data: str | None, overwrite: bool) -> None:
+    """Refuse an ``--out`` holding the report of another evaluation (task or data) unless ``overwrite``:
+    the same evaluation's report is replaced (a rerun), another one is never lost silently."""
+    f = out / "report.json"
+    if overwrite or not f.is_file():
+        return
+    try:
+        old = json.loads(f.read_text())
+        prev = (old.get("task"), old.get("data"))
+    except (OSError, ValueError, AttributeError):
+        prev = ("unreadable", None)
+    if prev != (task, str(data)):
+        raise ValueError(f"--out {out} holds the report of another evaluation (task {prev[0]}, data {prev[1]}); "
+                         "give another --out, or --overwrite to replace it")
+
+
+def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive) -> int:
+    from . import distributed as dist
+    from .evaluate import run
+
     device = dist.local_device(args.device)
     model = _load(args.model, args.dtype, device, args.method, _levers(args))
     report = run(args.task, args.data, model=model, method=args.method,
@@ -201,8 +232,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     command = "fastitm finetune " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
     out = finetune(args.recipe, args.data, out=args.out, model=model, rank=args.rank, steps=args.steps, lr=args.lr,
                    batch_size=args.batch_size, examples=args.examples, seed=args.seed,
-                   progress=None if not args.no_progress else False, command=command)
-    print(f"wrote the adapter and its card to {out}; load it with fastitm.load_model(..., lora={str(out)!r})")
+                   progress=None if not args.no_progress else False, command=command, overwrite=args.overwrite)
+    print(f"the adapter and its card are in {out}; load it with fastitm.load_model(..., lora={str(out)!r})")
     return 0
 
 
@@ -335,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoiser batches' worth of items per engine call (default 16): batches stay full across items")
     e.add_argument("--skip-bad", action="store_true", help="skip items whose images cannot be read (listed in the report)")
     e.add_argument("--out", default="fastitm-eval", help="folder for the report (default fastitm-eval)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the report of another evaluation in --out (refused otherwise)")
     e.add_argument("--checkpoint", default=None,
                    help="save finished items here (per rank under torchrun); rerun with it to resume")
     e.set_defaults(func=cmd_eval)
@@ -355,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model precision")
     f.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     f.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace an adapter or checkpoint of other arguments in --out (refused otherwise)")
     f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("demo", help="accuracy of every method on held-out synthetic images (no downloads)")
@@ -374,16 +409,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _valued_options(parser: argparse.ArgumentParser) -> set[str]:
+    """The option strings (of every subcommand) that take a value."""
+    found: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _valued_options(sub)
+        elif action.option_strings and action.nargs != 0:
+            found.update(action.option_strings)
+    return found
+
+
+def _negative_values(argv: list[str], valued: set[str]) -> list[str]:
+    """argparse reads ``--lr -1e-4`` as two options ("expected one argument"): join a negative number to
+    the option before it when that option takes a value (``--lr=-1e-4``), so the command refuses it with
+    the reason instead."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1] in valued and a.startswith("-") and _is_number(a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .ops._backend import BackendUnavailable
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_values(list(sys.argv[1:] if argv is None else argv), _valued_options(parser)))
+    interrupts.received.clear()
     try:
-        return int(args.func(args) or 0)
+        with interrupts.terminate_as_interrupt():  # SIGTERM (SLURM, torchrun) saves like Ctrl-C
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("fastitm: interrupted", file=sys.stderr)
-        return 130
+        print(f"fastitm: {'stopped by SIGTERM' if interrupts.exit_code() == 143 else 'interrupted'}", file=sys.stderr)
+        return interrupts.exit_code()
     except (ValueError, TypeError, FileNotFoundError, OSError, BackendUnavailable) as e:
         print(f"fastitm: error: {e}", file=sys.stderr)
         return 2

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -43,6 +40,8 @@ from .common import (
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
 from .families import take_cond
+from .interrupts import deferred
+from .locks import held
 from .methods import check_rounds, elimination_stages
 from .ops._backend import choose
 from .ops.error_reduce import error_reduce
@@ -214,57 +213,11 @@ class _State:
         return int(self.done.sum())
 
 
-@contextmanager
-def _checkpoint_lock(path: Path) -> Iterator[None]:
-    """Hold ``<path>.lock`` for the run: a second run on the same checkpoint is refused at once,
-    naming the holder, instead of both writing it."""
-    lock = path.with_name(path.name + ".lock")
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks (Windows): run unguarded
-        yield
-        return
-    f = open(lock, "a+")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise CheckpointError(f"checkpoint {path} is in use by another run (process {holder}); wait for it "
-                                  "to finish or pass another checkpoint path") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        yield
-    finally:
-        f.close()  # releases the lock
-        lock.unlink(missing_ok=True)
-
-
-@contextmanager
-def _deferred_interrupt() -> Iterator[list[bool]]:
-    """While inside, a first Ctrl-C only sets a flag (the loop stops after its batch); a second one
-    interrupts at once. Outside the main thread signals cannot be caught, so nothing changes."""
-    flag = [False]
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        if flag[0]:
-            raise KeyboardInterrupt
-        flag[0] = True
-        print("\nfastitm: stopping after the batch in flight (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _checkpoint_lock(path: Path):
+    """Hold ``<path>.lock`` for the run: a second run on the same checkpoint is refused at once."""
+    return held(path.with_name(path.name + ".lock"), lambda holder: CheckpointError(
+        f"checkpoint {path} is in use by another run (process {holder}); wait for it to finish or pass another "
+        "checkpoint path"))
 
 
 def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
@@ -441,7 +394,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
              "text_encodes": M + (1 if spec.needs_uncond else 0), "batch_size": bs, "cuda_graphs": use_graph}
 
     with ExitStack() as stack:
-        stop = stack.enter_context(_deferred_interrupt())
+        stop = stack.enter_context(deferred())
         bar = stack.enter_context(tqdm(total=full_rows, desc=f"fastitm {spec.name}", unit="row",
                                        disable=progress_disabled(progress), dynamic_ncols=True))
         sink = None

@@ -73,6 +73,7 @@ def check_images(images: Any) -> list[Any]:
         if isinstance(item, Image.Image):
             continue
         if isinstance(item, (str, os.PathLike)):
+            check_not_url(item, what)
             path = Path(item)
             if path.is_dir():
                 raise ValueError(f"{what}: {path} is a folder, not an image file")
@@ -136,9 +137,17 @@ def _array_decode(a, what: str):
     return _check_tensor(t.contiguous(), what)
 
 
+def check_not_url(p: str | os.PathLike, what: str) -> None:
+    """A URL given as an image is said to be one (``Path`` would fold its ``//`` into a missing file)."""
+    if isinstance(p, str) and "://" in p[:16]:
+        raise ValueError(f"{what}: {p} is a URL; fastitm does not fetch images: download it and give the file path "
+                         "(or a PIL image)")
+
+
 def _load_path(p: str | os.PathLike, what: str):
     from PIL import Image, UnidentifiedImageError
 
+    check_not_url(p, what)
     path = Path(p)
     try:
         with Image.open(path) as img:

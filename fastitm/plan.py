@@ -183,8 +183,9 @@ def timestep_count(timesteps: Any) -> int | None:
     return None
 
 
-def explicit_timesteps(timesteps: Any, n_train: int) -> list[int]:
-    """A flat list of explicit timesteps, each an int in [0, n_train); raises naming what is wrong."""
+def explicit_timesteps(timesteps: Any, n_train: int | None) -> list[int]:
+    """A flat list of explicit timesteps, each an int in [0, n_train); raises naming what is wrong.
+    ``n_train`` None (no model yet): only the sign is checked."""
     if isinstance(timesteps, torch.Tensor):
         ts = timesteps.detach().cpu()
         if ts.ndim != 1:
@@ -205,6 +206,12 @@ def explicit_timesteps(timesteps: Any, n_train: int) -> list[int]:
         values = [int(t) for t in values]
     if not values:
         raise ValueError("the explicit timestep list is empty")
+    if n_train is None:
+        bad = [t for t in values if t < 0]
+        if bad:
+            raise ValueError(f"timesteps {bad} are negative; a timestep lies in [0, the model's training timesteps) "
+                             "(0-999 for Stable Diffusion)")
+        return values
     bad = [t for t in values if not 0 <= t < n_train]
     if bad:
         raise ValueError(f"timesteps {bad} are outside the schedule's range [0, {n_train})")
@@ -214,7 +221,7 @@ def explicit_timesteps(timesteps: Any, n_train: int) -> list[int]:
 def check_plan_args(timesteps: Any, seed: Any, scheme: str, latent: str, noise: str) -> None:
     """Type and name checks of the plan's arguments that need no model (so they fail at once)."""
     if timesteps is not None and timestep_count(timesteps) is None:
-        explicit_timesteps(timesteps, 2**62)
+        explicit_timesteps(timesteps, None)
     if seed is not None:
         check_seed(seed)
     if scheme not in TIMESTEP_SCHEMES:

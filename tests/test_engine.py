@@ -180,8 +180,9 @@ def test_bad_batch_size(tiny, bad):
         fastitm.score(torch.rand(1, 3, 16, 16), ["a"], model=tiny, timesteps=1, batch_size=bad)
 
 
-def _interrupt_after(model, calls):
-    """A UNet hook that delivers a real SIGINT (as Ctrl-C does) during the given forward call."""
+def _interrupt_after(model, calls, sig: str = "SIGINT"):
+    """A UNet hook that delivers a real SIGINT (as Ctrl-C does), or SIGTERM (as a batch scheduler or
+    torchrun does), during the given forward call."""
     import signal
 
     seen = [0]
@@ -189,14 +190,14 @@ def _interrupt_after(model, calls):
     def hook(module, args):
         seen[0] += 1
         if seen[0] == calls:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(getattr(signal, sig))
 
     return model.unet.register_forward_pre_hook(hook)
 
 
-@pytest.mark.parametrize("method,opts", [("diffusion_itm", {}), ("discffusion", {"denoise": True}),
-                                         ("diffusion_classifier", {"elimination": [(2, 2)]})])
-def test_ctrl_c_then_resume(tiny, tmp_path, method, opts):
+@pytest.mark.parametrize("method,opts,sig", [("diffusion_itm", {}, "SIGINT"), ("discffusion", {"denoise": True}, "SIGTERM"),
+                                             ("diffusion_classifier", {"elimination": [(2, 2)]}, "SIGINT")])
+def test_ctrl_c_then_resume(tiny, tmp_path, method, opts, sig):
     from fastitm.engine import Interrupted
 
     imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))
@@ -204,7 +205,7 @@ def test_ctrl_c_then_resume(tiny, tmp_path, method, opts):
     kw = dict(model=tiny, method=method, timesteps=3, seed=2, batch_size=5, **opts)
     full = fastitm.score(imgs, texts, **kw)
     ckpt = tmp_path / "run.pt"
-    h = _interrupt_after(tiny, 3)
+    h = _interrupt_after(tiny, 3, sig)
     try:
         with pytest.raises(Interrupted) as info:
             fastitm.score(imgs, texts, checkpoint=str(ckpt), checkpoint_every=1e9, **kw)

@@ -50,22 +50,72 @@ def test_shards_cover_every_item_once():
             assert got == list(range(n))
 
 
+def _eval_here(args, out):
+    """The one-process run in this process (no launch): one thread, as the launched ranks run."""
+    from fastitm import cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--out", str(out),
+                         "--no-progress", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "report.json").read_text())
+
+
+# `fastitm eval` on rank 1 gets SIGTERM (what SLURM or torchrun sends) when it starts its second engine call.
+KILL_RANK1 = """
+import os, signal, sys
+import fastitm
+from fastitm import cli
+
+real, calls = fastitm.score, [0]
+
+def score(*a, **k):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **k)
+
+fastitm.score = score
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_two_gloo_processes_give_the_one_process_report_bit_for_bit(jsonl, tmp_path):
     # Items of 12 rows, batches of 12, calls of 2 batches: windows of 2 items ([0, 1], [2, 3], [4, 5], [6]);
     # the ranks get whole windows (items 0-3 and 4-6), so every call is the one a single process makes.
-    calls = ["--batch-size", "12", "--stream", "2"]
-    one = _eval(["--data", str(jsonl), *calls], 1, tmp_path / "one")
+    calls = ["--data", str(jsonl), "--batch-size", "12", "--stream", "2"]
+    one = _eval_here(calls, tmp_path / "one")
+    # Rank 1 is sent SIGTERM at its second window: it saves its first window and exits; rank 0 keeps its
+    # own finished windows; rerunning the command computes only what is missing.
     ckpt = tmp_path / "ck.pt"
-    two = _eval(["--data", str(jsonl), "--checkpoint", str(ckpt), *calls], 2, tmp_path / "two")
+    script = tmp_path / "kill_rank1.py"
+    script.write_text(KILL_RANK1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--out", str(tmp_path / "killed"), "--no-progress",
+           *calls, "--checkpoint", str(ckpt)]
+    killed = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and "stopped by SIGTERM" in killed.stderr, killed.stderr[-3000:]
+    shard = lambda r: sorted(torch.load(tmp_path / f"ck.pt.rank{r}-of-2", weights_only=False)["done"])  # noqa: E731
+    assert shard(1) == [4, 5]  # the first window of rank 1's shard (4-6), saved on SIGTERM
+    two = _eval([*calls, "--checkpoint", str(ckpt)], 2, tmp_path / "two")
     assert two["stats"]["ranks"] == 2 and one["stats"]["ranks"] == 1
-    assert one["stats"]["engine_calls"] == two["stats"]["engine_calls"] == 4
     for key in ("metrics", "items", "accuracy_vs_timesteps", "plan"):
         assert two[key] == one[key], key  # the same floats, each item once
-    # Each rank kept its own checkpoint of its own shard (4 + 3 of 7 items); a rerun resumes from them.
-    shards = [torch.load(tmp_path / f"ck.pt.rank{r}-of-2", weights_only=False)["done"] for r in range(2)]
-    assert sorted(shards[0]) == [0, 1, 2, 3] and sorted(shards[1]) == [4, 5, 6]
-    again = _eval(["--data", str(jsonl), "--checkpoint", str(ckpt), *calls], 2, tmp_path / "again")
-    assert again["items"] == one["items"] and again["metrics"] == one["metrics"]
+    # Each rank kept its own checkpoint of its own shard (4 + 3 of 7 items).
+    assert shard(0) == [0, 1, 2, 3] and shard(1) == [4, 5, 6]
+    assert two["stats"]["engine_calls"] < one["stats"]["engine_calls"] == 4  # the resumed run: only the rest
+    # Racing on 2 ranks: each rank races its own windows; the decisions and scores are those of one
+    # process (a rerun of the first command from the checkpoints is checked in one process below).
+    race = [*calls, "--timesteps", "6", "--adaptive", "min_timesteps=2,round_size=2,alpha=0.2"]
+    one_r = _eval_here(race, tmp_path / "one_r")
+    two_r = _eval(race, 2, tmp_path / "two_r")
+    assert one_r["items"] == two_r["items"] and one_r["metrics"] == two_r["metrics"]
+    rows = [it["rows"] for it in one_r["items"]]
+    assert min(rows) < max(rows) <= 4 * 6  # some item stopped early, none ran past the plan
+    assert one_r["stats"]["unet_rows"] == two_r["stats"]["unet_rows"] == sum(rows)
 
 
 # Each item is 1 image x (3 texts + the empty prompt) x 3 timesteps = 12 rows: with batches of 12 and
@@ -73,8 +123,12 @@ def test_two_gloo_processes_give_the_one_process_report_bit_for_bit(jsonl, tmp_p
 ONE_PER_CALL = {"batch_size": 12, "stream": 1}
 
 
-def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch, how):
+    import signal
+
     import fastitm.evaluate.runner as runner
+    from fastitm.interrupts import Terminated
 
     tiny = fastitm.testing.tiny_model(seed=0)
     full = fastitm.evaluate.run("jsonl", jsonl, model=tiny, timesteps=3, **ONE_PER_CALL)
@@ -84,12 +138,14 @@ def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch):
     def dying(*a, **k):
         calls[0] += 1
         if calls[0] == 4:
-            raise KeyboardInterrupt  # as Ctrl-C or a kill between items
+            if how == "sigterm":  # a real SIGTERM, as SLURM or torchrun sends: handled like Ctrl-C
+                signal.raise_signal(signal.SIGTERM)
+            raise KeyboardInterrupt  # as Ctrl-C between items
         return real(*a, **k)
 
     monkeypatch.setattr(fastitm, "score", dying)
-    with pytest.raises(KeyboardInterrupt):
-        runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, **ONE_PER_CALL)
+    with pytest.raises(Terminated if how == "sigterm" else KeyboardInterrupt):
+        runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, checkpoint_every=1e9, **ONE_PER_CALL)
     monkeypatch.setattr(fastitm, "score", real)
     assert ckpt.exists() and len(torch.load(ckpt, weights_only=False)["done"]) == 3
     counted = [0]

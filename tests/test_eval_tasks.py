@@ -2,6 +2,7 @@
 with the metrics checked against a hand computation from independently computed scores."""
 
 import json
+import os
 
 import pytest
 import released
@@ -280,6 +281,23 @@ def test_cli_eval_errors_exit_2(tmp_path, capsys):
                  "--out", str(blocker / "report")]) == 2
     err = capsys.readouterr().err
     assert f"--out {blocker / 'report'}: the folder cannot be created" in err and "no-model" not in err
+    # an --out in use by another eval, or holding another evaluation's report, is refused before the
+    # model loads (--overwrite replaces the report; the same evaluation's report is simply rewritten)
+    from fastitm.locks import held
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with held(out / ".fastitm-eval.lock", lambda holder: AssertionError(holder)):
+        assert main(["eval", "jsonl", "--data", "x.jsonl", "--model", str(tmp_path / "no-model"), "--out",
+                     str(out)]) == 2
+    assert f"--out {out} is in use by another fastitm eval (process {os.getpid()})" in capsys.readouterr().err
+    (out / "report.json").write_text(json.dumps({"task": "winoground", "data": "/data/winoground"}))
+    argv = ["eval", "jsonl", "--data", str(tmp_path / "none.jsonl"), "--model", "tiny", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds the report of another evaluation (task winoground, data /data/winoground)" in err
+    assert main([*argv, "--overwrite"]) == 2  # now past --out, to the missing data
+    assert "none.jsonl: file not found" in capsys.readouterr().err
 
 
 # ---- every other task on a fixture in its published layout, through the CLI -------------------------
@@ -386,6 +404,42 @@ def test_visual_genome_crops_to_the_box(tiny, tmp_path, examples, task):
     assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
 
 
+def test_bad_fields_are_named_with_file_and_row(tmp_path, examples):
+    """A string where ARO has a number, an empty box, a box outside its image, an SVO sentence that is
+    not text, a latin-1 jsonl: each message names the file, the row and the field."""
+    from fastitm.evaluate.runner import BadImage, _decode
+
+    root = tmp_path / "aro"
+    _save(Image.new("RGB", (40, 30), "white"), root / "images" / "1.jpg")
+    good = {"image_path": "1.jpg", "bbox_x": 5, "bbox_y": 5, "bbox_w": 10, "bbox_h": 10, "true_caption": "a",
+            "false_caption": "b", "relation_name": "on"}
+    f = root / "visual_genome_relation.json"
+    for change, msg in (({"bbox_x": "100"}, "row 1: bbox_x must be a number, got '100'"),
+                        ({"bbox_w": 0}, r"row 1: the box is empty \(bbox_w 0, bbox_h 10\)"),
+                        ({"false_caption": None}, "row 1: false_caption must be a string, got None")):
+        f.write_text(json.dumps([good, {**good, **change}]))
+        with pytest.raises(DataError, match=rf"{f}: {msg}"):
+            load_task("vg_relation", root)
+    f.write_text(json.dumps([good, {**good, "bbox_x": 100, "bbox_y": 0}]))
+    items = load_task("vg_relation", root)
+    assert _decode(items[0])[0].size == (10, 10)
+    with pytest.raises(BadImage, match=r"item 1 image 0: its box \(100, 0, 110, 10\) .* outside the 40x30 image"):
+        _decode(items[1])
+    (tmp_path / "svo").mkdir()
+    (tmp_path / "svo" / "svo.json").write_text(json.dumps([{"sentence": 12, "pos_id": 1, "neg_id": 2,
+                                                            "neg_type": "subj"}]))
+    with pytest.raises(DataError, match=r"svo.json: row 0: sentence must be a non-empty string, got 12"):
+        load_task("svo", tmp_path)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"image": "a.png", "texts": ["a", "b"], "label": 0}\n'.encode()
+                    + '{"image": "b.png", "texts": ["café", "b"], "label": 0}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{bad}:2: not UTF-8 text \(byte 0xe9 .*must be UTF-8"):
+        load_task("jsonl", bad)
+    bad.write_text(json.dumps({"image": "https://example.com/a.png", "texts": ["a", "b"], "label": 0}))
+    with pytest.raises(DataError, match=rf"{bad}:1: https://example.com/a.png is a URL; fastitm does not fetch"):
+        load_task("jsonl", bad)
+
+
 def test_pets_uses_diffusion_classifier_with_elimination(tmp_path):
     root = tmp_path / "pets"
     classes = released.copy("pets/classes.txt", tmp_path).read_text().splitlines()
@@ -453,6 +507,28 @@ def test_gender_bias_effect_sizes_by_hand(tmp_path, examples):
         phi[r["tags"]["gender"]].append(r["scores"][0] - r["scores"][1])
     want = (np.mean(phi["male"]) - np.mean(phi["female"])) / np.concatenate([phi["male"], phi["female"]]).std()
     assert rep["metrics"]["clothes"] == pytest.approx(want, rel=1e-6) and rep["metrics"]["items"] == 8
+
+
+def test_bias_tasks_name_what_is_missing(tmp_path):
+    """A group without images, a target with one of its two folders, a target without women's images:
+    each is said, naming the folder, the group or the target, and what the report leaves out."""
+    from fastitm.evaluate.metrics import gender_bias_metrics
+
+    root = tmp_path / "mmbias"
+    _save(released.image("c"), root / "data" / "Images" / "Religion" / "Christian" / "0.jpg")
+    (root / "textual_phrases.txt").write_text(json.dumps({"pleasant_phrases": ["good"], "unpleasant_phrases": ["bad"]}))
+    with pytest.warns(UserWarning, match=r"MMBias: no images for Muslim, Jewish, .* \(folders Religion/Muslim, .* under .*Images\); the "
+                                         r"pairs Christian-Muslim, Christian-Jewish, .* are left out"):
+        load_task("bias", tmp_path)
+    gender = tmp_path / "gender"
+    for k in (1, 2):  # men only
+        _save(released.image("c"), gender / "beer-images" / f"{k}.jpg")
+    with pytest.warns(UserWarning, match=rf"no images in {gender / 'wine-images'}: drinks is computed from beer alone"):
+        items = load_task("bias_gender", gender)
+    with pytest.warns(UserWarning, match=r"drinks has no images of women \(numbered above 6\): its effect size is "
+                                         r"undefined"):
+        got = gender_bias_metrics(items, [torch.tensor([[0.2, 0.1]])] * len(items))
+    assert got["drinks"] != got["drinks"]  # NaN (null in report.json)
 
 
 def test_order_perturbations_by_hand(monkeypatch):

@@ -142,3 +142,71 @@ def test_divergence_stops_without_writing_an_adapter(tiny_dir, tmp_path, monkeyp
     half = fastitm.load_model(tiny_dir, dtype="fp16")
     with pytest.raises(ValueError, match="fine-tuning in fp16 diverges"):
         finetune("hardneg", "synthetic", out=tmp_path / "fp16", **{**kw, "model": half})
+
+
+def test_out_holding_an_adapter_is_done_or_refused(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Rerunning a finished command says it is done and trains nothing; another run's --out is refused,
+    naming what differs, unless overwrite; the adapter file is as readable as its card; the card shows
+    each loss row once; a negative --lr is refused with the reason, not argparse's."""
+    import stat
+
+    import fastitm.finetune.loop as loop
+
+    out = tmp_path / "ad"
+    kw = dict(model=str(tiny_dir), steps=2, examples=6, batch_size=2, progress=False)
+    finetune("hardneg", "synthetic", out=out, **kw)
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out / "adapter_model.safetensors") == mode(out / "training.json")
+    card = json.loads((out / "training.json").read_text())
+    table = [ln for ln in (out / "README.md").read_text().splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in table] == [h["step"] for h in card["history"]] == [1, 2]
+
+    monkeypatch.setattr(loop, "_step", lambda *a, **k: pytest.fail("a finished run trained again"))
+    capsys.readouterr()
+    assert finetune("hardneg", "synthetic", out=out, **kw) == out
+    assert "already holds the adapter" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match=r"other arguments \(recipe: 'hardneg' there, 'discffusion' here"):
+        finetune("discffusion", "synthetic", out=out, **kw)
+    with pytest.raises(FileExistsError, match=r"steps: 2 there, 3 here"):
+        finetune("hardneg", "synthetic", out=out, **{**kw, "steps": 3})
+    assert (out / "adapter_model.safetensors").read_bytes() == weights  # untouched
+    monkeypatch.undo()
+    finetune("discffusion", "synthetic", out=out, overwrite=True, **kw)
+    assert json.loads((out / "training.json").read_text())["args"]["recipe"] == "discffusion"
+
+    assert main(["finetune", "--recipe", "hardneg", "--model", str(tiny_dir), "--out", str(tmp_path / "neg"),
+                 "--lr", "-1e-4"]) == 2
+    assert "lr must be a positive finite number, got -0.0001" in capsys.readouterr().err
+
+
+def test_loss_growing_by_orders_of_magnitude_warns(tiny_dir, tmp_path, monkeypatch):
+    import fastitm.finetune.loop as loop
+
+    real, calls = loop._step, [0]
+
+    def growing(*a, **k):
+        calls[0] += 1
+        loss, info = real(*a, **k)
+        # finite, but 0.5 then 1e4 from step 11 (the first 10 steps set the scale; the graph is kept)
+        return loss * 0 + (1e4 if calls[0] > 10 else 0.5), info
+
+    monkeypatch.setattr(loop, "_step", growing)
+    with pytest.warns(RuntimeWarning, match=r"running loss grew from 0.5 to 500.5 by step 11 \(lr 0.0001\).*lower"):
+        finetune("hardneg", "synthetic", out=tmp_path / "g", model=str(tiny_dir), steps=12, examples=6, batch_size=1,
+                 lr=1e-4, progress=False)
+
+
+def test_adapter_of_another_model_or_damaged_is_named(tiny_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "ad"
+    finetune("hardneg", "synthetic", out=out, model=str(tiny_dir), steps=1, examples=2, batch_size=1, progress=False)
+    if fastitm.model.embedded_model_path() is not None:  # another architecture than the tiny model's
+        with pytest.raises(ValueError, match=rf"LoRA adapter {out} does not fit .*another architecture \("):
+            fastitm.load_model(lora=out)
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    (cut / "adapter_model.safetensors").write_bytes((out / "adapter_model.safetensors").read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"{cut / 'adapter_model.safetensors'} cannot be read .*damaged or truncated"):
+        fastitm.load_model(tiny_dir, lora=cut)

@@ -23,6 +23,8 @@ def img_tensor(n=1, size=16):
     ((torch.rand(1, 3, 16, 16) * 255).to(torch.uint8), ["a"], {}, TypeError, "divide by 255"),
     (torch.full((1, 3, 16, 16), float("nan")), ["a"], {}, ValueError, "NaN"),
     ([42], ["a"], {}, TypeError, "image 0 is a int"),
+    (["https://example.com/a.png"], ["a"], {}, ValueError, "image 0: https://example.com/a.png is a URL; fastitm "
+                                                           "does not fetch images"),
     (None, ["a"], {"method": "clip"}, ValueError, "unknown method 'clip'"),
     (None, ["a"], {"temperature": 2}, ValueError, "unknown option\\(s\\) \\['temperature'\\]"),
     (None, ["a"], {"method": "diffusion_classifier", "normalize": True}, ValueError, "its options are \\[.elimination., .order.\\]"),
@@ -33,7 +35,7 @@ def img_tensor(n=1, size=16):
     (None, ["a"], {"timesteps": -3}, ValueError, "at least 1"),
     (None, ["a"], {"timesteps": 5000}, ValueError, "exceeds"),
     (None, ["a"], {"timesteps": [10, 1000]}, ValueError, "outside the schedule's range"),
-    (None, ["a"], {"timesteps": [-1]}, ValueError, "outside the schedule's range"),
+    (None, ["a"], {"timesteps": [-1]}, ValueError, r"timesteps \[-1\] are negative; a timestep lies in \[0, .*0-999"),
     (None, ["a"], {"timesteps": []}, ValueError, "empty"),
     (None, ["a"], {"timesteps": [0.5]}, TypeError, "must be ints; entry 0 is float 0.5"),
     (None, ["a"], {"scheme": "cosine"}, ValueError, "unknown timestep scheme"),
@@ -94,3 +96,9 @@ def test_resize_modes():
     assert cc[0, :, :, 0].mean() < -0.9  # cropped away
     same = prepare_images(torch.rand(1, 3, 16, 16), 16)
     assert same.shape == (1, 3, 16, 16)
+
+
+def test_long_caption_warning_points_at_the_callers_line(tiny):
+    with pytest.warns(UserWarning, match=r"texts \[1\] exceed the text encoder's \d+ tokens") as rec:
+        fastitm.score(torch.rand(1, 3, 16, 16), ["a cat", "word " * 100], model=tiny, timesteps=1)
+    assert [r.filename for r in rec if "exceed" in str(r.message)] == [__file__]  # not fastitm's internals

@@ -7,6 +7,7 @@ ground truth below it when it scores at least as high, and the number of ties is
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -90,7 +91,12 @@ def gender_bias_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor])
         phis.setdefault((item.tags["target"], item.tags["gender"]), []).append((m[0, 0] - m[0, -1]).item())
     out: dict = {}
     for target in sorted({t for t, _ in phis}):
-        out[target] = effect_size(phis.get((target, "male"), []), phis.get((target, "female"), []))
+        men, women = phis.get((target, "male"), []), phis.get((target, "female"), [])
+        if not men or not women:  # the report's null, said with its cause
+            who = "men (numbered 1-6)" if not men else "women (numbered above 6)"
+            warnings.warn(f"bias_gender: {target} has no images of {who}: its effect size is undefined (null in "
+                          "the report)", stacklevel=1)
+        out[target] = effect_size(men, women)
     out["items"] = len(items)
     return out
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..interrupts import terminate_as_interrupt
 from .metrics import headline, identical_counts, rank_of_truth, task_metrics
 from .report import EvalReport, jsonable
 from .synthetic import shared_plan
@@ -42,8 +43,11 @@ class BadImage(DataError):
 
 def _existing(ref: str | tuple[str, ...], what: str) -> str:
     """The image file a reference names: a path, or the first existing one of alternative paths."""
+    from ..inputs import check_not_url
+
     paths = ref if isinstance(ref, tuple) else (ref,)
     for p in paths:
+        check_not_url(p, what)
         if Path(p).is_file():
             return p
     raise FileNotFoundError(f"{what}: image file not found: " + (
@@ -69,6 +73,11 @@ def _decode(item: Item) -> list[Any]:
         box = item.crops[n] if item.crops else None
         if box is not None:  # (left, top, right, bottom); fractional edges rounded, as PIL's crop does
             left, top, right, bottom = (int(round(v)) for v in box)
+            w, h = (img.shape[2], img.shape[1]) if isinstance(img, torch.Tensor) else img.size
+            if right <= 0 or bottom <= 0 or left >= w or top >= h or right <= left or bottom <= top:
+                # (a box partly outside is cropped as the published ARO loader does: PIL pads it black)
+                raise BadImage(f"{what}: its box {tuple(box)} (left, top, right, bottom) lies outside the "
+                               f"{w}x{h} image")
             if isinstance(img, torch.Tensor):
                 img = img[:, top:bottom, left:right]
             else:
@@ -369,7 +378,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
             window.clear()
 
     try:
-        with ThreadPoolExecutor(max_workers=2) as pool, \
+        with terminate_as_interrupt(), ThreadPoolExecutor(max_workers=2) as pool, \
                 tqdm(total=len(items), initial=max(0, len(items) - len(todo) * dist.world_size()),
                      desc=f"fastitm eval {task}", unit="item", disable=show, dynamic_ncols=True) as bar:
             for (idx, item), fut in zip(todo, _prefetch([it for _, it in todo], pool)):
@@ -392,7 +401,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                         last_save = time.monotonic()
                 window.append((idx, item, images))
             flush()
-    finally:  # finished work is kept on errors and Ctrl-C alike
+    finally:  # finished work is kept on errors, Ctrl-C and SIGTERM alike
         state.save()
     parts = dist.gather((state.done, state.skipped, state.no_negative, work))
     done: dict = {}

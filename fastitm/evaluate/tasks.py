@@ -101,9 +101,19 @@ def _read_json(path: Path, expected: str) -> Any:
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected {expected})")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(_utf8(path))
+    except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); expected {expected}") from None
+
+
+def _utf8(path: Path) -> str:
+    """The file's text; JSON is UTF-8 by definition, so another encoding is named as the problem."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "JSON files must be UTF-8: convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _resolve(root: Path, p: str) -> Path:
@@ -131,7 +141,7 @@ def load_jsonl(path: str | Path, split: str | None = None) -> list[Item]:
         raise DataError(f"{path}: file not found (expected {JSONL_FORMAT})")
     root = path.parent
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -160,6 +170,10 @@ def load_jsonl(path: str | Path, split: str | None = None) -> list[Item]:
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_cand:
             raise DataError(f"{where}: field 'label' must be an int in [0, {n_cand}), got {label!r}")
         tags = {k: str(v) for k, v in obj.get("tags", {}).items()} if isinstance(obj.get("tags"), dict) else {}
+        urls = [p for p in images if "://" in p[:16]]
+        if urls:
+            raise DataError(f"{where}: {urls[0]} is a URL; fastitm does not fetch images: download them and give "
+                            "paths relative to the file")
         items.append(Item(str(obj.get("id", n)), kind, [str(root / p) for p in images], texts, label, tags))
     if not items:
         raise DataError(f"{path} holds no items; expected {JSONL_FORMAT}")
@@ -266,6 +280,8 @@ def load_svo(data_dir: str | Path, split: str | None = None) -> list[Item]:
         missing = [k for k in ("sentence", "pos_id", "neg_id", "neg_type") if not isinstance(row, dict) or k not in row]
         if missing:
             raise DataError(f"{path}: row {n} lacks the field(s) {missing}")
+        if not isinstance(row["sentence"], str) or not row["sentence"].strip():
+            raise DataError(f"{path}: row {n}: sentence must be a non-empty string, got {row['sentence']!r:.80}")
         items.append(Item(str(n), "image", [str(root / "images" / str(row["pos_id"])),
                                             str(root / "images" / str(row["neg_id"]))],
                           [row["sentence"]], 0, {"neg_type": str(row["neg_type"])}))
@@ -345,6 +361,14 @@ def _load_vg(data_dir: str | Path, name: str, tag: Callable[[dict], str]) -> lis
         missing = [k for k in need if not isinstance(r, dict) or k not in r]
         if missing:
             raise DataError(f"{path}: row {n} lacks the field(s) {missing}")
+        for k in need[1:5]:
+            if isinstance(r[k], bool) or not isinstance(r[k], (int, float)):
+                raise DataError(f"{path}: row {n}: {k} must be a number, got {r[k]!r:.40}")
+        if r["bbox_w"] <= 0 or r["bbox_h"] <= 0:
+            raise DataError(f"{path}: row {n}: the box is empty (bbox_w {r['bbox_w']}, bbox_h {r['bbox_h']})")
+        for k in need[5:]:
+            if not isinstance(r[k], str):
+                raise DataError(f"{path}: row {n}: {k} must be a string, got {r[k]!r:.80}")
         box = (r["bbox_x"], r["bbox_y"], r["bbox_x"] + r["bbox_w"], r["bbox_y"] + r["bbox_h"])
         items.append(Item(str(n), "text", [str(root / "images" / r["image_path"])],
                           [r["true_caption"], r["false_caption"]], 0, {name: tag(r)}, crops=[box]))
@@ -413,12 +437,22 @@ def load_bias(data_dir: str | Path, split: str | None = None) -> list[Item]:
                       "the file puts them), so its effect sizes are not the published code's", stacklevel=1)
     texts = list(good) + list(bad)
     items = []
+    empty = []
     for group, folder in MMBIAS_GROUPS.items():
-        for f in sorted((root / "data" / "Images" / folder).glob("*.jpg")):
+        found = sorted((root / "data" / "Images" / folder).glob("*.jpg"))
+        empty += [] if found else [group]
+        for f in found:
             items.append(Item(f"{group}/{f.name}", "text", [str(f)], texts, None,
                               {"group": group, "pleasant": str(len(good))}))
     if not items:
         raise DataError(f"{root / 'data' / 'Images'}: no group images found (expected <category>/<group>/*.jpg)")
+    if empty:  # never silently: the pairs of a group without images cannot be computed
+        from .metrics import BIAS_PAIRS
+
+        lost = [f"{x}-{y}" for x, y in BIAS_PAIRS if x in empty or y in empty]
+        warnings.warn(f"MMBias: no images for {', '.join(empty)} (folders "
+                      f"{', '.join(MMBIAS_GROUPS[g] for g in empty)} under {root / 'data' / 'Images'}); the pairs "
+                      f"{', '.join(lost)} are left out of the report", stacklevel=1)
     return items
 
 
@@ -432,6 +466,11 @@ def load_bias_gender(data_dir: str | Path, split: str | None = None) -> list[Ite
     root = Path(data_dir)
     items = []
     for target, words in GENDER_TARGETS.items():
+        missing = [str(root / f"{w}-images") for w in words if not any((root / f"{w}-images").glob("*.jpg"))]
+        if missing and len(missing) < len(words):  # a target from one of its two words would mislead
+            warnings.warn(f"bias_gender: no images in {', '.join(missing)}: {target} is computed from "
+                          f"{' and '.join(w for w in words if str(root / f'{w}-images') not in missing)} alone",
+                          stacklevel=1)
         for word in words:
             for f in sorted((root / f"{word}-images").glob("*.jpg")):
                 try:

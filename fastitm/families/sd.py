@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .._user import user_stacklevel
 from .base import Family, ModelError
 
 
@@ -105,5 +106,6 @@ def clip_ids(tokenizer, texts: list[str], max_length: int | None = None) -> torc
     ids = tokenizer(texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     long = [j for j, t in enumerate(tokenizer(texts, truncation=False).input_ids) if len(t) > n]
     if long:
-        warnings.warn(f"texts {long} exceed {n} tokens and were truncated", stacklevel=4)
+        warnings.warn(f"texts {long} exceed the text encoder's {n} tokens and were truncated to their first {n} "
+                      "(as the diffusers pipelines do)", stacklevel=user_stacklevel())
     return ids

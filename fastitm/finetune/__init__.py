@@ -6,8 +6,8 @@ See :mod:`fastitm.finetune.recipes` for the losses and :mod:`fastitm.finetune.lo
 """
 
 from .examples import TrainExample, load_examples
-from .lora import add_lora, load_adapter, save_adapter
 from .loop import DEFAULTS, RECIPES, finetune
+from .lora import add_lora, load_adapter, save_adapter
 
 __all__ = ["DEFAULTS", "RECIPES", "TrainExample", "add_lora", "finetune", "load_adapter", "load_examples",
            "save_adapter"]

@@ -11,17 +11,46 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..interrupts import terminate_as_interrupt
 from .examples import TrainExample, load_examples
-from .lora import add_lora, adapter_state, save_adapter
+from .lora import adapter_state, add_lora, save_adapter
 from .recipes import MARGIN, discffusion_loss, hardneg_loss
 
 RECIPES = ("hardneg", "discffusion")
+
+
+LOSS_GROWTH = 100.0  # warn when the running loss exceeds the first steps' largest loss this many times
+EARLY_STEPS = 10
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys) or "none"
+
+
+def _finished(out: Path, args: dict, overwrite: bool) -> bool:
+    """Whether ``out`` already holds the finished adapter of these arguments (then say so); refuse one
+    made with other arguments unless ``overwrite``."""
+    card = out / "training.json"
+    if not card.is_file() or overwrite:
+        return False
+    try:
+        prev = json.loads(card.read_text()).get("args")
+    except (OSError, ValueError, AttributeError):
+        prev = None
+    if prev == args and (out / "adapter_model.safetensors").is_file():
+        print(f"fastitm finetune: {out} already holds the adapter these arguments train (see its README.md); "
+              "nothing to do (--overwrite trains it again)", file=sys.stderr)
+        return True
+    raise FileExistsError(f"--out {out} holds an adapter trained with other arguments "
+                          f"({_differences(prev or {}, args)}); give another --out, or --overwrite to replace it")
 
 
 class Diverged(ValueError):
@@ -109,15 +138,16 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: Any = None, rank: int = 4,
              steps: int | None = None, lr: float | None = None, batch_size: int | None = None,
              examples: int | None = None, seed: int = 0, checkpoint_every: float = 120.0,
-             progress: bool | None = None, command: str | None = None) -> Path:
+             progress: bool | None = None, command: str | None = None, overwrite: bool = False) -> Path:
     """Train a LoRA adapter with ``recipe`` ("hardneg" or "discffusion") and save it in ``out``.
 
     data: "synthetic" (``fastitm.data``'s training split) or a .jsonl file; examples: how many
     (default 4000 for hardneg, 1200 = 5% of the embedded model's 24000 training images for
     Discffusion's few-shot setting). model: a :class:`fastitm.Model` or a folder (default: the
     embedded model). A checkpoint (``out/checkpoint.pt``) is written every ``checkpoint_every``
-    seconds and on Ctrl-C; calling again with the same arguments resumes from it.
-    Returns the adapter folder; load it with ``fastitm.load_model(path, lora=out)``.
+    seconds and on Ctrl-C; calling again with the same arguments resumes from it, and once the adapter
+    is written, says so and returns it. An ``out`` holding another run's adapter or checkpoint is refused
+    unless ``overwrite``. Returns the adapter folder; load it with ``fastitm.load_model(path, lora=out)``.
     """
     from tqdm.auto import tqdm
 
@@ -156,17 +186,24 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     source = "the embedded default model" if model.source == str(embedded_model_path()) else model.source
     args = {"recipe": recipe, "data": str(data), "rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size,
             "examples": len(exs), "seed": seed, "targets": d["targets"], "model": source}
+    ckpt = out / "checkpoint.pt"
+    if _finished(out, args, overwrite):
+        return out
+    if overwrite:
+        ckpt.unlink(missing_ok=True)
     params = add_lora(model.unet, rank, d["targets"], seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     history: list[dict] = []
     start, seconds = 0, 0.0
-    ckpt = out / "checkpoint.pt"
+    early: list[float] = []  # the first EARLY_STEPS losses: the scale the loss-growth warning compares with
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state.get("args") != args:
-            raise ValueError(f"{ckpt} was made with other arguments ({state.get('args')}); use another --out")
+            raise FileExistsError(f"--out {out} holds the checkpoint of a run with other arguments "
+                                  f"({_differences(state.get('args') or {}, args)}); rerun that command to resume it, "
+                                  "or give another --out, or --overwrite to start this one there")
         from peft.utils import set_peft_model_state_dict
 
         set_peft_model_state_dict(model.unet, state["lora"])
@@ -174,20 +211,23 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
         gen.set_state(state["gen"])
         rng.setstate(state["rng"])
         start, history, seconds = state["step"], state["history"], state["seconds"]
+        early = list(state.get("early", []))
 
     def save(step: int, rng_states=None) -> None:
         g, r = rng_states or (gen.get_state(), rng.getstate())
         _save_checkpoint(ckpt, {"args": args, "step": step, "lora": adapter_state(model.unet),
                                 "opt": opt.state_dict(), "gen": g, "rng": r,
-                                "history": history, "seconds": seconds + time.monotonic() - t0})
+                                "history": history, "early": early, "seconds": seconds + time.monotonic() - t0})
 
     t0 = time.monotonic()
     last_save = t0
     running = None
+    warned = False
     model.unet.train()
     step = start
     snapshot = (gen.get_state(), rng.getstate())
     with ExitStack() as stack:
+        stack.enter_context(terminate_as_interrupt())  # SIGTERM saves the checkpoint as Ctrl-C does
         sink = None
         if recipe == "discffusion":
             from ..attention import lse_pooling
@@ -209,6 +249,14 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
                 loss.backward()
                 opt.step()
                 running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+                if len(early) < EARLY_STEPS:
+                    early.append(loss.item())
+                base = max(early)  # the largest of the first steps' losses (the hinge losses are often 0)
+                if not warned and len(early) == EARLY_STEPS and base > 0 and running > LOSS_GROWTH * base:
+                    warned = True  # finite but blowing up: the usual sign of a too-high lr, said once
+                    warnings.warn(f"the running loss grew from {base:.4g} to {running:.4g} by step {step + 1} "
+                                  f"(lr {lr}): training may be diverging; a lower --lr usually helps", RuntimeWarning,
+                                  stacklevel=2)
                 bar.set_postfix(loss=f"{running:.4f}", **{k: f"{v:.3f}" for k, v in info.items()})
                 bar.update(1)
                 if step % max(1, steps // 50) == 0 or step == steps - 1:
@@ -254,7 +302,10 @@ def _card_markdown(card: dict) -> str:
                   "its gradient then lowers the true caption's error alone.", ""]
     extra = [k for k in (hist[0] if hist else {}) if k not in ("step", "loss", "running_loss")]
     lines += ["| step | loss | running loss | " + " | ".join(extra) + " |", "|---|---|---|" + "---|" * len(extra)]
-    for h in hist[:: max(1, len(hist) // 10)] + ([hist[-1]] if hist else []):
+    shown = hist[:: max(1, len(hist) // 10)]
+    if hist and shown[-1] is not hist[-1]:  # always end on the last row, once
+        shown.append(hist[-1])
+    for h in shown:
         lines.append(f"| {h['step']} | {h['loss']:.4f} | {h['running_loss']:.4f} | "
                      + " | ".join(f"{h[k]:.4f}" for k in extra) + " |")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ them onto the model.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -52,6 +53,9 @@ def save_adapter(unet, out: str | Path, rank: int, targets: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state(unet), str(out / WEIGHTS))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / WEIGHTS, 0o666 & ~umask)  # as the card and config beside it (not a private temp file's mode)
     (out / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "targets": targets,
                                           "target_modules": TARGETS[targets], "format": "fastitm-lora-1"}, indent=2))
     return out
@@ -70,9 +74,19 @@ def load_adapter(model, folder: str | Path) -> None:
     cfg = json.loads((folder / CONFIG).read_text())
     if cfg.get("format") != "fastitm-lora-1":
         raise ValueError(f"{folder / CONFIG} is not a fastitm LoRA adapter config")
-    model.unet.add_adapter(LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"]))
-    state = load_file(str(folder / WEIGHTS))
-    result = set_peft_model_state_dict(model.unet, {k: v.to(model.device, model.dtype) for k, v in state.items()})
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as e:  # safetensors' own error names neither the file nor the cause
+        raise ValueError(f"{folder / WEIGHTS} cannot be read ({e}): the file is damaged or truncated; copy it again "
+                         "or retrain the adapter") from None
+    try:
+        model.unet.add_adapter(LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                          target_modules=cfg["target_modules"]))
+        result = set_peft_model_state_dict(model.unet, {k: v.to(model.device, model.dtype) for k, v in state.items()})
+    except (RuntimeError, ValueError) as e:  # torch's size-mismatch dump, or peft finding no target module
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ValueError(f"LoRA adapter {folder} does not fit {model.source}: it was trained for another "
+                         f"architecture ({first[:300]})") from None
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if missing:
         raise ValueError(f"{folder}: adapter weights {missing[:3]} do not fit this model's UNet")
