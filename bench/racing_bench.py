@@ -136,6 +136,8 @@ def classes(args) -> int:
                              "unet_rows": res.stats["unet_rows"],
                              "rows_vs_full": round(full_rows / res.stats["unet_rows"], 2),
                              "wall_median_s": round(statistics.median(times[name]), 2)}
+    if args.save:  # per-timestep scores [images, classes, T] of the full plan, for simulate
+        torch.save({"per_timestep": results["full plan"].per_timestep, "truth": truth, "timesteps": T}, args.save)
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:

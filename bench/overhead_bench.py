@@ -1,0 +1,148 @@
+"""Where the engine's time goes beyond the denoiser, on the CPU (issue 19: at equal rows the engine must
+be within 3% of a bare loop of UNet calls).
+
+The SD 2.1-base architecture (random weights) at 256 px (4x32x32 latents), fp32,
+``diffusion_classifier`` on 2 images x 3 texts x 10 timesteps = 60 UNet rows. Arms, alternating in each
+round, the same rows in the same batches:
+
+- ``engine``: ``fastitm.score`` (image and text encoding, noising, the fused error reduction);
+- ``bare``: the denoiser alone on 60 rows cut into the engine's batches (no encoding, no error);
+- ``published`` (``--published``): the Diffusion Classifier's ``eval_prob_adaptive.py`` loop (the
+  prompts encoded once, per image the VAE encode and one batch of every (prompt, timestep) row).
+
+Then one more engine call under cProfile splits its wall time into encoders, UNet, error and the rest.
+
+    python bench/overhead_bench.py --rounds 3 [--published] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import platform
+import pstats
+import statistics
+import time
+
+import torch
+
+
+def build(size: int):
+    import fastitm
+
+    model = fastitm.testing.sd21_base_architecture(seed=0)
+    model.unet.register_to_config(sample_size=size // model.vae_scale_factor)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(2, 3, size, size, generator=g)
+    texts = ["a photo of a red car", "a photo of a small dog on grass", "a photo of two cups"]
+    return model, imgs, texts
+
+
+def bare(model, batches: list[int]):
+    cond = model.spec.encode_empty(model)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(b, *model.latent_shape, generator=g) for b in batches]
+    ts = [torch.randint(0, 1000, (b,), generator=g) for b in batches]
+    conds = [{k: v.expand(b, *v.shape[1:]).contiguous() for k, v in cond.items()} for b in batches]
+
+    @torch.no_grad()
+    def run():
+        for x, t, c in zip(xs, ts, conds, strict=True):
+            model.spec.forward(model.unet, x, t, c)
+
+    return run
+
+
+def published(model, imgs, texts, plan):
+    """eval_prob_adaptive.py's scoring: prompts encoded once; per image the VAE mean, then every
+    (prompt, timestep) row in batches of 32 with the shared noise of its timestep."""
+    from fastitm.common import encode_conditioning, noisy_latents
+
+    batch = 32
+
+    @torch.no_grad()
+    def run():
+        emb = encode_conditioning(model, texts)
+        for i in range(imgs.shape[0]):
+            x0 = model.vae.encode(imgs[i : i + 1] * 2 - 1).latent_dist.mean * model.vae.config.scaling_factor
+            pairs = [(p, k) for p in range(len(texts)) for k in range(len(plan))]
+            for a in range(0, len(pairs), batch):
+                chunk = pairs[a : a + batch]
+                p_idx = torch.tensor([p for p, _ in chunk])
+                k_idx = torch.tensor([k for _, k in chunk])
+                noise = plan.noise[k_idx]
+                t = plan.timesteps[k_idx]
+                x = noisy_latents(model, x0.expand(len(chunk), -1, -1, -1), noise, t)
+                pred = model.spec.forward(model.unet, x, t, {k: v[p_idx] for k, v in emb.items()})
+                (noise - pred).pow(2).mean(dim=(1, 2, 3))
+
+    return run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--timesteps", type=int, default=10)
+    p.add_argument("--published", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import fastitm
+
+    model, imgs, texts = build(args.size)
+    plan = fastitm.make_plan(model, args.timesteps, seed=0)
+    bs = fastitm.speed.default_batch_size(model)
+    rows = imgs.shape[0] * len(texts) * len(plan)
+    batches = [min(bs, rows - a) for a in range(0, rows, bs)]
+
+    def engine():
+        return fastitm.score(imgs, texts, model=model, method="diffusion_classifier", plan=plan, batch_size=bs,
+                             progress=False)
+
+    arms = {"engine": engine, "bare": bare(model, batches)}
+    if args.published:
+        arms["published"] = published(model, imgs, texts, plan)
+    engine()  # warm-up (first-call costs: allocator, kernels' dispatch)
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(args.rounds):
+        for name, fn in arms.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    prof = cProfile.Profile()
+    prof.enable()
+    res = engine()
+    prof.disable()
+    st = pstats.Stats(prof)
+    parts = {"encode_images": "encode_images", "encode_conditioning": "encode_conditioning",
+             "unet": "__call__ (UNetRunner)", "error_reduce": "error_reduce", "noisy_latents": "noisy_latents"}
+    split = {}
+    for (file, _line, fn), (_cc, _nc, _tt, ct, _callers) in st.stats.items():
+        for key, want in parts.items():
+            name = want.split(" ")[0]
+            if fn == name and (key != "unet" or file.endswith("cuda_graphs.py")):
+                split[key] = split.get(key, 0.0) + ct
+    total = sum(v for (_f, _l, fn), (_a, _b, _c, v, _d) in st.stats.items() if fn == "score_run")
+    split["rest"] = total - sum(split.values())
+    out = {"machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+           "shapes": f"SD 2.1-base architecture, {args.size} px, fp32, diffusion_classifier, 2 images x 3 texts x "
+                     f"{len(plan)} timesteps = {rows} rows, batches {batches}",
+           "rounds": args.rounds, "median_s": {k: round(v, 3) for k, v in med.items()},
+           "engine_vs_bare": round(med["bare"] / med["engine"], 4),
+           "unet_rows": res.stats["unet_rows"],
+           "engine_profile_s": {k: round(v, 3) for k, v in split.items()}, "engine_profiled_s": round(total, 3)}
+    if args.published:
+        out["engine_vs_published"] = round(med["published"] / med["engine"], 4)
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
