@@ -294,7 +294,9 @@ def _scoring_arguments() -> argparse.ArgumentParser:
     """The arguments ``score`` and ``eval`` share: the model, the method and every scoring choice."""
     c = argparse.ArgumentParser(add_help=False)
     c.add_argument("--model", default=None,
-                   help="diffusers model folder (default: the embedded model; 'tiny': random-weight tiny model)")
+                   help="diffusers model folder or Hugging Face hub id, e.g. stabilityai/stable-diffusion-2-1-base "
+                        "(cached; HF_HUB_OFFLINE=1: from the cache only) (default: the embedded model; 'tiny': "
+                        "random-weight tiny model)")
     c.add_argument("--method", default=None, choices=METHODS,
                    help="diffusion_itm (Krojer et al.: text-conditioned error minus the empty prompt's; the default), "
                    "diffusion_classifier (Li et al.: MSE only; eval pets' default, with adaptive elimination), "
@@ -377,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--recipe", required=True, choices=("hardneg", "discffusion"), help="the training recipe")
     f.add_argument("--data", default="synthetic", help="'synthetic' (fastitm.data's training split) or a .jsonl file")
     f.add_argument("--out", required=True, help="folder for the adapter, its card and the checkpoint")
-    f.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")
+    f.add_argument("--model", default=None,
+                   help="diffusers model folder or Hugging Face hub id (default: the embedded model)")
     f.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4, as published)")
     f.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000 hardneg, 300 discffusion)")
     f.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-4)")
@@ -393,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("demo", help="accuracy of every method on held-out synthetic images (no downloads)")
-    d.add_argument("--model", default=None, help="diffusers model folder (default: the embedded model)")
+    d.add_argument("--model", default=None,
+                   help="diffusers model folder or Hugging Face hub id (default: the embedded model)")
     d.add_argument("--n", type=int, default=48, help="held-out images to score")
     d.add_argument("--out", default="fastitm-demo", help="folder for the picture it saves")
     d.add_argument("--timesteps", type=int, default=10)
@@ -402,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions and available backends; with --model, what a model folder holds")
     i.add_argument("--model", default=None,
-                   help="a diffusers model folder: print its family, components, parameter counts and the methods "
-                        "it supports (read from the configs; no weights are loaded)")
+                   help="a diffusers model folder or hub id: print its family, components, parameter counts and the "
+                        "methods it supports (read from the configs; no weights are loaded)")
     i.add_argument("--json", action="store_true", help="with --model: print the description as JSON")
     i.set_defaults(func=cmd_info)
     return p

@@ -192,8 +192,17 @@ def load_model(
     channels_last: bool = False,
     fuse_qkv: bool = False,
     compile: bool | str = False,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> Model:
-    """Load a diffusion model saved in diffusers layout, with no network access.
+    """Load a diffusion model in diffusers layout: a folder, or a Hugging Face hub id ("org/name").
+
+    A hub id is resolved through huggingface_hub's cache as diffusers' ``from_pretrained`` does
+    (:func:`fastitm.hub.resolve`: ``revision``, ``variant`` such as "fp16", ``cache_dir``; fetched
+    where the hub is reachable, from the cache alone with ``HF_HUB_OFFLINE=1`` or
+    ``local_files_only``); a path that exists is the folder itself.
 
     The family is recognised from ``model_index.json`` (see :mod:`fastitm.families`): SD 1.x/2.x
     (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), SDXL (plus
@@ -217,7 +226,12 @@ def load_model(
                 "this fastitm build has no embedded model (fastitm/assets/default_model is missing); pass a diffusers model folder, or "
                 "use fastitm.testing.tiny_model() for a random-weight model of the same architecture"
             )
-    model = _build(Path(path).expanduser(), dtype, meta=False)
+    from .hub import is_repo_id, resolve
+
+    folder = resolve(path, revision=revision, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
+    model = _build(folder, dtype, meta=False)
+    if folder != Path(path).expanduser() and is_repo_id(str(path)):
+        model.source = str(path) + (f"@{revision}" if revision else "")  # the id, as the user names it
     spec = model.spec
     keep_vae_fp32(model)
     if device != model.device:
@@ -234,9 +248,12 @@ def load_model(
 
 
 def describe_folder(path: str | os.PathLike) -> dict:
-    """What :func:`load_model` would load from ``path``, read from the configs alone (the networks
-    are built on the meta device: no weights are read, so this takes a second even for SD 3)."""
-    return _build(Path(path).expanduser(), torch.float32, meta=True).describe()
+    """What :func:`load_model` would load from ``path`` (a folder or a hub id), read from the configs
+    alone (the networks are built on the meta device: no weights are read, so this takes a second even
+    for SD 3)."""
+    from .hub import resolve
+
+    return _build(resolve(path), torch.float32, meta=True).describe()
 
 
 def _build(path: Path, dtype: torch.dtype, meta: bool) -> Model:

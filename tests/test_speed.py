@@ -135,7 +135,7 @@ def test_requirements_admit_the_cuda_machine():
     meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert SpecifierSet(meta["requires-python"]).contains("3.12")
     there = {"torch": "2.11.0", "transformers": "5.17.0", "safetensors": "0.8.0", "numpy": "2.5.2", "pillow": "11.0",
-             "tqdm": "4.67", "peft": "0.17.0", "triton": "3.6.0", "diffusers": "0.42.1"}
+             "tqdm": "4.67", "peft": "0.17.0", "triton": "3.6.0", "diffusers": "0.42.1", "huggingface-hub": "1.33.0"}
     reqs = [Requirement(r) for r in meta["dependencies"] + meta["optional-dependencies"]["triton"]]
     for r in reqs:
         name = re.sub(r"[-_.]+", "-", r.name).lower()

@@ -1,0 +1,59 @@
+"""Models by Hugging Face hub id, offline: a tiny model laid out in the hub cache's layout
+(models--org--name/snapshots/<commit>/, refs/main) loads by id and scores as the folder does; an id
+that is neither a folder nor cached names the cache and how to download; a folder wins over an id."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastitm
+from fastitm.cli import main
+
+REPO, COMMIT = "fastitm-test/tiny-sd", "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def cache(tiny_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    root = tmp_path / "hub"
+    repo = root / f"models--{REPO.replace('/', '--')}"
+    shutil.copytree(tiny_dir, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))  # as HF_HOME / HF_HUB_CACHE would set it
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1: no network is tried
+    return root
+
+
+def test_a_cached_id_loads_and_scores_as_its_folder(cache, tiny_dir, capsys):
+    by_id = fastitm.load_model(REPO)
+    assert by_id.source == REPO and by_id.family == "sd"
+    imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    texts = ["a red circle", "a cat"]
+    got = fastitm.score(imgs, texts, model=by_id, timesteps=2, seed=0).matrix
+    want = fastitm.score(imgs, texts, model=fastitm.load_model(tiny_dir), timesteps=2, seed=0).matrix
+    assert torch.equal(got, want)
+    assert fastitm.load_model(REPO, cache_dir=cache, revision=COMMIT).source == f"{REPO}@{COMMIT}"
+    assert main(["info", "--model", REPO, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "sd"
+
+
+def test_an_id_not_cached_names_the_cache_and_the_way_out(cache):
+    with pytest.raises(FileNotFoundError, match=rf"org/missing: not a folder, and not in the Hugging Face cache "
+                                               rf"\({cache}\); offline .*`hf download org/missing`"):
+        fastitm.load_model("org/missing")
+    with pytest.raises(FileNotFoundError, match="has no revision|not in the Hugging Face cache"):
+        fastitm.load_model(REPO, revision="v9")
+
+
+def test_a_folder_named_like_an_id_is_the_folder(cache, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dir, tmp_path / REPO)
+    from fastitm.hub import resolve
+
+    assert resolve(REPO) == Path(REPO)  # the folder under the working directory, not the cached snapshot
+    assert fastitm.load_model(REPO).source == REPO
