@@ -72,3 +72,27 @@ def test_presets_reach_the_shared_plan():
     # rows together, and CPU kernels on 2 threads sum in a batch-dependent order (2e-7 relative here)
     assert rep.rows[0]["score"] == pytest.approx(res.matrix[0, 0].item(), rel=1e-5)
     assert rep.rows[0]["negatives"][0]["score"] == pytest.approx(res.matrix[0, 1].item(), rel=1e-5)
+
+
+def test_curve_figure_names_equal_series_and_fixes_the_axes():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from fastitm.evaluate.report import EvalReport
+
+    curve = [{"timesteps": n, "metrics": {"accuracy": a, "colour": a, "shape": s}}
+             for n, a, s in ((1, 0.5, 0.25), (2, 0.75, 0.5), (3, 1.0, 0.5))]
+    rep = EvalReport(task="jsonl", method="diffusion_itm", options={}, metrics={}, items=[], curve=curve, plan={},
+                     data="x")
+    fig = rep.curve_figure()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["accuracy = colour", "shape"]
+    assert ax.get_ylim() == (-0.02, 1.02) and ax.get_ylabel() == "accuracy / recall"
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # beside the axes
+    plt.close(fig)
+    bias = EvalReport(task="bias", method="diffusion_itm", options={}, metrics={}, items=[], data="x", plan={},
+                      curve=[{"timesteps": 1, "metrics": {"Christian-Muslim": 0.3}}])
+    fig = bias.curve_figure()
+    assert fig.axes[0].get_ylim() == (-2.0, 2.0) and "effect size" in fig.axes[0].get_ylabel()
+    plt.close(fig)

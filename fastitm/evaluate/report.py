@@ -111,21 +111,44 @@ class EvalReport:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        xs = [row["timesteps"] for row in self.curve]
-        for key in self.curve[0]["metrics"]:
-            ax.plot(xs, [row["metrics"][key] for row in self.curve], marker="o" if len(xs) <= 20 else None,
-                    label=key)
-        ax.set_xlabel("number of timesteps (first n of a spread order)")
-        ax.set_ylabel("metric")
-        ax.set_title(f"{self.task}, {self.method}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+        fig = self.curve_figure()
         path = Path(path)
-        fig.savefig(path)
+        fig.savefig(path, bbox_inches="tight")
         plt.close(fig)
         return path
+
+    def curve_figure(self):
+        """The figure of :meth:`plot`: one line per metric, metrics with equal curves drawn once and
+        named together (one would hide the other), the legend beside the axes (not over the curves),
+        accuracies on a fixed 0-1 axis and effect sizes on one symmetric about 0 (a change of one item
+        does not fill the plot), whole timesteps on the x axis."""
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        fig, ax = plt.subplots(figsize=(7.5, 4), dpi=100)
+        xs = [row["timesteps"] for row in self.curve]
+        series: dict[tuple, list[str]] = {}
+        for key in self.curve[0]["metrics"]:
+            ys = tuple(row["metrics"][key] for row in self.curve)
+            series.setdefault(ys, []).append(key)
+        for ys, keys in series.items():
+            ax.plot(xs, ys, marker="o" if len(xs) <= 20 else None, label=" = ".join(keys))
+        bias = self.task.startswith("bias")
+        ax.set_xlabel("number of timesteps (first n of a spread order)")
+        ax.set_ylabel("effect size d (positive: towards the first group)" if bias else "accuracy / recall")
+        ys = [v for row in self.curve for v in row["metrics"].values() if isinstance(v, (int, float)) and v == v]
+        if bias:
+            top = max([2.0] + [abs(v) * 1.1 for v in ys])
+            ax.set_ylim(-top, top)
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+        elif all(0.0 <= v <= 1.0 for v in ys):
+            ax.set_ylim(-0.02, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{self.task}, {self.method}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+        fig.tight_layout()
+        return fig
 
     def plot_racing(self, path: str | Path) -> Path | None:
         """Accuracy vs conditional denoiser rows per item as a PNG: the fixed plan's first n timesteps
