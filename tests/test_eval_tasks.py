@@ -334,6 +334,42 @@ def test_svo_accuracy_per_negative_type(tiny, tmp_path):
         torch.testing.assert_close(torch.tensor(r["scores"]), want, rtol=1e-5, atol=1e-4)
 
 
+def test_sugarcrepe_accuracy_per_subset_and_category(tiny, tmp_path):
+    """The seven released files (their first two entries) in the repository's data/ folder, the COCO
+    images in val2017/: each entry is its caption against its negative; subsets and category means by
+    hand; one item scored as fastitm.score scores it."""
+    from fastitm.evaluate.tasks import SUGARCREPE_SUBSETS
+
+    root = tmp_path / "sugarcrepe"
+    rows = {}
+    for subset in SUGARCREPE_SUBSETS:
+        f = released.copy(f"sugarcrepe/{subset}.json", tmp_path)
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        f.rename(root / "data" / f.name)
+        rows[subset] = json.loads((root / "data" / f.name).read_text())
+    released.write_images(root / "val2017", sorted({r["filename"] for v in rows.values() for r in v.values()}))
+    rep = _report("sugarcrepe", root, tmp_path)
+    assert len(rep["items"]) == 14
+    acc = {}
+    for subset in SUGARCREPE_SUBSETS:
+        mine = [r for r in rep["items"] if r["id"].startswith(subset + "/")]
+        acc[subset] = sum(r["scores"][0] > r["scores"][1] for r in mine) / len(mine)  # a tie is wrong, as published
+        assert rep["metrics"]["by_tag"][f"subset={subset}"]["accuracy"] == pytest.approx(acc[subset])
+    for cat in ("add", "replace", "swap"):
+        subs = [a for s, a in acc.items() if s.startswith(cat + "_")]
+        assert rep["metrics"][f"{cat}_mean"] == pytest.approx(sum(subs) / len(subs))
+    assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
+    first = rows["swap_obj"]["0"]
+    r = next(r for r in rep["items"] if r["id"] == "swap_obj/0")
+    want = fastitm.score([released.image(first["filename"])], [first["caption"], first["negative_caption"]],
+                         model=tiny, timesteps=2, seed=0).matrix[0]
+    torch.testing.assert_close(torch.tensor(r["scores"]), want, rtol=1e-5, atol=1e-4)
+    only = load_task("sugarcrepe", root, split="swap_att,swap_obj")
+    assert {i.tags["subset"] for i in only} == {"swap_att", "swap_obj"}
+    with pytest.raises(DataError, match="unknown SugarCrepe subset"):
+        load_task("sugarcrepe", root, split="add_ent")
+
+
 def test_imagecode_static_sets_only(tmp_path):
     root = tmp_path / "data"
     sets = json.loads(released.copy("imagecode/valid_data.json", root).read_text())

@@ -122,6 +122,10 @@ def task_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> dic
             by_tag[f"{key}={value}"] = winoground_metrics(sub_m) if group else choice_metrics(sub_items, sub_m)
     if by_tag:
         main["by_tag"] = by_tag
+        if {"subset", "category"} <= set(items[0].tags):  # SugarCrepe: a category is the mean of its subsets
+            for cat in sorted({i.tags["category"] for i in items}):
+                accs = [m["accuracy"] for k, m in by_tag.items() if k.startswith(f"subset={cat}_")]
+                main[f"{cat}_mean"] = sum(accs) / len(accs)
     return main
 
 

@@ -528,6 +528,48 @@ def load_flickr30k_order(data_dir: str | Path, split: str | None = None) -> list
     return _load_order(root, f"flickr30k_{split or 'val'}.json", both)
 
 
+SUGARCREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
+
+
+def load_sugarcrepe(data_dir: str | Path, split: str | None = None) -> list[Item]:
+    """SugarCrepe (Hsieh et al. 2023) as released: the seven files ``{subset}.json`` (add_att, add_obj,
+    replace_att, replace_obj, replace_rel, swap_att, swap_obj; in ``{data}`` or ``{data}/data`` as in
+    the repository), each ``{id: {"filename", "caption", "negative_caption"}}`` with ids that may skip
+    numbers, and the COCO val2017 images in ``{data}/val2017/`` (or ``{data}/images/``). Each entry is a
+    choice between its caption and its negative; accuracy per subset, and per category (add, replace,
+    swap) the mean of its subsets' accuracies, as the paper's tables average them. ``split``: one subset
+    or a comma-separated list (default: all seven)."""
+    root = Path(data_dir)
+    subsets = SUGARCREPE_SUBSETS if split is None else tuple(s.strip() for s in split.split(","))
+    unknown = [s for s in subsets if s not in SUGARCREPE_SUBSETS]
+    if unknown:
+        raise DataError(f"unknown SugarCrepe subset(s) {unknown}; choose from {list(SUGARCREPE_SUBSETS)}")
+    folder = root / "data" if not (root / f"{subsets[0]}.json").is_file() and (root / "data").is_dir() else root
+    missing = [s for s in subsets if not (folder / f"{s}.json").is_file()]
+    if len(missing) == len(subsets):
+        raise DataError(f"{folder}: none of the SugarCrepe files {[f'{s}.json' for s in subsets]} (the repository's "
+                        "data/ folder; the COCO val2017 images in val2017/ beside them)")
+    if missing:
+        warnings.warn(f"SugarCrepe: {', '.join(f'{s}.json' for s in missing)} not in {folder}: those subsets (and "
+                      "their share of the category means) are left out", stacklevel=1)
+    items = []
+    for subset in subsets:
+        if subset in missing:
+            continue
+        path = folder / f"{subset}.json"
+        rows = _read_json(path, '{id: {"filename": ..., "caption": ..., "negative_caption": ...}}')
+        if not isinstance(rows, dict) or not rows:
+            raise DataError(f"{path}: expected a non-empty JSON object of {{id: {{filename, caption, negative_caption}}}}")
+        for key, row in rows.items():
+            need = ("filename", "caption", "negative_caption")
+            if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in need):
+                raise DataError(f"{path}: entry {key!r} needs the string fields {list(need)}, got {row!r:.120}")
+            images = (str(root / "val2017" / row["filename"]), str(root / "images" / row["filename"]))
+            items.append(Item(f"{subset}/{key}", "text", [images], [row["caption"], row["negative_caption"]], 0,
+                              {"subset": subset, "category": subset.split("_")[0]}))
+    return items
+
+
 TASKS: dict[str, Callable[..., list[Item]]] = {
     "jsonl": load_jsonl,
     "winoground": load_winoground,
@@ -543,6 +585,7 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
     "pets": load_pets,
     "bias": load_bias,
     "bias_gender": load_bias_gender,
+    "sugarcrepe": load_sugarcrepe,
 }
 
 
