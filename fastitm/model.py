@@ -55,6 +55,29 @@ class Model:
             m.eval()
             m.requires_grad_(False)
 
+    @classmethod
+    def from_pipeline(cls, pipe: Any) -> Model:
+        """A model sharing the modules of a loaded diffusers pipeline (no copy of the weights):
+        ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` (and
+        their img2img variants); the family from the pipeline's class. The networks are put in eval
+        mode without gradients, as :func:`load_model` leaves them (the pipeline's own modules, so the
+        pipeline sees that too)."""
+        from .families import FAMILIES, supported
+
+        name = type(pipe).__name__
+        fam = next((f for f in FAMILIES.values() if name in f.pipelines), None)
+        if fam is None:
+            raise ModelError(f"a {name} is not a pipeline fastitm scores; supported: {supported()}")
+        comps: dict[str, Any] = {"unet": getattr(pipe, fam.denoiser), "vae": pipe.vae, "scheduler": pipe.scheduler}
+        for enc, tok in fam.text_parts:
+            comps[enc], comps[tok] = getattr(pipe, enc, None), getattr(pipe, tok, None)
+        main = {k: comps.pop(k) for k in _FIELDS}
+        source = getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None) or ""
+        model = cls(**main, source=f"{name}({source})" if source else f"{name} object", family=fam.name,
+                    parts=comps, pipeline_config=fam.pipeline_config(dict(pipe.config)))
+        keep_vae_fp32(model)
+        return model
+
     @property
     def spec(self) -> Family:
         """The :class:`~fastitm.families.base.Family` that scores this model."""
@@ -110,7 +133,7 @@ class Model:
         """Family, component classes, parameter counts, prediction, resolution, supported methods."""
         return self.spec.describe(self)
 
-    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "Model":
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> Model:
         for m in self.networks:
             m.to(device=device, dtype=dtype)
         if dtype is not None:
@@ -184,7 +207,7 @@ def embedded_model_path() -> Path | None:
 
 
 def load_model(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike | Any | None = None,
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
@@ -202,7 +225,9 @@ def load_model(
     A hub id is resolved through huggingface_hub's cache as diffusers' ``from_pretrained`` does
     (:func:`fastitm.hub.resolve`: ``revision``, ``variant`` such as "fp16", ``cache_dir``; fetched
     where the hub is reachable, from the cache alone with ``HF_HUB_OFFLINE=1`` or
-    ``local_files_only``); a path that exists is the folder itself.
+    ``local_files_only``); a path that exists is the folder itself. A loaded diffusers pipeline object
+    is taken as it is (:meth:`Model.from_pipeline`: its modules shared, its device and dtype kept unless
+    ``dtype`` or ``device`` are given).
 
     The family is recognised from ``model_index.json`` (see :mod:`fastitm.families`): SD 1.x/2.x
     (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), SDXL (plus
@@ -214,8 +239,19 @@ def load_model(
     or a torch dtype. ``channels_last``, ``fuse_qkv``, ``compile``: the optional speed levers of
     :func:`fastitm.speed.apply` (all off by default).
     """
-    from .speed import apply, check_cpu_dtype
+    from .hub import is_repo_id, resolve
+    from .speed import check_cpu_dtype
 
+    if path is not None and not isinstance(path, (str, os.PathLike)) and hasattr(path, "components"):
+        # A loaded diffusers pipeline: its modules are shared, on their device and in their dtype
+        # unless dtype= or device= ask otherwise (which moves the pipeline's modules too).
+        model = Model.from_pipeline(path)
+        if dtype is not None or str(device) != "cpu":
+            target = check_device(device)
+            want = resolve_dtype(dtype, target) if dtype is not None else model.dtype
+            check_cpu_dtype(want, target)
+            model.to(device=target, dtype=want)
+        return _finish(model, lora, channels_last, fuse_qkv, compile)
     device = check_device(device)
     dtype = resolve_dtype(dtype, device)
     check_cpu_dtype(dtype, device)
@@ -226,19 +262,24 @@ def load_model(
                 "this fastitm build has no embedded model (fastitm/assets/default_model is missing); pass a diffusers model folder, or "
                 "use fastitm.testing.tiny_model() for a random-weight model of the same architecture"
             )
-    from .hub import is_repo_id, resolve
-
     folder = resolve(path, revision=revision, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
     model = _build(folder, dtype, meta=False)
     if folder != Path(path).expanduser() and is_repo_id(str(path)):
         model.source = str(path) + (f"@{revision}" if revision else "")  # the id, as the user names it
-    spec = model.spec
     keep_vae_fp32(model)
     if device != model.device:
         model.to(device=device)
+    return _finish(model, lora, channels_last, fuse_qkv, compile)
+
+
+def _finish(model: Model, lora, channels_last: bool, fuse_qkv: bool, compile: bool | str) -> Model:
+    """What load_model does after the weights are in place: the LoRA adapter, the speed levers."""
+    from .speed import apply
+
     if lora is not None:
-        if spec.name != "sd":
-            raise ValueError(f"LoRA adapters from fastitm finetune are for SD 1.x/2.x models; {path} is {spec.label}")
+        if model.spec.name != "sd":
+            raise ValueError(f"LoRA adapters from fastitm finetune are for SD 1.x/2.x models; {model.source} is "
+                             f"{model.spec.label}")
         from .finetune.lora import load_adapter
 
         load_adapter(model, lora)

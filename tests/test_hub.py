@@ -1,6 +1,7 @@
 """Models by Hugging Face hub id, offline: a tiny model laid out in the hub cache's layout
 (models--org--name/snapshots/<commit>/, refs/main) loads by id and scores as the folder does; an id
-that is neither a folder nor cached names the cache and how to download; a folder wins over an id."""
+that is neither a folder nor cached names the cache and how to download; a folder wins over an id.
+And loaded pipeline objects, whose modules are shared."""
 
 import json
 import shutil
@@ -57,3 +58,34 @@ def test_a_folder_named_like_an_id_is_the_folder(cache, tiny_dir, tmp_path, monk
 
     assert resolve(REPO) == Path(REPO)  # the folder under the working directory, not the cached snapshot
     assert fastitm.load_model(REPO).source == REPO
+
+
+def test_a_pipeline_object_scores_as_its_folder(tiny_dir):
+    """A loaded StableDiffusionPipeline (and an SDXL one) built from tiny components: load_model takes it,
+    shares its modules (no copy), and scores as the same components loaded from their folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    folder = fastitm.load_model(tiny_dir)
+    pipe = StableDiffusionPipeline(vae=folder.vae, text_encoder=folder.text_encoder, tokenizer=folder.tokenizer,
+                                   unet=folder.unet, scheduler=folder.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    model = fastitm.load_model(pipe)
+    assert model.unet is pipe.unet and model.family == "sd" and model.source.startswith("StableDiffusionPipeline")
+    imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    texts = ["a red circle", "a cat", "green"]
+    got = fastitm.score(imgs, texts, model=model, timesteps=2, seed=0).matrix
+    assert torch.equal(got, fastitm.score(imgs, texts, model=fastitm.load_model(tiny_dir), timesteps=2, seed=0).matrix)
+    xl = fastitm.testing.tiny_sdxl_model(seed=1)
+    pipe_xl = StableDiffusionXLPipeline(vae=xl.vae, text_encoder=xl.text_encoder,
+                                        text_encoder_2=xl.part("text_encoder_2"), tokenizer=xl.tokenizer,
+                                        tokenizer_2=xl.part("tokenizer_2"), unet=xl.unet, scheduler=xl.scheduler)
+    m = fastitm.load_model(pipe_xl)
+    assert m.family == "sdxl" and m.part("text_encoder_2") is xl.part("text_encoder_2")
+    got = fastitm.score(imgs, texts, model=m, timesteps=2, seed=0).matrix
+    assert torch.equal(got, fastitm.score(imgs, texts, model=xl, timesteps=2, seed=0).matrix)
+
+    class NotAPipeline:
+        components = {}
+
+    with pytest.raises(fastitm.model.ModelError, match="a NotAPipeline is not a pipeline fastitm scores"):
+        fastitm.load_model(NotAPipeline())
