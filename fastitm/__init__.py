@@ -18,10 +18,14 @@ from .result import ScoreResult, winoground  # noqa: E402
 
 # Subpackages with heavier dependencies, imported on first use: ``fastitm.finetune.finetune(...)``
 # works after a plain ``import fastitm``.
-_LAZY = ("finetune", "racing", "speed", "distributed")
+_LAZY = ("finetune", "racing", "speed", "distributed", "scorer", "hub")
 
 
 def __getattr__(name: str):
+    if name == "Scorer":  # an nn.Module over a model: fastitm.Scorer(model, method=..., ...)
+        from .scorer import Scorer
+
+        return Scorer
     if name in _LAZY:
         import importlib
 
@@ -36,6 +40,7 @@ __all__ = [
     "ModelError",
     "Plan",
     "ScoreResult",
+    "Scorer",
     "data",
     "evaluate",
     "load_model",

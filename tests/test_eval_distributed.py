@@ -170,8 +170,16 @@ model = fastitm.testing.tiny_model(seed=0)
 imgs = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 res = fastitm.score(imgs, ["a red circle", "a cat", "green"], model=model, timesteps=3, latent="sample_per_timestep",
                     distributed=True, batch_size=4)
+# The torchmetrics Metric: each rank scores its own pairs (one per update); compute() reduces across ranks.
+from fastitm.scorer import DiffusionScore
+metric = DiffusionScore(model, timesteps=2, seed=0)
+texts = ["a red circle", "a cat", "green", "a blue square"]
+for i in range(dist.get_rank(), 4, 2):
+    metric.update(imgs[i : i + 1], texts[i : i + 1])
+mean = metric.compute()
 if dist.get_rank() == 0:
-    torch.save({"matrix": res.matrix, "per_t": res.per_timestep, "ranks": res.stats["ranks"]}, sys.argv[1])
+    torch.save({"matrix": res.matrix, "per_t": res.per_timestep, "ranks": res.stats["ranks"], "metric": mean},
+               sys.argv[1])
 dist.destroy_process_group()
 """
 
@@ -193,3 +201,14 @@ def test_score_distributed_equals_one_process(tmp_path):
     # differently packed batches).
     torch.testing.assert_close(got["matrix"], one.matrix, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["per_t"], one.per_timestep, rtol=1e-5, atol=1e-5)
+    from fastitm.scorer import DiffusionScore
+
+    metric = DiffusionScore(model, timesteps=2, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: the same pair scores to the bit
+    try:
+        for i, t in enumerate(["a red circle", "a cat", "green", "a blue square"]):
+            metric.update(imgs[i : i + 1], [t])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got["metric"], metric.compute())  # their mean exactly rounded, whatever the order
