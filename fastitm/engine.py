@@ -272,9 +272,11 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
             break
         seen = torch.tensor(order[:stop])
         per_t = state.per_t.cpu() if by_image else state.per_t.cpu().transpose(0, 1)
+        done = state.done[:, : state.per_t.shape[1]].cpu()  # the text cells computed (not the empty prompt's)
+        done = done if by_image else done.transpose(0, 1)
         for g in racing.nonzero().flatten().tolist():
             cand = req[g].nonzero().flatten()
-            live = step(per_t[g, cand][:, seen], live_v[g, cand], T, opts)
+            live = step(per_t[g, cand][:, seen], live_v[g, cand], T, opts, done[g, cand][:, seen])
             live_v[g, cand] = live
             if int(live.sum()) <= opts.keep or futile(per_t[g, cand][:, seen], live, T, opts):
                 racing[g] = False

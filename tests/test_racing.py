@@ -114,6 +114,46 @@ def test_many_candidates_spend_fewer_rows_and_keep_the_best():
     assert right == 20 and rows < 0.5 * 20 * 24 * 50
 
 
+def draw_scaled(means, T, scales, seed=0):
+    """[K, T] scores whose spread differs 100-fold between timesteps, as real per-timestep errors do:
+    candidate k at timestep t ~ scale_t * N(means[k], 1) (a rival's deficit scales with the timestep)."""
+    return draw(means, T, seed=seed) * torch.as_tensor(scales, dtype=torch.float64)[None, :]
+
+
+def test_many_candidates_standardized_keep_the_best_at_the_stated_rate():
+    """8 candidates, the best 0.1 sd ahead of 7 equal rivals (a near tie), per-timestep scales from 0.01
+    to 1: over 300 items the best is dropped in at most alpha of them (plus three standard errors)."""
+    alpha, n_items, T = 0.1, 300, 40
+    scales = torch.logspace(-2, 0, T)[torch.randperm(T, generator=torch.Generator().manual_seed(0))]
+    opts = RaceOptions(alpha=alpha, min_timesteps=4, round_size=2)
+    dropped = sum(not simulate(draw_scaled([0.1] + [0.0] * 7, T, scales, seed=400 + i), opts).live[0]
+                  for i in range(n_items))
+    assert dropped / n_items <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_items)
+
+
+def test_standardizing_by_the_timesteps_spread_saves_rows():
+    """12 candidates, the best 1 sd ahead, scales from 0.01 to 1 across timesteps: the raw differences'
+    t statistic is small (their spread is the scales'), the standardized one is not. Racing keeps the
+    best and spends fewer rows than with the raw test (MIN_SPREAD above K: the raw test alone)."""
+    import fastitm.racing as racing
+
+    T = 50
+    scales = torch.logspace(-2, 0, T)[torch.randperm(T, generator=torch.Generator().manual_seed(1))]
+    items = [draw_scaled([1.0] + [0.0 - 0.05 * k for k in range(11)], T, scales, seed=500 + i) for i in range(10)]
+    std = [simulate(x, RaceOptions()) for x in items]
+    assert all(r.choice == 0 for r in std)
+    old = racing.MIN_SPREAD
+    racing.MIN_SPREAD = 13
+    try:
+        raw = [simulate(x, RaceOptions()) for x in items]
+    finally:
+        racing.MIN_SPREAD = old
+    assert sum(r.rows for r in std) < 0.6 * sum(r.rows for r in raw)
+    # below MIN_SPREAD candidates at a timestep, the raw differences are tested (nothing to standardize by)
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 2.0]], dtype=torch.float64)
+    assert racing.standardized(x, torch.ones(2, 3, dtype=torch.bool)) is None
+
+
 def test_keep_stops_with_that_many_and_never_drops_below_it():
     per_t = draw([3.0, 2.9, 0.0, -1.0, -2.0, -3.0], 60, seed=5)
     race = simulate(per_t, RaceOptions(alpha=0.05, keep=2))
