@@ -35,3 +35,13 @@ def context(device, dtype, **shapes):
         **shapes,
     }
     return ctx
+
+
+def emit(out: dict, path: str | None = None) -> None:
+    """Print a benchmark's figures as JSON, and write them to ``path`` when given."""
+    import json
+
+    print(json.dumps(out, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import platform
 import pstats
 import statistics
 import time
 
 import torch
+from benchutil import emit
 
 
 def build(size: int):
@@ -137,10 +137,7 @@ def main(argv=None) -> int:
            "engine_profile_s": {k: round(v, 3) for k, v in split.items()}, "engine_profiled_s": round(total, 3)}
     if args.published:
         out["engine_vs_published"] = round(med["published"] / med["engine"], 4)
-    print(json.dumps(out, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    emit(out, args.json)
     return 0
 
 

@@ -14,12 +14,12 @@ near-tie items; denoiser rows and wall time of each (median over ``--rounds`` al
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
+from benchutil import emit
 
 
 def main(argv=None) -> int:
@@ -96,10 +96,7 @@ def main(argv=None) -> int:
     for arm in out["arms"].values():
         arm["rows_vs_full"] = round(base["unet_rows"] / arm["unet_rows"], 2)
         arm["wall_vs_full"] = round(base["wall_median_s"] / arm["wall_median_s"], 2)
-    print(json.dumps(out, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    emit(out, args.json)
     return 0
 
 
@@ -138,10 +135,7 @@ def classes(args) -> int:
                              "wall_median_s": round(statistics.median(times[name]), 2)}
     if args.save:  # per-timestep scores [images, classes, T] of the full plan, for simulate
         torch.save({"per_timestep": results["full plan"].per_timestep, "truth": truth, "timesteps": T}, args.save)
-    print(json.dumps(out, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    emit(out, args.json)
     return 0
 
 
