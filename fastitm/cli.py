@@ -175,6 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "where the report can be written") from None
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint")
+    if args.results:
+        check_output_path(args.results, "--results")
     adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))
     # Under torchrun: one process per GPU (or CPU process with gloo); rank 0 reports.
     dist.init_from_env(args.device)
@@ -220,8 +222,20 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive) -> int:
     print(report.to_markdown())
     for path in written.values():
         print(f"wrote {path}")
+    if args.results:
+        from .evaluate.results import append
+
+        append(args.results, report)
+        print(f"appended this run's record to {args.results} (fastitm results {args.results} lists them)")
     if report.skipped:
         print(f"skipped {len(report.skipped)} item(s) with unreadable images (listed in report.json)", file=sys.stderr)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from .evaluate.results import read, table
+
+    print(table(read(args.file), "csv" if args.csv else "markdown"), end="")
     return 0
 
 
@@ -368,11 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoiser batches' worth of items per engine call (default 16): batches stay full across items")
     e.add_argument("--skip-bad", action="store_true", help="skip items whose images cannot be read (listed in the report)")
     e.add_argument("--out", default="fastitm-eval", help="folder for the report (default fastitm-eval)")
+    e.add_argument("--results", default=None,
+                   help="append this run's record (report.json's header, metrics and items) to this .jsonl file; "
+                        "`fastitm results FILE` prints the runs as one table")
     e.add_argument("--overwrite", action="store_true",
                    help="replace the report of another evaluation in --out (refused otherwise)")
     e.add_argument("--checkpoint", default=None,
                    help="save finished items here (per rank under torchrun); rerun with it to resume")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("results", help="the runs recorded by fastitm eval --results, as one table")
+    r.add_argument("file", help="the .jsonl file fastitm eval --results appended to")
+    r.add_argument("--csv", action="store_true", help="CSV instead of a markdown table")
+    r.set_defaults(func=cmd_results)
 
     f = sub.add_parser("finetune", help="train a LoRA adapter (HardNeg-DiffusionITM or Discffusion few-shot)",
                        description="Fine-tune the UNet with a LoRA adapter; rerun the same command to resume.")

@@ -92,10 +92,22 @@ def test_first_timesteps_of_the_curve_by_hand(tiny, flickr_dir):
     rep = fastitm.evaluate.run("flickr30k_text", flickr_dir, model=tiny, timesteps=T)
     k0 = spread_order(T)[0]
     right = 0
+    alone = torch.zeros(T)  # each timestep alone: the items it decides rightly, and the mean margin
+    margin = torch.zeros(T, dtype=torch.float64)
     for item in load_task("flickr30k_text", flickr_dir):
         res = scores(tiny, [Image.open(item.images[0]).convert("RGB")], item.texts)
         right += strict_rank(res.per_timestep[0, :, k0], 0) == 0
+        for k in range(T):
+            s = res.per_timestep[0, :, k].double()
+            alone[k] += strict_rank(s, 0) == 0
+            margin[k] += (s[0] - s[1:].max()) / 3
     assert rep.curve[0]["metrics"]["R@1"] == pytest.approx(right / 3)
+    assert [r["timestep"] for r in rep.timesteps] == rep.plan["timesteps"]
+    for k, row in enumerate(rep.timesteps):
+        assert row["metrics"]["R@1"] == pytest.approx(alone[k].item() / 3)
+        assert row["margin"] == pytest.approx(margin[k].item(), rel=1e-4, abs=1e-6)
+    md = rep.to_markdown()
+    assert "## Each timestep alone" in md and f"| {rep.timesteps[-1]['timestep']} | " in md
 
 
 @pytest.fixture

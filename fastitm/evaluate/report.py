@@ -34,13 +34,18 @@ class EvalReport:
     skipped: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     racing: list[dict] = field(default_factory=list)
+    timesteps: list[dict] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         from .. import __version__
 
-        return {"task": self.task, "data": self.data, "method": self.method, "preset": self.preset,
-                "options": self.options, "choices": self.choices, "metrics": self.metrics,
-                "accuracy_vs_timesteps": self.curve, "racing_simulated": self.racing, "plan": self.plan, "skipped": self.skipped,
+        # The header (everything before the curves and items) is the record `fastitm eval --results`
+        # appends to its results file: runs line up in one table (`fastitm results`).
+        return {"task": self.task, "data": self.data, "model": self.model, "method": self.method,
+                "preset": self.preset, "options": self.options, "choices": self.choices, "metrics": self.metrics,
+                "accuracy_vs_timesteps": self.curve, "racing_simulated": self.racing,
+                "per_timestep": self.timesteps, "plan": self.plan, "skipped": self.skipped,
                 "stats": self.stats, "items": self.items, "fastitm": __version__}
 
     def to_markdown(self) -> str:
@@ -78,6 +83,18 @@ class EvalReport:
             for row in self.curve:
                 if row["timesteps"] in shown:
                     lines.append(f"| {row['timesteps']} | " + " | ".join(f"{row['metrics'][k]:.4f}" for k in keys) + " |")
+        if self.timesteps:
+            keys = list(self.timesteps[0]["metrics"])
+            margin = "margin" in self.timesteps[0]
+            lines += ["", "## Each timestep alone (plan order)", "",
+                      "The metrics from one timestep's scores" + (", and the mean margin of the choice items (true "
+                                                                   "minus best other; positive: right)" if margin else "")
+                      + ": where the signal is.", "",
+                      "| timestep | " + " | ".join(keys) + (" | margin |" if margin else " |"),
+                      "|---|" + "---|" * (len(keys) + margin)]
+            for row in self.timesteps:
+                lines.append(f"| {row['timestep']} | " + " | ".join(f"{row['metrics'][k]:.4f}" for k in keys)
+                             + (f" | {row['margin']:.3g} |" if margin else " |"))
         if self.racing:
             lines += ["", "## Racing, simulated on this run's per-timestep scores", "",
                       "What `fastitm.racing` (paired t-tests against each item's best, Bonferroni over looks and "
@@ -179,8 +196,44 @@ class EvalReport:
         plt.close(fig)
         return path
 
+    def plot_timesteps(self, path: str | Path) -> Path | None:
+        """Each timestep alone as a PNG: its metrics and (right axis) the mean margin, against the
+        timestep (None without matplotlib or the data)."""
+        if not self.timesteps:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        xs = [row["timestep"] for row in self.timesteps]
+        fig, ax = plt.subplots(figsize=(7.5, 4), dpi=100)
+        for key in self.timesteps[0]["metrics"]:
+            ax.plot(xs, [row["metrics"][key] for row in self.timesteps], marker=".", label=key)
+        ax.set_xlabel("timestep (alone)")
+        ax.set_ylabel("effect size d" if self.task.startswith("bias") else "accuracy / recall")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if "margin" in self.timesteps[0]:
+            right = ax.twinx()
+            (line,) = right.plot(xs, [row["margin"] for row in self.timesteps], color="black", linestyle="--",
+                                 label="mean margin (right axis)")
+            right.axhline(0.0, color="grey", linewidth=0.8)
+            right.set_ylabel("mean margin: true minus best other")
+            handles, labels = handles + [line], labels + [line.get_label()]
+        ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.12, 0.5), fontsize=8)
+        ax.set_title(f"{self.task}, {self.method}: each timestep alone")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
     def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write report.json, report.md, accuracy_vs_timesteps.png and accuracy_vs_rows.png into ``out_dir``."""
+        """Write report.json, report.md, accuracy_vs_timesteps.png, accuracy_vs_rows.png and
+        per_timestep.png into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = {"json": out / "report.json", "markdown": out / "report.md"}
@@ -192,6 +245,9 @@ class EvalReport:
         png = self.plot_racing(out / "accuracy_vs_rows.png")
         if png is not None:
             written["racing_plot"] = png
+        png = self.plot_timesteps(out / "per_timestep.png")
+        if png is not None:
+            written["timesteps_plot"] = png
         return written
 
 

@@ -188,6 +188,40 @@ def curve(items: list[Item], per_t: list[torch.Tensor]) -> list[dict]:
     return rows
 
 
+def _model_record(model) -> dict:
+    """What a results record says of the model: where it came from, a digest of every weight (a merged
+    adapter or one changed weight changes it), family, dtype, device, and the versions."""
+    import platform
+
+    from .. import __version__
+    from ..engine import model_digest
+
+    return {"source": model.source, "digest": model_digest(model), "family": model.family,
+            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+            "versions": {"fastitm": __version__, "torch": torch.__version__, "python": platform.python_version()}}
+
+
+def per_timestep_diagnostics(items: list[Item], per_t: list[torch.Tensor], timesteps: list[int]) -> list[dict]:
+    """Where the signal is: for each timestep of the plan (in plan order), the headline metrics from
+    that timestep alone and, over the choice items, the mean margin (the true candidate's score minus
+    the best other's; positive: right) and the share of items it decides rightly."""
+    from .metrics import candidate_scores
+
+    rows = []
+    choice = [(i, p) for i, p in zip(items, per_t) if i.kind in ("text", "image") and i.label is not None]
+    for k, t in enumerate(timesteps):
+        row: dict = {"timestep": int(t), "metrics": headline(task_metrics(items, [p[:, :, k] for p in per_t]))}
+        if choice:
+            margins = []
+            for item, p in choice:
+                s = candidate_scores(item, p[:, :, k]).double()
+                others = torch.cat([s[: item.label], s[item.label + 1 :]])
+                margins.append((s[item.label] - others.max()).item())
+            row["margin"] = sum(margins) / len(margins)
+        rows.append(row)
+    return rows
+
+
 RACING_ALPHAS = (0.01, 0.05, 0.2)
 
 
@@ -307,6 +341,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
 
     from .. import score
     from ..common import check_arguments, progress_disabled
+
+    started = time.perf_counter()
     from ..model import Model, load_model
     from ..racing import RaceOptions, check_not_with_elimination
     from ..speed import default_batch_size
@@ -436,9 +472,13 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     return EvalReport(task=task, method=spec.name, options=jsonable(opts), metrics=metrics,
                       items=records, curve=[] if eliminated else curve(scored, per_t), plan=plan.describe(),
                       racing=[] if eliminated else racing_curve(scored, per_t),
+                      timesteps=[] if eliminated else per_timestep_diagnostics(scored, per_t,
+                                                                               plan.timesteps.tolist()),
                       data=str(data), preset=preset, choices=choices, skipped=skipped,
                       stats={"items": len(scored), "skipped": len(skipped), "no_negative": len(no_negative),
                              "backend": choose(backend, [torch.empty(0, device=model.device)], "fastitm eval"),
                              "ranks": dist.world_size(), "batch_size": bs, "engine_calls": work["calls"],
                              "unet_rows": work["unet_rows"], "batches": work["batches"],
-                             "batch_fill": None if fill is None else round(fill, 4)})
+                             "batch_fill": None if fill is None else round(fill, 4),
+                             "wall_s": round(time.perf_counter() - started, 2)},
+                      model=_model_record(model))
