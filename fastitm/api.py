@@ -31,6 +31,7 @@ def score(
     distributed: bool = False,
     pairs: Any = None,
     adaptive: Any = None,
+    weights: Any = None,
     **options: Any,
 ) -> ScoreResult:
     """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
@@ -71,6 +72,11 @@ def score(
         by a paired test is dropped (its score is -inf; ``res.partial_means`` keeps its mean over the
         timesteps it ran). The candidates of an image are its requested texts (``pairs=``).
 
+    weights: how the per-timestep scores average into each score (:mod:`fastitm.weights`):
+        ``"uniform"`` (default), ``{"kind": "exp", "rate": 7}`` (Clark & Jaini), a ``{timestep: weight}``
+        table or a JSON file with one; recorded in ``res.stats["weights"]``. ``res.per_timestep`` is
+        unweighted; not with ``adaptive=`` or ``elimination=`` (they decide on plain means).
+
     ``res.stats`` counts the work: UNet rows computed, VAE images, text encodes, rows saved by
     adaptive elimination (``diffusion_classifier``, ``elimination=[(T_1, keep_1), ...]``) or racing
     (``stats["racing"]``: rows and timesteps per image, and whether it ran to the plan's end).
@@ -79,7 +85,7 @@ def score(
 
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
-                      backend=backend, pairs=pairs, adaptive=adaptive)
+                      backend=backend, pairs=pairs, adaptive=adaptive, weights=weights)
     if distributed:
         from .distributed import is_distributed, score_sharded
 

@@ -35,6 +35,19 @@ def _parse_option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
+def _parse_weights(text: str):
+    """``--weights``: uniform, exp, exp:RATE, or a JSON file (see fastitm.weights)."""
+    if text == "uniform":
+        return None
+    if text == "exp" or text.startswith("exp:"):
+        rate = text.partition(":")[2] or "7"
+        try:
+            return {"kind": "exp", "rate": float(rate)}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--weights exp:RATE needs a number, got {rate!r}") from None
+    return text
+
+
 def _parse_adaptive(text: str | None):
     """``--adaptive`` alone: racing with its defaults; ``--adaptive alpha=0.01,min_timesteps=5``: those
     options (see fastitm.racing.RaceOptions)."""
@@ -137,7 +150,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     seed=args.seed, preset=args.preset, resize=args.resize, scheme=args.scheme, latent=args.latent,
                     noise=args.noise, backend=args.backend, batch_size=args.batch_size,
                     progress=None if not args.no_progress else False, checkpoint=args.checkpoint,
-                    adaptive=adaptive, **options)
+                    adaptive=adaptive, weights=args.weights, **options)
     except Interrupted as e:
         print(f"fastitm: {e}", file=sys.stderr)
         return interrupts.exit_code()
@@ -215,7 +228,7 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive) -> int:
                  timesteps=10 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
                  batch_size=args.batch_size, progress=None if not args.no_progress else False,
-                 checkpoint=args.checkpoint, adaptive=adaptive, stream=args.stream, **options)
+                 checkpoint=args.checkpoint, adaptive=adaptive, stream=args.stream, weights=args.weights, **options)
     if dist.rank() != 0:
         return 0
     written = report.save(out)
@@ -351,6 +364,9 @@ def _scoring_arguments() -> argparse.ArgumentParser:
                    help="paired racing: drop a text once a paired test says it is worse than the image's best "
                    "(fewer denoiser rows); alone for the defaults (alpha=0.05,min_timesteps=5,round_size=5,keep=1,"
                    "futility=0.5,over=texts) or with those options (over=images: each text's images compete)")
+    c.add_argument("--weights", type=_parse_weights, default=None, metavar="uniform|exp[:RATE]|FILE",
+                   help="how per-timestep scores average: uniform (default), exp[:RATE] (exp(-RATE t/1000), Clark & "
+                        "Jaini's; RATE 7 by default) or a JSON file with a {timestep: weight} table under 'weights'")
     return c
 
 

@@ -37,6 +37,9 @@ class Run:
     pairs: torch.Tensor | None = None
     # Paired racing (fastitm.racing.RaceOptions), or None: every requested pair on every timestep.
     race: Any = None
+    # Timestep weights [T] (fastitm.weights), or None: the plain mean; ``weights_spec`` as given.
+    weights: torch.Tensor | None = None
+    weights_spec: Any = "uniform"
 
     def requested(self) -> torch.Tensor:
         """bool [N, M]: the pairs to score."""
@@ -86,6 +89,7 @@ def prepare_run(
     backend: str = "auto",
     pairs: Any = None,
     adaptive: Any = None,
+    weights: Any = None,
 ) -> Run:
     """Validate everything before any model work, so a bad argument fails in milliseconds: the
     arguments first, then (loading the embedded model only now when ``model`` is None) what needs
@@ -116,8 +120,15 @@ def prepare_run(
     plan.check_model(model)
     check_rounds(spec.options.get("elimination"), len(plan))
     check_not_with_elimination(race, spec.options.get("elimination"))
+    from .weights import describe, resolve
+
+    w = resolve(weights, plan.timesteps, model.num_train_timesteps)
+    if w is not None and (race is not None or spec.options.get("elimination")):
+        raise ValueError("weights= with adaptive= or elimination= is not supported yet: those decide on plain "
+                         "means; give weights= alone (or apply them to res.per_timestep)")
     return Run(model, pixels, texts, plan, spec, preset, choices,
-               pairs=None if pairs is None else check_pairs(pairs, pixels.shape[0], len(texts)), race=race)
+               pairs=None if pairs is None else check_pairs(pairs, pixels.shape[0], len(texts)), race=race,
+               weights=w, weights_spec=describe(weights))
 
 
 def check_pairs(pairs: Any, n_images: int, n_texts: int) -> torch.Tensor:

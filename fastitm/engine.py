@@ -47,6 +47,7 @@ from .ops._backend import choose
 from .ops.error_reduce import error_reduce
 from .result import ScoreResult
 from .speed import default_batch_size
+from .weights import weighted_mean
 
 CHECKPOINT_VERSION = 3
 _CHECKPOINT_KEYS = ("version", "fingerprint", "per_t", "uncond", "attn_uncond", "done")
@@ -312,7 +313,7 @@ def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) 
     done = state.done[:, :M, :] & state.done[:, M : M + 1, :] if run.spec.mix_uncond else state.done[:, :M, :]
     per_t[~done] = float("nan")
     finished = done.all(dim=2)
-    matrix = per_t.mean(dim=2)
+    matrix = weighted_mean(per_t, run.weights)
     requested = run.requested()
     matrix = matrix.masked_fill(~finished, float("nan"))  # unfinished, or not asked for (pairs=)
     if run.spec.options.get("elimination") and complete:
@@ -327,6 +328,8 @@ def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) 
         if bad:  # never silently: NaN scores mean the model overflowed (e.g. fp16) or had NaN weights
             warnings.warn(f"{bad} of {int(requested.sum())} scores are NaN (the UNet or the pooling produced NaN or "
                           "inf: try dtype fp32/bf16, or check the model's weights)", RuntimeWarning, stacklevel=3)
+    if run.weights is not None:
+        stats["weights"] = run.weights_spec
     return ScoreResult(matrix=matrix, plan=run.plan, method=run.spec.name, options=dict(run.spec.options),
                        backend=backend, per_timestep=per_t, stats=stats, preset=run.preset,
                        choices=dict(run.choices), family=run.model.family)

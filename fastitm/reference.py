@@ -31,6 +31,7 @@ from .methods import elimination_stages
 from .ops.error_reduce import row_errors_ref
 from .plan import Plan
 from .result import ScoreResult
+from .weights import weighted_mean
 
 
 def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, scale: float, pool: str, lam: float) -> torch.Tensor:
@@ -156,7 +157,7 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
                     value = value - e
                 per_t[i, j, k] = value
     bar.close()
-    matrix = per_t.mean(dim=2)
+    matrix = weighted_mean(per_t, run.weights)
     rounds = spec.options.get("elimination")
     if rounds:
         matrix, per_t = eliminate_ref(per_t, rounds, spec.options.get("order", "spread"), requested)
@@ -192,6 +193,7 @@ def score(
     backend: str = "reference",
     progress: bool | None = None,
     pairs: Any = None,
+    weights: Any = None,
     **options: Any,
 ) -> ScoreResult:
     """Reference scores [len(images), len(texts)]; same signature and numbers as :func:`fastitm.score`.
@@ -201,5 +203,5 @@ def score(
     """
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
-                      backend=backend, pairs=pairs)
+                      backend=backend, pairs=pairs, weights=weights)
     return score_run(run, progress=progress)

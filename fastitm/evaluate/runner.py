@@ -173,17 +173,18 @@ def _prefetch(items: list[Item], pool: ThreadPoolExecutor):
         yield futures.pop(0)
 
 
-def curve(items: list[Item], per_t: list[torch.Tensor]) -> list[dict]:
+def curve(items: list[Item], per_t: list[torch.Tensor], w: torch.Tensor | None = None) -> list[dict]:
     """The headline metrics using the first n timesteps of :func:`fastitm.methods.spread_order`, for
-    every n from 1 to T, from the per-timestep scores of one run."""
+    every n from 1 to T, from the per-timestep scores of one run (weighted by ``w`` [T] if given)."""
     from ..methods import spread_order
+    from ..weights import weighted_mean
 
     T = per_t[0].shape[-1]
     order = spread_order(T)
     rows = []
     for n in range(1, T + 1):
         ks = order[:n]
-        mats = [p[:, :, ks].mean(dim=2) for p in per_t]
+        mats = [weighted_mean(p[:, :, ks], None if w is None else w[ks]) for p in per_t]
         rows.append({"timesteps": n, "metrics": headline(task_metrics(items, mats))})
     return rows
 
@@ -306,7 +307,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         seed: int = 0, split: str | None = None, limit: int | None = None, skip_bad: bool = False,
         backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
         checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, adaptive: Any = None,
-        stream: int = STREAM_BATCHES, **options: Any) -> EvalReport:
+        stream: int = STREAM_BATCHES, weights: Any = None, **options: Any) -> EvalReport:
     """Evaluate ``model`` on a benchmark task read from ``data`` (see :data:`fastitm.evaluate.TASKS`).
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
@@ -375,6 +376,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         raise TypeError(f"model must be a fastitm Model (see fastitm.load_model), got {type(model).__name__}")
     model.spec.check_method(spec.name)
     plan = shared_plan(model, method, timesteps, seed, plan_options)
+    from ..weights import describe, resolve
+
+    w = resolve(weights, plan.timesteps, model.num_train_timesteps)  # a bad table fails before any scoring
     if any(i.kind in ("image", "group") for i in items) and method == "diffusion_itm" \
             and plan_options.get("normalize") is False:
         raise ValueError("choosing among images needs normalize=True for diffusion_itm (the unconditional "
@@ -390,7 +394,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         if not ckpt.parent.is_dir():
             raise FileNotFoundError(f"checkpoint folder {ckpt.parent} does not exist")
     check_not_with_elimination(race, plan_options.get("elimination"))  # before any model work
-    key_options = {**plan_options, **({"adaptive": vars(race)} if race is not None else {})}
+    key_options = {**plan_options, **({"adaptive": vars(race)} if race is not None else {}),
+                   **({"weights": describe(weights)} if w is not None else {})}
     state = _Progress(ckpt, _run_key(task, data, method, key_options, plan, model, items) if ckpt else "")
     last_save = time.monotonic()
     show = progress_disabled(progress) if dist.rank() == 0 else True
@@ -409,7 +414,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     def flush():
         if window:
             _score_window(window, state, work, score, model=model, method=method, plan=plan, backend=backend,
-                          batch_size=bs, race=race, options=plan_options)
+                          batch_size=bs, race=race, options={**plan_options, **({"weights": weights} if w is not None
+                                                                               else {})})
             bar.update(dist.world_size() * len(window))
             window.clear()
 
@@ -468,10 +474,12 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     eliminated = bool(opts.get("elimination")) or race is not None  # per-timestep scores are partial
     if race is not None:
         opts["adaptive"] = dict(vars(race))
+    if w is not None:
+        opts["weights"] = describe(weights)
     fill = work["unet_rows"] / (work["batches"] * bs) if work["batches"] else None
     return EvalReport(task=task, method=spec.name, options=jsonable(opts), metrics=metrics,
-                      items=records, curve=[] if eliminated else curve(scored, per_t), plan=plan.describe(),
-                      racing=[] if eliminated else racing_curve(scored, per_t),
+                      items=records, curve=[] if eliminated else curve(scored, per_t, w), plan=plan.describe(),
+                      racing=[] if eliminated or w is not None else racing_curve(scored, per_t),
                       timesteps=[] if eliminated else per_timestep_diagnostics(scored, per_t,
                                                                                plan.timesteps.tolist()),
                       data=str(data), preset=preset, choices=choices, skipped=skipped,
