@@ -30,7 +30,10 @@ class Scorer(torch.nn.Module):
         if not isinstance(model, Model):
             model = load_model(model, dtype=dtype, device=device if device is not None else "cpu")
         elif dtype is not None or device is not None:
-            model.to(device=device, dtype=dtype if not isinstance(dtype, str) else None)
+            from .model import check_device, resolve_dtype
+
+            target = check_device(device) if device is not None else model.device
+            model.to(device=target, dtype=resolve_dtype(dtype, target) if dtype is not None else None)
         self.model = model
         # The networks as submodules (one object with the model: moving one moves the other).
         self.networks = torch.nn.ModuleDict({n: m for n, m in self._named_networks() if isinstance(m, torch.nn.Module)})

@@ -30,6 +30,22 @@ def cache(tiny_dir, tmp_path, monkeypatch):
     return root
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_every_family_loads_by_id(family, tmp_path, monkeypatch):
+    """SDXL and SD 3 folders laid out in the cache load by id too, their family recognised."""
+    from huggingface_hub import constants
+
+    build = {"sdxl": fastitm.testing.tiny_sdxl_model, "sd3": fastitm.testing.tiny_sd3_model}[family]
+    root, repo = tmp_path / "hub", f"fastitm-test/tiny-{family}"
+    snap = root / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+    build(seed=0).save(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    m = fastitm.load_model(repo, local_files_only=True)
+    assert m.family == family and m.source == repo
+
+
 def test_a_cached_id_loads_and_scores_as_its_folder(cache, tiny_dir, capsys):
     by_id = fastitm.load_model(REPO)
     assert by_id.source == REPO and by_id.family == "sd"

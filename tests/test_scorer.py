@@ -32,6 +32,8 @@ def test_scorer_to_moves_the_model_and_keeps_a_forced_vae_in_fp32():
     xl.vae.register_to_config(force_upcast=True)
     scorer = fastitm.Scorer(xl, timesteps=1).to(torch.float16)
     assert xl.unet.dtype == torch.float16 and xl.vae.dtype == torch.float32
+    fastitm.Scorer(xl, timesteps=1, dtype="fp32")  # a dtype by name moves a given model too
+    assert xl.unet.dtype == torch.float32 and scorer.networks["unet"].dtype == torch.float32
 
 
 def test_metric_is_the_mean_of_the_matched_pairs(tiny):
