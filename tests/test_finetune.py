@@ -210,3 +210,9 @@ def test_adapter_of_another_model_or_damaged_is_named(tiny_dir, tmp_path):
     (cut / "adapter_model.safetensors").write_bytes((out / "adapter_model.safetensors").read_bytes()[:20])
     with pytest.raises(ValueError, match=rf"{cut / 'adapter_model.safetensors'} cannot be read .*damaged or truncated"):
         fastitm.load_model(tiny_dir, lora=cut)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: v * float("nan") for k, v in state.items()}, str(cut / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{len(state)} of {len(state)} adapter tensors hold NaN or inf .*diverged"):
+        fastitm.load_model(tiny_dir, lora=cut)  # one written elsewhere, or by an older version

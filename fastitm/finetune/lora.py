@@ -79,6 +79,10 @@ def load_adapter(model, folder: str | Path) -> None:
     except Exception as e:  # safetensors' own error names neither the file nor the cause
         raise ValueError(f"{folder / WEIGHTS} cannot be read ({e}): the file is damaged or truncated; copy it again "
                          "or retrain the adapter") from None
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:  # a diverged training's adapter would score NaN everywhere
+        raise ValueError(f"{folder / WEIGHTS}: {len(bad)} of {len(state)} adapter tensors hold NaN or inf (e.g. "
+                         f"{bad[0]}): the training that wrote it diverged; retrain with a lower --lr")
     try:
         model.unet.add_adapter(LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
                                           target_modules=cfg["target_modules"]))
