@@ -189,15 +189,14 @@ def curve(items: list[Item], per_t: list[torch.Tensor], w: torch.Tensor | None =
     return rows
 
 
-def _model_record(model) -> dict:
-    """What a results record says of the model: where it came from, a digest of every weight (a merged
+def _model_record(model, digest: str) -> dict:
+    """What a results record says of the model: where it came from, ``digest`` of every weight (a merged
     adapter or one changed weight changes it), family, dtype, device, and the versions."""
     import platform
 
     from .. import __version__
-    from ..engine import model_digest
 
-    return {"source": model.source, "digest": model_digest(model), "family": model.family,
+    return {"source": model.source, "digest": digest, "family": model.family,
             "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
             "versions": {"fastitm": __version__, "torch": torch.__version__, "python": platform.python_version()}}
 
@@ -290,14 +289,14 @@ class _Progress:
         os.replace(tmp, self.path)
 
 
-def _run_key(task, data, method, options, plan, model, items) -> str:
+def _run_key(task, data, method, options, plan, digest: str, items) -> str:
     import hashlib
 
-    from ..engine import hash_tensor, model_digest
+    from ..engine import hash_tensor
 
     h = hashlib.sha256()
     for part in (task, str(Path(data).resolve()), method, sorted((k, repr(v)) for k, v in options.items()),
-                 plan.describe(), [(i.id, i.candidates, i.kept) for i in items], model_digest(model)):
+                 plan.describe(), [(i.id, i.candidates, i.kept) for i in items], digest):
         h.update(repr(part).encode() + b"\0")
     hash_tensor(h, plan.noise)
     return h.hexdigest()
@@ -342,11 +341,13 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
 
     from .. import score
     from ..common import check_arguments, progress_disabled
-
-    started = time.perf_counter()
+    from ..engine import model_digest
     from ..model import Model, load_model
     from ..racing import RaceOptions, check_not_with_elimination
     from ..speed import default_batch_size
+    from ..weights import describe, resolve
+
+    started = time.perf_counter()
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int, got {limit!r}")
@@ -376,8 +377,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         raise TypeError(f"model must be a fastitm Model (see fastitm.load_model), got {type(model).__name__}")
     model.spec.check_method(spec.name)
     plan = shared_plan(model, method, timesteps, seed, plan_options)
-    from ..weights import describe, resolve
-
     w = resolve(weights, plan.timesteps, model.num_train_timesteps)  # a bad table fails before any scoring
     if any(i.kind in ("image", "group") for i in items) and method == "diffusion_itm" \
             and plan_options.get("normalize") is False:
@@ -396,7 +395,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     check_not_with_elimination(race, plan_options.get("elimination"))  # before any model work
     key_options = {**plan_options, **({"adaptive": vars(race)} if race is not None else {}),
                    **({"weights": describe(weights)} if w is not None else {})}
-    state = _Progress(ckpt, _run_key(task, data, method, key_options, plan, model, items) if ckpt else "")
+    digest = model_digest(model)  # every weight hashed once: the checkpoint's key and the report's record
+    state = _Progress(ckpt, _run_key(task, data, method, key_options, plan, digest, items) if ckpt else "")
     last_save = time.monotonic()
     show = progress_disabled(progress) if dist.rank() == 0 else True
     bs = batch_size if batch_size is not None else default_batch_size(model)
@@ -409,13 +409,13 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
             and i not in state.no_negative]
     work = {"unet_rows": 0, "batches": 0, "calls": 0}
+    call_options = {**plan_options, **({"weights": weights} if w is not None else {})}
     window: list = []
 
     def flush():
         if window:
             _score_window(window, state, work, score, model=model, method=method, plan=plan, backend=backend,
-                          batch_size=bs, race=race, options={**plan_options, **({"weights": weights} if w is not None
-                                                                               else {})})
+                          batch_size=bs, race=race, options=call_options)
             bar.update(dist.world_size() * len(window))
             window.clear()
 
@@ -489,4 +489,4 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                              "unet_rows": work["unet_rows"], "batches": work["batches"],
                              "batch_fill": None if fill is None else round(fill, 4),
                              "wall_s": round(time.perf_counter() - started, 2)},
-                      model=_model_record(model))
+                      model=_model_record(model, digest))
