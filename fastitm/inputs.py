@@ -137,9 +137,14 @@ def _array_decode(a, what: str):
     return _check_tensor(t.contiguous(), what)
 
 
+def is_url(p: object) -> bool:
+    """Whether an image reference is a URL (scheme://...), which fastitm does not fetch."""
+    return isinstance(p, str) and "://" in p[:16]
+
+
 def check_not_url(p: str | os.PathLike, what: str) -> None:
     """A URL given as an image is said to be one (``Path`` would fold its ``//`` into a missing file)."""
-    if isinstance(p, str) and "://" in p[:16]:
+    if is_url(p):
         raise ValueError(f"{what}: {p} is a URL; fastitm does not fetch images: download it and give the file path "
                          "(or a PIL image)")
 

@@ -134,6 +134,8 @@ JSONL_FORMAT = ('one JSON object per line, paths relative to the file: {"image":
 
 def load_jsonl(path: str | Path, split: str | None = None) -> list[Item]:
     """``fastitm eval jsonl --data FILE``: any dataset, one item per line (see ``JSONL_FORMAT``)."""
+    from ..inputs import is_url
+
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder; the jsonl task takes the .jsonl file itself")
@@ -170,7 +172,7 @@ def load_jsonl(path: str | Path, split: str | None = None) -> list[Item]:
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_cand:
             raise DataError(f"{where}: field 'label' must be an int in [0, {n_cand}), got {label!r}")
         tags = {k: str(v) for k, v in obj.get("tags", {}).items()} if isinstance(obj.get("tags"), dict) else {}
-        urls = [p for p in images if "://" in p[:16]]
+        urls = [p for p in images if is_url(p)]
         if urls:
             raise DataError(f"{where}: {urls[0]} is a URL; fastitm does not fetch images: download them and give "
                             "paths relative to the file")
