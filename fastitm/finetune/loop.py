@@ -20,7 +20,7 @@ import torch
 
 from ..interrupts import terminate_as_interrupt
 from .examples import TrainExample, load_examples
-from .lora import adapter_state, add_lora, save_adapter
+from .lora import adapter_state, add_lora, nonfinite, save_adapter
 from .recipes import MARGIN, discffusion_loss, hardneg_loss
 
 RECIPES = ("hardneg", "discffusion")
@@ -272,7 +272,7 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     model.unet.eval()
     model.unet.requires_grad_(False)
     seconds += time.monotonic() - t0
-    bad = [n for n, p in adapter_state(model.unet).items() if not torch.isfinite(p).all()]
+    bad = nonfinite(adapter_state(model.unet))
     if bad:  # never write an adapter that would score NaN
         raise Diverged(f"training produced non-finite adapter weights ({len(bad)} tensors, e.g. {bad[0]}); "
                        f"nothing was written to {out}; try a lower --lr")

@@ -47,6 +47,11 @@ def adapter_state(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
 
 
+def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the adapter tensors holding NaN or inf (an adapter that would score NaN)."""
+    return [k for k, v in state.items() if not torch.isfinite(v).all()]
+
+
 def save_adapter(unet, out: str | Path, rank: int, targets: str) -> Path:
     from safetensors.torch import save_file
 
@@ -79,7 +84,7 @@ def load_adapter(model, folder: str | Path) -> None:
     except Exception as e:  # safetensors' own error names neither the file nor the cause
         raise ValueError(f"{folder / WEIGHTS} cannot be read ({e}): the file is damaged or truncated; copy it again "
                          "or retrain the adapter") from None
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    bad = nonfinite(state)
     if bad:  # a diverged training's adapter would score NaN everywhere
         raise ValueError(f"{folder / WEIGHTS}: {len(bad)} of {len(state)} adapter tensors hold NaN or inf (e.g. "
                          f"{bad[0]}): the training that wrote it diverged; retrain with a lower --lr")
