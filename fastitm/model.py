@@ -212,7 +212,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     lora: str | os.PathLike | None = None,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
     fuse_qkv: bool = False,
     compile: bool | str = False,
     revision: str | None = None,
@@ -236,8 +236,9 @@ def load_model(
     written by ``fastitm finetune``; its adapter is put on the UNet.
 
     ``dtype``: None or "auto" picks bfloat16 on CUDA and float32 on the CPU; "fp32", "fp16", "bf16"
-    or a torch dtype. ``channels_last``, ``fuse_qkv``, ``compile``: the optional speed levers of
-    :func:`fastitm.speed.apply` (all off by default).
+    or a torch dtype. ``channels_last``, ``fuse_qkv``, ``compile``: the speed levers of
+    :func:`fastitm.speed.apply`; ``channels_last=None`` decides by device and dtype
+    (:func:`fastitm.speed.default_channels_last`: on for float32 on the CPU), the others are off.
     """
     from .hub import is_repo_id, resolve
     from .speed import check_cpu_dtype
@@ -272,9 +273,12 @@ def load_model(
     return _finish(model, lora, channels_last, fuse_qkv, compile)
 
 
-def _finish(model: Model, lora, channels_last: bool, fuse_qkv: bool, compile: bool | str) -> Model:
+def _finish(model: Model, lora, channels_last: bool | None, fuse_qkv: bool, compile: bool | str) -> Model:
     """What load_model does after the weights are in place: the LoRA adapter, the speed levers."""
-    from .speed import apply
+    from .speed import apply, default_channels_last
+
+    if channels_last is None:
+        channels_last = default_channels_last(model.device, model.dtype)
 
     if lora is not None:
         if model.spec.name != "sd":

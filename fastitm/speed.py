@@ -9,8 +9,11 @@ has a ``gpu``-marked benchmark (``bench/test_levers_bench.py``). What is on by d
 - batch size: on CUDA the largest power of two whose activations fit a fraction of the free memory
   (measured by a 2-row probe of the denoiser); on the CPU 32 rows for small latents (the UNet's rows/s
   there keep growing up to about 32), fewer as latents grow.
-- off: ``channels_last`` (UNet convolutions in NHWC; 0.89x on an H200, SD 2.1-base, bf16, batch 64);
-  until a GPU run measures them, ``fuse_qkv`` (diffusers' fused QKV projections of self-attention) and
+- ``channels_last`` (the UNet's and the VAE encoder's convolutions in NHWC): on for a float32 model on
+  the CPU (oneDNN's NHWC convolutions: SD 2.1-base at 256 px, the VAE encode 0.70x the time and a
+  UNet batch of 8 0.95x; the embedded model no slower), off on CUDA (0.89x the rows/s on an H200,
+  SD 2.1-base, bf16, batch 64). :func:`default_channels_last` decides it.
+- off, until a GPU run measures them, ``fuse_qkv`` (diffusers' fused QKV projections of self-attention) and
   ``compile`` (``torch.compile`` of the denoiser; composes with the CUDA graph runner, which captures
   the compiled forward).
 """
@@ -97,6 +100,13 @@ def cuda_batch_size(model, fraction: float = CUDA_MEMORY_FRACTION, cap: int = CU
     return largest_fitting_batch(free, per_row, fraction, cap)
 
 
+def default_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`fastitm.load_model` puts the convolutions in channels-last layout by default:
+    for float32 on the CPU only (measured faster there; slower on an H200 in bf16; unmeasured in
+    low precision on the CPU, where bf16 convolutions take a slow path anyway)."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def largest_fitting_batch(free_bytes: int, per_row_bytes: int, fraction: float, cap: int) -> int:
     """The largest power of two, at least 1 and at most ``cap``, whose rows of ``per_row_bytes`` fit
     ``fraction`` of ``free_bytes``."""
@@ -110,16 +120,22 @@ def largest_fitting_batch(free_bytes: int, per_row_bytes: int, fraction: float, 
 def apply(model, *, channels_last: bool = False, fuse_qkv: bool = False, compile: bool | str = False) -> Any:
     """Apply the optional levers to ``model`` in place and return it.
 
-    ``channels_last``: the UNet's weights and activations in NHWC (a transformer denoiser has no
-    convolutions to reorder: ignored there). ``fuse_qkv``: diffusers' ``fuse_qkv_projections`` (one
+    ``channels_last``: the UNet's and the VAE encoder's weights in NHWC, and with them their
+    activations (a convolution takes the layout of its weight; a transformer denoiser has no
+    convolutions to reorder: only its VAE is). The values are unchanged, so any other user of these
+    modules gets the same numbers up to the convolution's rounding. ``fuse_qkv``: diffusers' ``fuse_qkv_projections`` (one
     matmul for the self-attention Q, K and V; the cross-attention processors fastitm installs read the
     unfused K and V, which diffusers keeps). ``compile``: ``torch.compile`` the denoiser's forward in
     place (True: the default inductor backend; a string names another backend, e.g. "eager" to check
     tracing without a compiler).
     """
     unet = model.unet
-    if channels_last and hasattr(unet, "conv_in"):
-        unet.to(memory_format=torch.channels_last)
+    if channels_last:
+        vae = model.vae
+        for part in (unet if hasattr(unet, "conv_in") else None, getattr(vae, "encoder", None),
+                     getattr(vae, "quant_conv", None)):
+            if part is not None:
+                part.to(memory_format=torch.channels_last)
     if fuse_qkv:
         if not hasattr(unet, "fuse_qkv_projections"):
             raise ValueError(f"{type(unet).__name__} has no fuse_qkv_projections")

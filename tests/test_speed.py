@@ -36,8 +36,8 @@ def test_levers_keep_the_scores(tiny, lever, method):
     got = _score(fast, method)
     assert_close(got.matrix, want.matrix, rtol=1e-5, atol=2e-5, name=str(lever))
     if lever.get("channels_last"):
-        w = fast.unet.conv_in.weight
-        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        for w in (fast.unet.conv_in.weight, fast.vae.encoder.conv_in.weight):
+            assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     if lever.get("fuse_qkv"):
         procs = {type(p).__name__ for p in fast.unet.attn_processors.values()}
         assert "FusedAttnProcessor2_0" in procs
@@ -46,6 +46,17 @@ def test_levers_keep_the_scores(tiny, lever, method):
 def test_load_model_takes_the_levers(tiny_dir):
     m = fastitm.load_model(tiny_dir, channels_last=True, fuse_qkv=True)
     assert m.levers == {"channels_last": True, "fuse_qkv": True, "compile": False}
+
+
+def test_channels_last_by_device(tiny_dir):
+    # On by default for fp32 on the CPU (faster convolutions there), off when asked and in bf16.
+    assert speed.default_channels_last(torch.device("cpu"), torch.float32)
+    assert not speed.default_channels_last(torch.device("cuda"), torch.bfloat16)
+    assert not speed.default_channels_last(torch.device("cpu"), torch.bfloat16)
+    on, off = fastitm.load_model(tiny_dir), fastitm.load_model(tiny_dir, channels_last=False)
+    assert on.levers["channels_last"] and not off.levers
+    assert on.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert off.unet.conv_in.weight.is_contiguous()
 
 
 def test_default_dtype_by_device(tiny_dir, monkeypatch):
