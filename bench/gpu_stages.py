@@ -462,6 +462,7 @@ def stage_fused_ops(ctx: Ctx) -> None:
     import torch.nn.functional as F
 
     from fastitm.ops import cross_attention_lse, error_reduce
+    from fastitm.ops.cross_attention_lse import cross_attention_lse_backward
 
     ceil = load_ceilings(ctx)
     bw, gemm = ceil["copy_gb_per_s"] * 1e9, ceil["bf16_gemm_tflops"] * 1e12
@@ -501,6 +502,22 @@ def stage_fused_ops(ctx: Ctx) -> None:
         figs["fused_fraction_of_floor"] = round(max(figs["bytes_floor_ms"], figs["flops_floor_ms"]) / figs["fused_ms"], 3)
         figs["conditions"] = f"q [{batch}, {heads}, {lq}, 64], k/v [{batch}, {heads}, 77, 64], bf16, {ceil['source']} ceilings"
         ctx.record(f"cross_attention_lse vs SDPA, SD 2.1 layer {heads}x{lq}", figs)
+        if ctx.fits(5, f"fused backward {heads}x{lq}"):
+            # The backward (fine-tuning): dq, dk, dv from d_out and d_pooled. Floors: q and d_out read, dq
+            # written, k, v read, dk, dv written; five matrix products (S, dP, dQ, dK, dV) of 2 x Lq x 77 x 64
+            # each (the kernel does a sixth, recomputing O for delta).
+            d_out = torch.randn_like(q)
+            d_pool = torch.ones(batch, heads, device=ctx.device)
+            bwd = lambda q=q, k=k, v=v: cross_attention_lse_backward(  # noqa: E731
+                q, k, v, d_out, d_pool, scale, "logits", 1.0, None, backend)
+            bwd()
+            bf = {"fused_bwd_ms": round(event_ms(ctx, bwd, rounds=3 if ctx.smoke else 20), 4)}
+            bf["bytes_floor_ms"] = round((3 * q.numel() * q.element_size() + 4 * k.numel() * k.element_size())
+                                         / bw * 1e3, 4)
+            bf["flops_floor_ms"] = round(10 * batch * heads * lq * KEYS * HEAD_DIM / gemm * 1e3, 4)
+            bf["fused_fraction_of_floor"] = round(max(bf["bytes_floor_ms"], bf["flops_floor_ms"]) / bf["fused_bwd_ms"], 3)
+            bf["conditions"] = figs["conditions"] + ", d_pooled ones"
+            ctx.record(f"cross_attention_lse backward, SD 2.1 layer {heads}x{lq}", bf)
     # Error reduction over a 128-row batch of 4x64x64 latents.
     if ctx.fits(10, "error_reduce timing"):
         R, Fdim = (16, 256) if ctx.smoke else (128, 4 * 64 * 64)

@@ -139,10 +139,13 @@ def test_measuring_stages_run_on_the_cpu(tmp_path):
     names = {(f["source"], f["name"]) for f in got}
     for want in [("ceilings", "bf16 GEMM ceiling"), ("kernels", "kernels summary"),
                  ("headline", "engine vs bare UNet loop, batch 8"), ("headline", "per-pair loop, published scripts' style"),
-                 ("fused-ops", "error_reduce vs PyTorch row norms"), ("levers", "lever fuse_qkv")]:
+                 ("fused-ops", "error_reduce vs PyTorch row norms"), ("levers", "lever fuse_qkv"),
+                 ("fused-ops", "cross_attention_lse backward, SD 2.1 layer 2x64")]:
         assert want in names, sorted(names)
     by_name = {f["name"]: f["figures"] for f in got}
     assert by_name["kernels summary"]["failures"] == 0
+    bwd = by_name["cross_attention_lse backward, SD 2.1 layer 2x64"]  # timed next to its floors
+    assert bwd["fused_bwd_ms"] > 0 and bwd["bytes_floor_ms"] > 0 and bwd["flops_floor_ms"] > 0
     # the engine computes the reference's numbers on the rows both ran
     ref = by_name["fastitm.reference (per pair and timestep, batch 1, stock attention)"]
     assert ref["engine_vs_reference_max_abs_score_diff"] <= 1e-5 * max(1.0, ref["score_scale"])
