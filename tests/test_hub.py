@@ -6,6 +6,7 @@ And loaded pipeline objects, whose modules are shared."""
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,3 +106,22 @@ def test_a_pipeline_object_scores_as_its_folder(tiny_dir):
 
     with pytest.raises(fastitm.model.ModelError, match="a NotAPipeline is not a pipeline fastitm scores"):
         fastitm.load_model(NotAPipeline())
+
+
+@pytest.mark.parametrize("error, match", [
+    ("GatedRepoError", r"org/gated is a gated repository: accept its terms on https://huggingface.co/org/gated and "
+                       r"log in \(`hf auth login`, or set HF_TOKEN\)"),
+    ("RepositoryNotFoundError", r"org/gated: no such model folder, and no such repository .*private: log in"),
+])
+def test_hub_refusals_say_what_to_do(error, match, monkeypatch):
+    # What the hub answers for a gated or unknown repository (no network here: the download raises as
+    # huggingface_hub does on a 401 or 404), and what the user is told.
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def refuse(*a, **k):
+        raise getattr(errors, error)("401 Client Error", response=SimpleNamespace(headers={}, request=None))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises((PermissionError, FileNotFoundError), match=match):
+        fastitm.load_model("org/gated")
