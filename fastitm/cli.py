@@ -245,6 +245,29 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .evaluate.calibrate import calibrate
+
+    options = dict(args.option or [])
+    for name in ("preset", "resize", "latent", "scheme", "noise"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.adaptive or args.weights is not None:
+        raise ValueError("calibrate scores every timestep of every candidate and fits the weights itself: "
+                         "--adaptive and --weights do not apply")
+    check_output_path(args.out, "--out")
+    model = _load(args.model, args.dtype, args.device, args.method, _levers(args))
+    cal = calibrate(args.task, args.data, model=model, method=args.method,
+                    timesteps=20 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
+                    split=args.split, fraction=args.fraction, limit=args.limit, folds=args.folds,
+                    sample_seed=args.sample_seed, out=args.out, progress=None if not args.no_progress else False,
+                    backend=args.backend, batch_size=args.batch_size, **options)
+    print(cal.to_markdown())
+    print(f"wrote {args.out}; use it with fastitm eval {args.task} --weights {args.out} "
+          f"--timesteps {len(cal.weights)} (the same plan)")
+    return 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from .evaluate.results import read, table
 
@@ -408,6 +431,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None,
                    help="save finished items here (per rank under torchrun); rerun with it to resume")
     e.set_defaults(func=cmd_eval)
+
+    k = sub.add_parser("calibrate", parents=[scoring], help="fit timestep weights on a few labelled items of a task",
+                       description="Score a small random part of a task once (every timestep), choose and fit "
+                       "timestep weights by cross-validation (uniform, the exp family, or a non-negative logistic "
+                       "model), print the held-out accuracy before and after, and write the weights file that "
+                       "fastitm eval --weights reads.")
+    k.add_argument("task", choices=sorted(TASKS), help="the task")
+    k.add_argument("--data", required=True, help="the dataset folder (jsonl: the .jsonl file)")
+    k.add_argument("--split", default=None, help="dataset split where the task has several")
+    part = k.add_mutually_exclusive_group()
+    part.add_argument("--fraction", type=float, default=None, help="score this share of the items (default 0.05)")
+    part.add_argument("--limit", type=int, default=None, help="score this many items (at most)")
+    k.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    k.add_argument("--sample-seed", type=int, default=0, help="seed of the items drawn and of the folds (default 0)")
+    k.add_argument("--out", default="weights.json", help="the weights file to write (default weights.json)")
+    k.set_defaults(func=cmd_calibrate)
 
     r = sub.add_parser("results", help="the runs recorded by fastitm eval --results, as one table")
     r.add_argument("file", help="the .jsonl file fastitm eval --results appended to")

@@ -3,14 +3,18 @@
 - :func:`run` (``fastitm eval TASK --data DIR``): a benchmark task through the engine, with the
   published metrics, per-item scores and accuracy vs number of timesteps (:class:`EvalReport`).
   Tasks: :data:`TASKS` (see :mod:`fastitm.evaluate.tasks`).
+- :func:`calibrate` (``fastitm calibrate TASK --data DIR``): timestep weights fitted on a few
+  labelled items (:mod:`fastitm.evaluate.calibrate`); :meth:`EvalReport.reweight` applies weights to
+  a report's stored per-timestep scores without the model.
 - :func:`hard_negatives`, :func:`image_retrieval`: the synthetic compositional sets of
   :mod:`fastitm.data` (what ``fastitm demo`` reports).
 """
 
+from .calibrate import Calibration, calibrate
 from .report import EvalReport
 from .runner import run
 from .synthetic import NegativeReport, hard_negatives, image_retrieval, shared_plan
 from .tasks import TASKS, DataError, Item, load_task
 
-__all__ = ["TASKS", "DataError", "EvalReport", "Item", "NegativeReport", "hard_negatives", "image_retrieval",
-           "load_task", "run", "shared_plan"]
+__all__ = ["TASKS", "Calibration", "DataError", "EvalReport", "Item", "NegativeReport", "hard_negatives", "image_retrieval",
+           "calibrate", "load_task", "run", "shared_plan"]

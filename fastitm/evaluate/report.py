@@ -231,6 +231,66 @@ class EvalReport:
         plt.close(fig)
         return path
 
+    @classmethod
+    def load(cls, path: str | Path) -> EvalReport:
+        """The report written by :meth:`save` (``path``: its report.json, or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no evaluation report at {path} (fastitm eval --out writes report.json)")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            return cls(task=d["task"], method=d["method"], options=d["options"], metrics=d["metrics"],
+                       items=d["items"], curve=d["accuracy_vs_timesteps"], plan=d["plan"], data=d["data"],
+                       preset=d.get("preset"), choices=d.get("choices", {}), skipped=d.get("skipped", []),
+                       stats=d.get("stats", {}), racing=d.get("racing_simulated", []),
+                       timesteps=d.get("per_timestep", []), model=d.get("model", {}))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a fastitm evaluation report ({type(e).__name__}: {e})") from None
+
+    def per_timestep_scores(self) -> tuple[list, list]:
+        """(the items as :class:`~fastitm.evaluate.Item` records, each item's per-timestep scores
+        [images, texts, T] float32) from the per-item data; raises where the report has none (racing
+        and elimination runs score only some timesteps of some candidates)."""
+        import torch
+
+        from .tasks import Item
+
+        if not self.items or "per_timestep" not in self.items[0]:
+            why = ("its run raced or eliminated candidates, so it has no full per-timestep scores"
+                   if self.options.get("adaptive") or self.options.get("elimination")
+                   else "it was written by an older fastitm, which kept no per-item per-timestep scores")
+            raise ValueError(f"this report of {self.task} cannot be reweighted: {why}")
+        items = [Item(id=r["id"], kind=r["kind"], images=[], texts=[], label=r["label"], tags=r.get("tags", {}),
+                      dropped=r.get("dropped", 0), kept=r.get("kept")) for r in self.items]
+        per_t = [torch.tensor(r["per_timestep"], dtype=torch.float32) for r in self.items]
+        return items, per_t
+
+    def reweight(self, weights: Any) -> EvalReport:
+        """This report under other timestep weights (:mod:`fastitm.weights`), from the per-timestep
+        scores it keeps, without the model: the metrics, the items' scores and the accuracy-vs-timesteps
+        curve are what a fresh run with ``weights`` gives (the per-timestep diagnostics do not depend on
+        the weights; racing is not simulated on weighted scores, as in such a run)."""
+        from dataclasses import replace
+
+        from ..weights import describe, resolve, weighted_mean
+        from .metrics import identical_counts, task_metrics
+        from .runner import curve, racing_curve, record_scores
+
+        items, per_t = self.per_timestep_scores()
+        w = resolve(weights, self.plan["timesteps"], self.model.get("num_train_timesteps", 1000))
+        matrices = [weighted_mean(p, w) for p in per_t]
+        metrics = task_metrics(items, matrices)
+        counts = {k: self.metrics[k] for k in identical_counts([], []) if k in self.metrics}
+        metrics.update(counts)
+        records = [{**r, "scores": record_scores(i, m)} for r, i, m in zip(self.items, items, matrices, strict=True)]
+        options = {k: v for k, v in self.options.items() if k != "weights"}
+        if w is not None:
+            options["weights"] = describe(weights)
+        return replace(self, options=options, metrics=metrics, items=records, curve=curve(items, per_t, w),
+                       racing=[] if w is not None else racing_curve(items, per_t))
+
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write report.json, report.md, accuracy_vs_timesteps.png, accuracy_vs_rows.png and
         per_timestep.png into ``out_dir``."""

@@ -154,14 +154,19 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
         racing = res.stats.get("racing")
         for (idx, item, _), (i0, i1, j0, j1) in zip(group, spans, strict=True):
             matrix, per_t = res.matrix[i0:i1, j0:j1].clone(), res.per_timestep[i0:i1, j0:j1].clone()
-            cands = matrix.tolist() if item.kind == "group" else (
-                matrix[0] if item.kind == "text" else matrix[:, 0]).tolist()
-            record = {"id": item.id, "kind": item.kind, "scores": jsonable(cands), "label": item.label,
+            record = {"id": item.id, "kind": item.kind, "scores": record_scores(item, matrix), "label": item.label,
                       "tags": item.tags, "dropped": item.dropped, "kept": item.kept}
             if racing is not None:
                 record["rows"] = sum(racing["rows_per_image"][i0:i1])
                 record["plan_end"] = all(racing["plan_end"][i0:i1])
             state.done[idx] = (matrix, per_t, record)
+
+
+def record_scores(item: Item, matrix: torch.Tensor) -> Any:
+    """What an item's record keeps of its score matrix: the candidates' scores in order (Winoground:
+    the 2x2 matrix [image][text]); JSON-able (a dropped candidate's -inf as null)."""
+    cands = matrix.tolist() if item.kind == "group" else (matrix[0] if item.kind == "text" else matrix[:, 0]).tolist()
+    return jsonable(cands)
 
 
 def _prefetch(items: list[Item], pool: ThreadPoolExecutor):
@@ -197,6 +202,7 @@ def _model_record(model, digest: str) -> dict:
     from .. import __version__
 
     return {"source": model.source, "digest": digest, "family": model.family,
+            "num_train_timesteps": int(model.num_train_timesteps),
             "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
             "versions": {"fastitm": __version__, "torch": torch.__version__, "python": platform.python_version()}}
 
@@ -306,7 +312,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         seed: int = 0, split: str | None = None, limit: int | None = None, skip_bad: bool = False,
         backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
         checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, adaptive: Any = None,
-        stream: int = STREAM_BATCHES, weights: Any = None, **options: Any) -> EvalReport:
+        stream: int = STREAM_BATCHES, weights: Any = None, select: Any = None, **options: Any) -> EvalReport:
     """Evaluate ``model`` on a benchmark task read from ``data`` (see :data:`fastitm.evaluate.TASKS`).
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
@@ -317,7 +323,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     (``torchrun``), each rank scores a contiguous shard of the items and every rank returns the same
     full report (each item exactly once). ``checkpoint``: a file (per rank: ``<file>.rank<r>-of-<n>``)
     where finished items are saved every ``checkpoint_every`` seconds, on errors and on Ctrl-C;
-    rerunning resumes with only the missing items. ``limit``: score only the first N items.
+    rerunning resumes with only the missing items. ``limit``: score only the first N items;
+    ``select``: only these items (indices into the task's item list, after ``limit``; what
+    :func:`fastitm.evaluate.calibrate` scores).
     ``skip_bad``: an unreadable image skips its item (listed in ``report.skipped``) instead of
     stopping the run.
 
@@ -371,6 +379,12 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     items = load_task(task, data, split)
     if limit:
         items = items[:limit]
+    if select is not None:
+        select = sorted({int(n) for n in select})
+        if not select or select[0] < 0 or select[-1] >= len(items):
+            raise ValueError(f"select must name items 0..{len(items) - 1} of {task} (got {len(select)} indices"
+                             + (f", {select[0]}..{select[-1]}" if select else "") + ")")
+        items = [items[n] for n in select]
     if model is None:
         model = load_model()
     if not isinstance(model, Model):
@@ -476,6 +490,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         opts["adaptive"] = dict(vars(race))
     if w is not None:
         opts["weights"] = describe(weights)
+    if not eliminated:  # every timestep of every candidate: report.reweight recomputes from these
+        for r, p in zip(records, per_t, strict=True):
+            r["per_timestep"] = p.tolist()
     fill = work["unet_rows"] / (work["batches"] * bs) if work["batches"] else None
     return EvalReport(task=task, method=spec.name, options=jsonable(opts), metrics=metrics,
                       items=records, curve=[] if eliminated else curve(scored, per_t, w), plan=plan.describe(),
