@@ -5,19 +5,24 @@ The SD 2.1-base architecture (random weights) at 256 px (4x32x32 latents), fp32,
 ``diffusion_classifier`` on 2 images x 3 texts x 10 timesteps = 60 UNet rows. Arms, alternating in each
 round, the same rows in the same batches:
 
-- ``engine``: ``fastitm.score`` (image and text encoding, noising, the fused error reduction);
-- ``bare``: the denoiser alone on 60 rows cut into the engine's batches (no encoding, no error);
+- ``engine``: ``fastitm.score`` (image and text encoding, noising, the fused error reduction) on the
+  model as ``fastitm.load_model`` sets it up on this device (on the CPU in fp32: channels-last
+  convolutions, :func:`fastitm.speed.default_channels_last`; ``--stock`` leaves the model as built);
+- ``bare``: the denoiser alone on 60 rows cut into the engine's batches (no encoding, no error), on
+  the engine's model: what the engine adds beyond its denoiser;
 - ``published`` (``--published``): the Diffusion Classifier's ``eval_prob_adaptive.py`` loop (the
-  prompts encoded once, per image the VAE encode and one batch of every (prompt, timestep) row).
+  prompts encoded once, per image the VAE encode and one batch of every (prompt, timestep) row) on a
+  copy of the model as diffusers builds it, as the published script runs it.
 
 Then one more engine call under cProfile splits its wall time into encoders, UNet, error and the rest.
 
-    python bench/overhead_bench.py --rounds 3 [--published] [--json out.json]
+    python bench/overhead_bench.py --rounds 3 [--published] [--stock] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import platform
 import pstats
@@ -86,12 +91,17 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--published", action="store_true")
+    p.add_argument("--stock", action="store_true", help="the engine's model as built (no load_model defaults)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     import fastitm
+    from fastitm import speed
 
-    model, imgs, texts = build(args.size)
+    stock, imgs, texts = build(args.size)
+    model = stock
+    if not args.stock and speed.default_channels_last(stock.device, stock.dtype):
+        model = speed.apply(copy.deepcopy(stock) if args.published else stock, channels_last=True)
     plan = fastitm.make_plan(model, args.timesteps, seed=0)
     bs = fastitm.speed.default_batch_size(model)
     rows = imgs.shape[0] * len(texts) * len(plan)
@@ -103,7 +113,7 @@ def main(argv=None) -> int:
 
     arms = {"engine": engine, "bare": bare(model, batches)}
     if args.published:
-        arms["published"] = published(model, imgs, texts, plan)
+        arms["published"] = published(stock, imgs, texts, plan)
     engine()  # warm-up (first-call costs: allocator, kernels' dispatch)
     times: dict[str, list[float]] = {k: [] for k in arms}
     for _ in range(args.rounds):
@@ -131,7 +141,8 @@ def main(argv=None) -> int:
     out = {"machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
            "shapes": f"SD 2.1-base architecture, {args.size} px, fp32, diffusion_classifier, 2 images x 3 texts x "
                      f"{len(plan)} timesteps = {rows} rows, batches {batches}",
-           "rounds": args.rounds, "median_s": {k: round(v, 3) for k, v in med.items()},
+           "engine_levers": model.levers or "none", "rounds": args.rounds,
+           "times_s": {k: [round(x, 2) for x in v] for k, v in times.items()}, "median_s": {k: round(v, 3) for k, v in med.items()},
            "engine_vs_bare": round(med["bare"] / med["engine"], 4),
            "unet_rows": res.stats["unet_rows"],
            "engine_profile_s": {k: round(v, 3) for k, v in split.items()}, "engine_profiled_s": round(total, 3)}
