@@ -123,9 +123,9 @@ def prepare_run(
     from .weights import describe, resolve
 
     w = resolve(weights, plan.timesteps, model.num_train_timesteps)
-    if w is not None and (race is not None or spec.options.get("elimination")):
-        raise ValueError("weights= with adaptive= or elimination= is not supported yet: those decide on plain "
-                         "means; give weights= alone (or apply them to res.per_timestep)")
+    if w is not None and spec.options.get("elimination"):
+        raise ValueError("weights= with elimination= is not supported: its schedule ranks by plain means; give "
+                         "weights= alone, or adaptive= (racing decides on the weighted means)")
     return Run(model, pixels, texts, plan, spec, preset, choices,
                pairs=None if pairs is None else check_pairs(pairs, pixels.shape[0], len(texts)), race=race,
                weights=w, weights_spec=describe(weights))

@@ -99,7 +99,7 @@ def score_sharded(run, *, backend: str, batch_size: int | None, progress: bool |
                                                                           "plan_end")}}
     return ScoreResult(matrix=matrix, plan=run.plan, method=run.spec.name, options=dict(run.spec.options),
                        backend=parts[0][3], per_timestep=per_t, stats=stats, preset=run.preset,
-                       choices=dict(run.choices), family=run.model.family)
+                       choices=dict(run.choices), family=run.model.family, weights=run.weights)
 
 
 def shard_items(items: Sequence[Any]) -> tuple[int, list[Any]]:

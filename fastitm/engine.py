@@ -47,7 +47,7 @@ from .ops._backend import choose
 from .ops.error_reduce import error_reduce
 from .result import ScoreResult
 from .speed import default_batch_size
-from .weights import weighted_mean
+from .weights import nan_weighted_mean, weighted_mean
 
 CHECKPOINT_VERSION = 3
 _CHECKPOINT_KEYS = ("version", "fingerprint", "per_t", "uncond", "attn_uncond", "done")
@@ -253,6 +253,7 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
 
     opts, T = run.race, len(run.plan)
     order = spread_order(T)
+    w_eval = None if run.weights is None else run.weights[order]  # the timestep weights in evaluation order
     requested = run.requested()
     state.live = requested.clone()
     by_image = opts.over == "texts"
@@ -275,11 +276,12 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
         per_t = state.per_t.cpu() if by_image else state.per_t.cpu().transpose(0, 1)
         done = state.done[:, : state.per_t.shape[1]].cpu()  # the text cells computed (not the empty prompt's)
         done = done if by_image else done.transpose(0, 1)
+        w_seen = None if w_eval is None else w_eval[:stop]
         for g in racing.nonzero().flatten().tolist():
             cand = req[g].nonzero().flatten()
-            live = step(per_t[g, cand][:, seen], live_v[g, cand], T, opts, done[g, cand][:, seen])
+            live = step(per_t[g, cand][:, seen], live_v[g, cand], T, opts, done[g, cand][:, seen], w_seen)
             live_v[g, cand] = live
-            if int(live.sum()) <= opts.keep or futile(per_t[g, cand][:, seen], live, T, opts):
+            if int(live.sum()) <= opts.keep or futile(per_t[g, cand][:, seen], live, T, opts, w_seen, w_eval):
                 racing[g] = False
 
 
@@ -320,8 +322,8 @@ def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) 
         matrix = matrix.masked_fill(~finished & requested, float("-inf"))  # eliminated candidates
     if run.race is not None:
         stats["racing"] = racing_stats(run, state)
-        if complete:  # survivors: their mean over the timesteps they ran; dropped texts: -inf
-            partial = per_t.nanmean(dim=2)
+        if complete:  # survivors: their (weighted) mean over the timesteps they ran; dropped texts: -inf
+            partial = nan_weighted_mean(per_t, run.weights)
             matrix = torch.where(state.live, partial, torch.where(requested, float("-inf"), float("nan")))
     if complete:
         bad = int(torch.isnan(matrix[requested]).sum())
@@ -332,7 +334,7 @@ def _result(run: Run, state: _State, backend: str, stats: dict, complete: bool) 
         stats["weights"] = run.weights_spec
     return ScoreResult(matrix=matrix, plan=run.plan, method=run.spec.name, options=dict(run.spec.options),
                        backend=backend, per_timestep=per_t, stats=stats, preset=run.preset,
-                       choices=dict(run.choices), family=run.model.family)
+                       choices=dict(run.choices), family=run.model.family, weights=run.weights)
 
 
 @torch.no_grad()

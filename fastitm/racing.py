@@ -43,6 +43,13 @@ such items: tests/test_racing.py). With fewer candidates (2-way items, Winogroun
 are dropped) the raw differences are tested: the spread of two or three scores is too tied to their
 own difference to scale it.
 
+Timestep weights (``weights=``, :mod:`fastitm.weights`): the result ranks by the weighted mean, so
+racing decides on it too. The leader is the highest weighted mean of the timesteps seen; the paired
+test is a weighted one (the weighted mean difference over its standard error, sqrt(sum w^2) / sum w
+times the reliability-weighted spread, on (sum w)^2 / sum w^2 - 1 degrees of freedom: Kish's effective
+number of timesteps); futility projects to the whole plan's weights. Uniform weights give the plain
+t-test; weights concentrated on few timesteps leave few effective samples, so decisions come later.
+
 Futility (``futility``, on by default at 0.5): a near tie would otherwise run to the plan's end and be
 decided by the full mean, at the full plan's cost, although the plan cannot separate it either. From
 ``2 * min_timesteps`` timesteps on, an item stops when, for every live rival of its best, the t
@@ -136,21 +143,58 @@ def check_not_with_elimination(race: RaceOptions | None, elimination) -> None:
                          "(adaptive racing decides per item by a paired test, elimination by a fixed schedule)")
 
 
-def paired_pvalues(diffs: torch.Tensor) -> torch.Tensor:
+def wmean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """[..., n] -> [...] float64: the plain mean, or with timestep weights ``w`` [n] their weighted mean
+    (the statistic the result reports, :func:`fastitm.weights.weighted_mean`)."""
+    x = x.double()
+    return x.mean(dim=-1) if w is None else (x * w).sum(dim=-1) / w.sum()
+
+
+def _t_scale(w: torch.Tensor | None, n: int) -> tuple[float, float]:
+    """(sqrt(sum w^2) / sum w, degrees of freedom) of a weighted mean of n samples: the factor from the
+    samples' standard deviation to the mean's standard error, and the Kish effective size minus 1
+    ((sum w)^2 / sum w^2 - 1). Uniform weights: (1 / sqrt(n), n - 1), the plain t-test's."""
+    if w is None:
+        return 1.0 / n**0.5, float(n - 1)
+    v1, v2 = float(w.sum()), float((w * w).sum())
+    return v2**0.5 / v1, v1 * v1 / v2 - 1.0
+
+
+def _wsd(d: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """[C, n] -> [C]: the samples' standard deviation (unbiased; with weights, the reliability-weights
+    estimate sum w (d - m)^2 / (sum w - sum w^2 / sum w))."""
+    if w is None:
+        return d.std(dim=1, unbiased=True)
+    v1, v2 = w.sum(), (w * w).sum()
+    m = (d * w).sum(dim=1, keepdim=True) / v1
+    denom = v1 - v2 / v1
+    if not denom > 0:  # one timestep carries all the weight: no spread to estimate
+        return torch.zeros(d.shape[0], dtype=d.dtype)
+    return ((w * (d - m) ** 2).sum(dim=1) / denom).sqrt()
+
+
+def paired_pvalues(diffs: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """One-sided paired t-test p-values that each row's mean difference is above 0.
 
-    ``diffs``: [C, n] (n >= 2) per-timestep differences best - candidate. A row of identical
-    differences has no spread: p = 0 when they are positive, 1 otherwise (an exact tie: never)."""
+    ``diffs``: [C, n] (n >= 2) per-timestep differences best - candidate; ``w`` [n]: timestep
+    weights (the mean, its standard error and the degrees of freedom of a weighted mean,
+    :func:`_t_scale`; None: the plain t-test). A row of identical differences has no spread: p = 0
+    when they are positive, 1 otherwise (an exact tie: never); weights concentrated on one timestep
+    leave nothing to test (p = 1)."""
     from scipy.stats import t as student_t
 
     d = diffs.double()
     n = d.shape[1]
-    mean = d.mean(dim=1)
-    sd = d.std(dim=1, unbiased=True)
+    w = None if w is None else w.double()
+    mean = wmean(d, w)
+    sd = _wsd(d, w)
+    factor, dof = _t_scale(w, n)
     p = torch.ones_like(mean)
+    if dof <= 0:
+        return p
     spread = sd > 0
-    tstat = mean[spread] / (sd[spread] / n**0.5)
-    p[spread] = torch.from_numpy(student_t.sf(tstat.numpy(), n - 1)).to(p)
+    tstat = mean[spread] / (sd[spread] * factor)
+    p[spread] = torch.from_numpy(student_t.sf(tstat.numpy(), dof)).to(p)
     p[~spread & (mean > 0)] = 0.0
     return p
 
@@ -175,23 +219,26 @@ MIN_SPREAD = 5
 
 
 def step(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions,
-         computed: torch.Tensor | None = None) -> torch.Tensor:
+         computed: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
     """One decision between rounds: ``scores`` [K, n] are the per-timestep scores of the n timesteps
     evaluated so far (in evaluation order; rows of dropped candidates are ignored), ``live`` [K] bool,
-    ``computed`` [K, n] which scores exist (default: all; a dropped candidate has none after its drop).
-    Returns the new ``live``. Never leaves fewer than ``opts.keep`` (nor 1) candidates: when the
-    test would, the ``keep`` best by mean stay."""
+    ``computed`` [K, n] which scores exist (default: all; a dropped candidate has none after its drop),
+    ``w`` [n] the timestep weights of those timesteps (:mod:`fastitm.weights`; None: uniform): the
+    leader, the tests and the ranking use the weighted means. Returns the new ``live``. Never leaves
+    fewer than ``opts.keep`` (nor 1) candidates: when the test would, the ``keep`` best by mean stay."""
     K, n = scores.shape
     live = live.clone()
     if n < opts.min_timesteps or int(live.sum()) <= opts.keep or opts.alpha == 0.0:
         return live
-    means = scores.double().mean(dim=1)
+    if w is not None and not float(w.sum()) > 0:  # the weights keep none of these timesteps yet
+        return live
+    means = wmean(scores, w)
     idx = live.nonzero().flatten()
     best = idx[torch.argmax(means[idx])]  # the first of equal means: deterministic
     rivals = idx[idx != best]
     z = standardized(scores, computed if computed is not None else torch.ones(K, n, dtype=torch.bool))
     base = z if z is not None else scores.double()
-    p = paired_pvalues(base[best][None, :] - base[rivals])
+    p = paired_pvalues(base[best][None, :] - base[rivals], w)
     drop = rivals[p < opts.level(T, K)]
     if int(live.sum()) - len(drop) < opts.keep:  # keep the `keep` best by mean among the live
         order = idx[torch.sort(-means[idx], stable=True).indices]
@@ -200,9 +247,11 @@ def step(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions,
     return live
 
 
-def futile(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions) -> bool:
+def futile(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, w: torch.Tensor | None = None,
+           w_plan: torch.Tensor | None = None) -> bool:
     """Whether the item should stop for futility (module docstring): ``scores`` [K, n] of the n
-    timesteps evaluated so far, ``live`` [K] after this look's drops."""
+    timesteps evaluated so far, ``live`` [K] after this look's drops; ``w`` [n] their weights and
+    ``w_plan`` [T] the whole plan's (None: uniform)."""
     from scipy.stats import t as student_t
 
     K, n = scores.shape
@@ -211,13 +260,19 @@ def futile(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions) 
     idx = live.nonzero().flatten()
     if len(idx) <= opts.keep:
         return False  # already decided
-    means = scores.double().mean(dim=1)
+    w = None if w is None else w.double()
+    if w is not None and not float(w.sum()) > 0:
+        return False
+    means = wmean(scores, w)
     best = idx[torch.argmax(means[idx])]
     d = scores[best][None, :].double() - scores[idx[idx != best]].double()
-    mean, sd = d.mean(dim=1), d.std(dim=1, unbiased=True)
+    mean, sd = wmean(d, w), _wsd(d, w)
     # The t statistic the whole plan would reach at this mean difference and spread (an exact tie: 0).
-    projected = torch.where(sd > 0, mean / (sd / T**0.5), torch.where(mean > 0, float("inf"), 0.0))
-    critical = float(student_t.isf(opts.level(T, K), T - 1))
+    factor, dof = _t_scale(None if w_plan is None else w_plan.double(), T)
+    if dof <= 0:
+        return False
+    projected = torch.where(sd > 0, mean / (sd * factor), torch.where(mean > 0, float("inf"), 0.0))
+    critical = float(student_t.isf(opts.level(T, K), dof))
     return bool((projected < opts.futility * critical).all())
 
 
@@ -239,11 +294,12 @@ class Race:
         return int(self.timesteps.sum())
 
 
-def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = None) -> Race:
+def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = None,
+             w: torch.Tensor | None = None) -> Race:
     """Race one item on per-timestep scores already computed: ``per_t`` [K, T] in plan order
-    (``order``: the evaluation order of the plan's indices, by default the spread order). What racing
-    would have decided and spent; the engine's racing takes the same decisions (:func:`step`) on the
-    rows it computes."""
+    (``order``: the evaluation order of the plan's indices, by default the spread order; ``w`` [T]
+    the timestep weights in plan order, None for uniform). What racing would have decided and spent;
+    the engine's racing takes the same decisions (:func:`step`) on the rows it computes."""
     from .methods import spread_order
 
     K, T = per_t.shape
@@ -251,6 +307,7 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
     if sorted(order) != list(range(T)):
         raise ValueError(f"order must be a permutation of the plan's {T} timestep indices")
     scores = per_t[:, order]
+    wo = None if w is None else w.double()[order]
     live = torch.ones(K, dtype=torch.bool)
     used = torch.zeros(K, dtype=torch.long)
     n = 0
@@ -260,10 +317,11 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
         if n == T:
             break
         computed = torch.arange(n)[None, :] < used[:, None]  # as the engine computes: none after a drop
-        live = step(scores[:, :n], live, T, opts, computed)
-        if int(live.sum()) <= opts.keep or futile(scores[:, :n], live, T, opts):
+        seen_w = None if wo is None else wo[:n]
+        live = step(scores[:, :n], live, T, opts, computed, seen_w)
+        if int(live.sum()) <= opts.keep or futile(scores[:, :n], live, T, opts, seen_w, wo):
             break
-    means = torch.stack([scores[k, : used[k]].double().mean() for k in range(K)])
+    means = torch.stack([wmean(scores[k, : used[k]], None if wo is None else wo[: used[k]]) for k in range(K)])
     cand = live.nonzero().flatten()
     choice = int(cand[torch.argmax(means[cand])])
     return Race(live=live, timesteps=used, means=means, stopped=n, choice=choice)

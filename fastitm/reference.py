@@ -171,6 +171,7 @@ def score_run(run: Run, progress: bool | None = None) -> ScoreResult:
         preset=run.preset,
         choices=dict(run.choices),
         family=model.family,
+        weights=run.weights,
         stats={"unet_rows": rows, "vae_images": N,
                "text_encodes": int(requested.sum()) + (1 if spec.needs_uncond else 0)},
     )

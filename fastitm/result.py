@@ -66,6 +66,7 @@ class ScoreResult:
     preset: str | None = None
     choices: dict = field(default_factory=dict)
     family: str | None = None  # the model family scored ("sd", "sdxl", "sd3")
+    weights: torch.Tensor | None = None  # [T] float64 timestep weights in plan order (None: uniform)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,11 +74,14 @@ class ScoreResult:
 
     @property
     def partial_means(self) -> torch.Tensor | None:
-        """[N_images, N_texts]: each pair's mean over the timesteps it was scored at (NaN where none),
-        the score racing or elimination had when it dropped a text; None without ``per_timestep``."""
+        """[N_images, N_texts]: each pair's (weighted, with ``weights``) mean over the timesteps it was
+        scored at (NaN where none), the score racing or elimination had when it dropped a text; None
+        without ``per_timestep``."""
+        from .weights import nan_weighted_mean
+
         if self.per_timestep is None:
             return None
-        return self.per_timestep.nanmean(dim=2)
+        return nan_weighted_mean(self.per_timestep, self.weights)
 
     def text_retrieval(self, k: int = 1) -> torch.Tensor:
         """[N_images, k]: for each image, the indices of its k best texts, best first; unscored pairs

@@ -76,6 +76,17 @@ def resolve(weights: Any, timesteps: list[int] | torch.Tensor, num_train: int) -
     return w
 
 
+def nan_weighted_mean(per_t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """``per_t`` [..., T] with NaN where a timestep was not scored (racing, elimination) -> [...]: the
+    (weighted) mean over the scored ones; NaN where none was, or where their weights sum to 0."""
+    if w is None:
+        return per_t.nanmean(dim=-1)
+    ok = ~torch.isnan(per_t)
+    w = w.to(per_t.device)
+    num = (torch.where(ok, per_t.double(), 0.0) * w).sum(dim=-1)
+    return (num / (ok.double() * w).sum(dim=-1)).to(per_t.dtype)
+
+
 def weighted_mean(per_t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """``per_t`` [..., T] -> [...]: the plain mean when ``w`` is None (bit for bit), else
     sum_k w_k s_k / sum_k w_k (in float64, returned in per_t's dtype)."""

@@ -82,6 +82,7 @@ def test_reweight_equals_a_fresh_run(tiny, tmp_path):
             assert again.metrics == fresh.metrics
             assert [i["scores"] for i in again.items] == [i["scores"] for i in fresh.items]
             assert again.curve == fresh.curve and again.options["weights"] == fresh.options["weights"]
+            assert again.racing == fresh.racing != []  # racing simulated on the weighted statistic, as the run
         back = fresh.reweight("uniform")  # and back: today's numbers bit for bit
         assert back.metrics == plain.metrics and back.items == plain.items and back.racing == plain.racing
     item = plain.items[0]

@@ -319,3 +319,59 @@ def test_adaptive_arguments_are_checked(tiny):
         fastitm.score(imgs, texts, model=tiny, adaptive={"alpha": 1.5})
     with pytest.raises(ValueError, match="over must be"):
         fastitm.score(imgs, texts, model=tiny, adaptive={"over": "pairs"})
+
+
+def test_weighted_pvalues_by_hand_and_uniform_weights_are_the_plain_test():
+    from scipy.special import stdtr
+
+    d = draw([0.3, -0.2], 12, seed=5)
+    w = torch.linspace(2.0, 0.1, 12, dtype=torch.float64)
+    p = paired_pvalues(d, w)
+    for row, got in zip(d.tolist(), p):
+        v1, v2 = float(w.sum()), float((w * w).sum())
+        m = sum(wi * x for wi, x in zip(w.tolist(), row)) / v1
+        var = sum(wi * (x - m) ** 2 for wi, x in zip(w.tolist(), row)) / (v1 - v2 / v1)
+        t = m / (math.sqrt(var) * math.sqrt(v2) / v1)
+        assert got.item() == pytest.approx(1 - stdtr(v1 * v1 / v2 - 1, t), rel=1e-9)
+    torch.testing.assert_close(paired_pvalues(d, torch.ones(12, dtype=torch.float64)), paired_pvalues(d),
+                               rtol=1e-10, atol=0)
+    # all the weight on one timestep: nothing to test
+    one = torch.zeros(12, dtype=torch.float64)
+    one[3] = 1.0
+    assert paired_pvalues(d, one).tolist() == [1.0, 1.0]
+
+
+def test_weighted_racing_decides_on_the_weighted_means():
+    # Candidate 0 leads at the timesteps the weights keep, candidate 1 at the others: racing with the
+    # weights keeps 0, racing without them keeps 1.
+    T = 40
+    first = torch.arange(T) < T // 2
+    per_t = torch.stack([torch.where(first, 1.0, -1.0), torch.where(first, -1.0, 2.0)]).double()
+    per_t = per_t + 0.3 * draw([0.0, 0.0], T, seed=8)
+    w = first.double() + 1e-3
+    opts = RaceOptions(alpha=0.05)
+    assert simulate(per_t, opts, w=w).choice == 0 and simulate(per_t, opts).choice == 1
+    race = simulate(per_t, opts, w=w)
+    want = [(per_t[k, :T].double() * w).sum() / w.sum() for k in range(2)]  # where both ran to the end
+    if race.stopped == T:
+        assert race.means.tolist() == pytest.approx([float(x) for x in want], rel=1e-12)
+
+
+def test_engine_races_on_weighted_scores_as_the_simulation_decides(tiny):
+    """With timestep weights the engine's racing takes the decisions simulated with those weights on
+    the reference's per-timestep scores, and the survivors score their weighted means."""
+    imgs, texts = _race_inputs()
+    plan = fastitm.make_plan(tiny, 12, seed=3)
+    table = {t: float(k % 4 + 1) for k, t in enumerate(plan.timesteps.tolist())}
+    res = fastitm.score(imgs, texts, model=tiny, plan=plan, adaptive=LOOSE, weights=table, batch_size=7)
+    ref = fastitm.reference.score(imgs, texts, model=tiny, plan=plan)
+    w = torch.tensor([table[t] for t in plan.timesteps.tolist()], dtype=torch.float64)
+    race = RaceOptions.parse(LOOSE)
+    for i in range(imgs.shape[0]):
+        sim = simulate(ref.per_timestep[i], race, w=w)
+        survivors = res.matrix[i].isfinite()
+        assert torch.equal(survivors, sim.live), i
+        assert_close(res.matrix[i][survivors], sim.means[sim.live].float(), rtol=1e-5, atol=2e-5)
+    dropped = res.matrix == float("-inf")
+    assert dropped.any() and res.partial_means[dropped].isfinite().all()
+    assert res.stats["weights"] == table

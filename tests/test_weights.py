@@ -49,8 +49,9 @@ def test_tables_files_and_errors(tiny, tmp_path):
                        (str(tmp_path / "none.json"), "weights file not found")):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             fastitm.score(IMGS, TEXTS, model=tiny, plan=plan, weights=bad)
-    with pytest.raises(ValueError, match="weights= with adaptive= or elimination= is not supported yet"):
-        fastitm.score(IMGS, TEXTS, model=tiny, plan=plan, weights=table, adaptive=True)
+    with pytest.raises(ValueError, match="weights= with elimination= is not supported"):
+        fastitm.score(IMGS, TEXTS, model=tiny, plan=plan, weights=table, method="diffusion_classifier",
+                      elimination=[(2, 1)])
 
 
 def test_eval_with_weights(tmp_path, capsys):

@@ -271,7 +271,7 @@ class EvalReport:
         """This report under other timestep weights (:mod:`fastitm.weights`), from the per-timestep
         scores it keeps, without the model: the metrics, the items' scores and the accuracy-vs-timesteps
         curve are what a fresh run with ``weights`` gives (the per-timestep diagnostics do not depend on
-        the weights; racing is not simulated on weighted scores, as in such a run)."""
+        the weights; racing is simulated on the weighted statistic, as such a run does)."""
         from dataclasses import replace
 
         from ..weights import describe, resolve, weighted_mean
@@ -289,7 +289,7 @@ class EvalReport:
         if w is not None:
             options["weights"] = describe(weights)
         return replace(self, options=options, metrics=metrics, items=records, curve=curve(items, per_t, w),
-                       racing=[] if w is not None else racing_curve(items, per_t))
+                       racing=racing_curve(items, per_t, w=w))
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write report.json, report.md, accuracy_vs_timesteps.png, accuracy_vs_rows.png and

@@ -231,12 +231,13 @@ def per_timestep_diagnostics(items: list[Item], per_t: list[torch.Tensor], times
 RACING_ALPHAS = (0.01, 0.05, 0.2)
 
 
-def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALPHAS) -> list[dict]:
+def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALPHAS,
+                 w: torch.Tensor | None = None) -> list[dict]:
     """What racing (:mod:`fastitm.racing`, default options but ``alpha``) would have decided and spent
     on this run's per-timestep scores: per alpha, the accuracy (the true candidate survives with the
     highest mean, strictly), the conditional denoiser rows per item (candidate x timestep) and the
     share of items that ran to the plan's end; first the full plan's own. Choice items only."""
-    from ..racing import RaceOptions, simulate
+    from ..racing import RaceOptions, simulate, wmean
 
     choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t)
               if i.kind in ("text", "image") and i.label is not None]
@@ -249,11 +250,11 @@ def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALP
         survivors = live.nonzero().flatten()
         return bool(live[label]) and rank_of_truth(means[survivors], int((survivors < label).sum()))[0] == 0
 
-    rows = [{"alpha": None, "accuracy": sum(right(s.double().mean(1), torch.ones(len(s), dtype=torch.bool), i.label)
+    rows = [{"alpha": None, "accuracy": sum(right(wmean(s, w), torch.ones(len(s), dtype=torch.bool), i.label)
                                             for i, s in choice) / len(choice),
              "rows_per_item": sum(s.numel() for _, s in choice) / len(choice), "plan_end": 1.0}]
     for a in alphas:
-        races = [(i, simulate(s, RaceOptions(alpha=a))) for i, s in choice]
+        races = [(i, simulate(s, RaceOptions(alpha=a), w=w)) for i, s in choice]
         rows.append({"alpha": a, "accuracy": sum(right(r.means, r.live, i.label) for i, r in races) / len(races),
                      "rows_per_item": sum(r.rows for _, r in races) / len(races),
                      "plan_end": sum(r.stopped == T for _, r in races) / len(races)})
@@ -496,7 +497,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     fill = work["unet_rows"] / (work["batches"] * bs) if work["batches"] else None
     return EvalReport(task=task, method=spec.name, options=jsonable(opts), metrics=metrics,
                       items=records, curve=[] if eliminated else curve(scored, per_t, w), plan=plan.describe(),
-                      racing=[] if eliminated or w is not None else racing_curve(scored, per_t),
+                      racing=[] if eliminated else racing_curve(scored, per_t, w=w),
                       timesteps=[] if eliminated else per_timestep_diagnostics(scored, per_t,
                                                                                plan.timesteps.tolist()),
                       data=str(data), preset=preset, choices=choices, skipped=skipped,
