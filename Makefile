@@ -29,7 +29,7 @@ TRITON_GPU_VERSION ?= 3.6.0
 TRITON_GPU_DIR := $(VENV)/triton-$(TRITON_GPU_VERSION)
 
 $(TRITON_GPU_DIR)/.installed: $(STAMP)
-	$(PY) -m pip install -q --no-deps --target $(TRITON_GPU_DIR) "triton==$(TRITON_GPU_VERSION)" \
+	$(PY) -m pip install -q --no-deps --no-compile --target $(TRITON_GPU_DIR) "triton==$(TRITON_GPU_VERSION)" \
 		&& touch $@ || echo "triton $(TRITON_GPU_VERSION) could not be installed: its compile check will skip"
 
 test: $(STAMP) $(TRITON_GPU_DIR)/.installed

@@ -361,6 +361,7 @@ def test_engine_races_on_weighted_scores_as_the_simulation_decides(tiny):
     """With timestep weights the engine's racing takes the decisions simulated with those weights on
     the reference's per-timestep scores, and the survivors score their weighted means."""
     imgs, texts = _race_inputs()
+    imgs = imgs[:2]
     plan = fastitm.make_plan(tiny, 12, seed=3)
     table = {t: float(k % 4 + 1) for k, t in enumerate(plan.timesteps.tolist())}
     res = fastitm.score(imgs, texts, model=tiny, plan=plan, adaptive=LOOSE, weights=table, batch_size=7)
