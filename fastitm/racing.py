@@ -71,6 +71,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .weights import weighted_mean
+
 ADAPTIVE_KEYS = ("alpha", "min_timesteps", "round_size", "keep", "futility", "over")
 
 
@@ -143,13 +145,6 @@ def check_not_with_elimination(race: RaceOptions | None, elimination) -> None:
                          "(adaptive racing decides per item by a paired test, elimination by a fixed schedule)")
 
 
-def wmean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """[..., n] -> [...] float64: the plain mean, or with timestep weights ``w`` [n] their weighted mean
-    (the statistic the result reports, :func:`fastitm.weights.weighted_mean`)."""
-    x = x.double()
-    return x.mean(dim=-1) if w is None else (x * w).sum(dim=-1) / w.sum()
-
-
 def _t_scale(w: torch.Tensor | None, n: int) -> tuple[float, float]:
     """(sqrt(sum w^2) / sum w, degrees of freedom) of a weighted mean of n samples: the factor from the
     samples' standard deviation to the mean's standard error, and the Kish effective size minus 1
@@ -186,7 +181,7 @@ def paired_pvalues(diffs: torch.Tensor, w: torch.Tensor | None = None) -> torch.
     d = diffs.double()
     n = d.shape[1]
     w = None if w is None else w.double()
-    mean = wmean(d, w)
+    mean = weighted_mean(d, w)
     sd = _wsd(d, w)
     factor, dof = _t_scale(w, n)
     p = torch.ones_like(mean)
@@ -232,7 +227,7 @@ def step(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions,
         return live
     if w is not None and not float(w.sum()) > 0:  # the weights keep none of these timesteps yet
         return live
-    means = wmean(scores, w)
+    means = weighted_mean(scores.double(), w)
     idx = live.nonzero().flatten()
     best = idx[torch.argmax(means[idx])]  # the first of equal means: deterministic
     rivals = idx[idx != best]
@@ -263,10 +258,10 @@ def futile(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, 
     w = None if w is None else w.double()
     if w is not None and not float(w.sum()) > 0:
         return False
-    means = wmean(scores, w)
+    means = weighted_mean(scores.double(), w)
     best = idx[torch.argmax(means[idx])]
     d = scores[best][None, :].double() - scores[idx[idx != best]].double()
-    mean, sd = wmean(d, w), _wsd(d, w)
+    mean, sd = weighted_mean(d, w), _wsd(d, w)
     # The t statistic the whole plan would reach at this mean difference and spread (an exact tie: 0).
     factor, dof = _t_scale(None if w_plan is None else w_plan.double(), T)
     if dof <= 0:
@@ -321,7 +316,8 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
         live = step(scores[:, :n], live, T, opts, computed, seen_w)
         if int(live.sum()) <= opts.keep or futile(scores[:, :n], live, T, opts, seen_w, wo):
             break
-    means = torch.stack([wmean(scores[k, : used[k]], None if wo is None else wo[: used[k]]) for k in range(K)])
+    means = torch.stack([weighted_mean(scores[k, : used[k]].double(), None if wo is None else wo[: used[k]])
+                         for k in range(K)])
     cand = live.nonzero().flatten()
     choice = int(cand[torch.argmax(means[cand])])
     return Race(live=live, timesteps=used, means=means, stopped=n, choice=choice)

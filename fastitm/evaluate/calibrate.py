@@ -28,9 +28,10 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -257,16 +258,23 @@ class _Data:
                 [{k: v for k, v in c.items() if k != "right"} for c in cv])
 
 
+def check_size(n: int, folds: int, got: str) -> None:
+    """Refuse fewer folds than 2, or fewer items than :data:`MIN_ITEMS` and two per fold; ``got`` says
+    how many there are, and where from."""
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2, got {folds}")
+    need = max(MIN_ITEMS, 2 * folds)
+    if n < need:
+        raise ValueError(f"calibration needs at least {need} labelled items ({folds} folds), {got}; score more "
+                         "items (--fraction / --limit) or use fewer --folds")
+
+
 def fit_weights(items: Sequence[Item], per_t: Sequence[torch.Tensor], timesteps: list[int], *, num_train: int = 1000,
                 folds: int = 5, seed: int = 0) -> Calibration:
     """Choose and fit timestep weights on scored items (per-timestep scores [images, texts, T] each),
     with the held-out before/after figures of nested cross-validation (see the module's notes)."""
     n = len(items)
-    if n < max(MIN_ITEMS, 2 * folds):
-        raise ValueError(f"calibration needs at least {max(MIN_ITEMS, 2 * folds)} labelled items ({folds} folds), "
-                         f"got {n}; score more items (--fraction / --limit) or use fewer --folds")
-    if folds < 2:
-        raise ValueError(f"folds must be at least 2, got {folds}")
+    check_size(n, folds, f"got {n}")
     data = _Data(items, per_t, [int(t) for t in timesteps], num_train)
     outer = _Folds(n, folds, seed)
     held: list[int] = []
@@ -317,17 +325,13 @@ def calibrate(task: str, data: str | Path, *, model: Any = None, method: str | N
         out = Path(out)
         if out.is_dir() or not out.parent.is_dir():
             raise ValueError(f"out {out}: give a file path in an existing folder")
-    if folds < 2:
-        raise ValueError(f"folds must be at least 2, got {folds}")
     items = load_task(task, data, split)
     n = len(items)
     unlabelled = [i.id for i in items if i.label is None and i.kind != "group"]
     if unlabelled:
         raise ValueError(f"{task} items have no right answer (e.g. {unlabelled[0]}): calibration needs labelled items")
     k = min(limit, n) if limit is not None else min(n, max(MIN_ITEMS, math.ceil((fraction or 0.05) * n)))
-    if k < max(MIN_ITEMS, 2 * folds):  # before any scoring
-        raise ValueError(f"calibration needs at least {max(MIN_ITEMS, 2 * folds)} labelled items ({folds} folds); "
-                         f"{task} at {data} gives {k} (of {n}): raise --limit / --fraction or use fewer --folds")
+    check_size(k, folds, f"{task} at {data} gives {k} (of {n})")  # before any scoring
     select = sorted(random.Random(sample_seed).sample(range(n), k))
     report = run(task, data, model=model, method=method, timesteps=timesteps, seed=seed, split=split,
                  select=select, progress=progress, **options)

@@ -135,13 +135,15 @@ def tag_values(item: Item, key: str) -> list[str]:
     return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+IDENTICAL_COUNTS = ("identical_dropped", "items_with_identical", "no_negative")
+
+
 def identical_counts(records: Sequence[dict], no_negative: Sequence[dict]) -> dict:
     """How the identical-candidate rule changed the task: candidates dropped as identical to the true
     one, items that lost at least one, and items left with no negative (not in the metrics)."""
     every = list(records) + list(no_negative)
-    return {"identical_dropped": sum(r.get("dropped", 0) for r in every),
-            "items_with_identical": sum(r.get("dropped", 0) > 0 for r in every),
-            "no_negative": len(no_negative)}
+    return dict(zip(IDENTICAL_COUNTS, (sum(r.get("dropped", 0) for r in every),
+                                       sum(r.get("dropped", 0) > 0 for r in every), len(no_negative)), strict=True))
 
 
 def headline(metrics: dict) -> dict[str, float]:

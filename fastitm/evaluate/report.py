@@ -275,15 +275,14 @@ class EvalReport:
         from dataclasses import replace
 
         from ..weights import describe, resolve, weighted_mean
-        from .metrics import identical_counts, task_metrics
+        from .metrics import IDENTICAL_COUNTS, task_metrics
         from .runner import curve, racing_curve, record_scores
 
         items, per_t = self.per_timestep_scores()
         w = resolve(weights, self.plan["timesteps"], self.model.get("num_train_timesteps", 1000))
         matrices = [weighted_mean(p, w) for p in per_t]
         metrics = task_metrics(items, matrices)
-        counts = {k: self.metrics[k] for k in identical_counts([], []) if k in self.metrics}
-        metrics.update(counts)
+        metrics.update({k: self.metrics[k] for k in IDENTICAL_COUNTS if k in self.metrics})
         records = [{**r, "scores": record_scores(i, m)} for r, i, m in zip(self.items, items, matrices, strict=True)]
         options = {k: v for k, v in self.options.items() if k != "weights"}
         if w is not None:

@@ -17,10 +17,11 @@ from .report import EvalReport, jsonable
 def append(path: str | Path, report: EvalReport) -> dict:
     """Append ``report``'s record as one JSON line (under an exclusive lock: concurrent runs may share a
     file) and return it."""
-    record = {"recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **jsonable(report.to_json())}
+    data = report.to_json()
     # per-item scores stay; their per-timestep scores (what report.reweight needs, T times larger) are
     # report.json's alone
-    record["items"] = [{k: v for k, v in i.items() if k != "per_timestep"} for i in record["items"]]
+    data["items"] = [{k: v for k, v in i.items() if k != "per_timestep"} for i in data["items"]]
+    record = {"recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **jsonable(data)}
     line = json.dumps(record, allow_nan=False) + "\n"
     path = Path(path)
     with open(path, "a", encoding="utf-8") as f:

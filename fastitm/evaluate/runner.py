@@ -237,7 +237,8 @@ def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALP
     on this run's per-timestep scores: per alpha, the accuracy (the true candidate survives with the
     highest mean, strictly), the conditional denoiser rows per item (candidate x timestep) and the
     share of items that ran to the plan's end; first the full plan's own. Choice items only."""
-    from ..racing import RaceOptions, simulate, wmean
+    from ..racing import RaceOptions, simulate
+    from ..weights import weighted_mean
 
     choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t)
               if i.kind in ("text", "image") and i.label is not None]
@@ -250,7 +251,7 @@ def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALP
         survivors = live.nonzero().flatten()
         return bool(live[label]) and rank_of_truth(means[survivors], int((survivors < label).sum()))[0] == 0
 
-    rows = [{"alpha": None, "accuracy": sum(right(wmean(s, w), torch.ones(len(s), dtype=torch.bool), i.label)
+    rows = [{"alpha": None, "accuracy": sum(right(weighted_mean(s.double(), w), torch.ones(len(s), dtype=torch.bool), i.label)
                                             for i, s in choice) / len(choice),
              "rows_per_item": sum(s.numel() for _, s in choice) / len(choice), "plan_end": 1.0}]
     for a in alphas:
@@ -424,7 +425,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
             and i not in state.no_negative]
     work = {"unet_rows": 0, "batches": 0, "calls": 0}
-    call_options = {**plan_options, **({"weights": weights} if w is not None else {})}
+    # the resolved table, so a weights file is read once, not at every engine call
+    call_options = {**plan_options, **({"weights": dict(zip(plan.timesteps.tolist(), w.tolist(), strict=True))}
+                                       if w is not None else {})}
     window: list = []
 
     def flush():
