@@ -458,6 +458,31 @@ def stage_headline(ctx: Ctx) -> None:
 
 # -- fused ops vs SDPA ----------------------------------------------------------------------------------
 
+def forward_tiles(ctx: Ctx, q, k, v) -> dict:
+    """Each tile the forward's autotuner may pick (BLOCK_M, warps, register cap), timed alone on the same
+    inputs, beside the autotuner's choice: what the register caps buy (four or five programs per SM
+    instead of two under Triton 3.6, no spill) against the instruction-level parallelism ptxas gives up.
+    On the CPU (--smoke) the same launches run under the interpreter, once each."""
+    import triton
+
+    from fastitm.kernels import _tuning
+    from fastitm.kernels import cross_attention_lse as cal
+
+    block_n = max(16, triton.next_power_of_2(k.shape[2]))
+    block_d = max(16, triton.next_power_of_2(q.shape[3]))
+    scale = q.shape[3] ** -0.5
+    figs = {}
+    for c in cal.fwd_candidates(block_d, q.dtype):
+        fn = lambda c=c: cal._launch_fwd(q, k, v, scale, "logits", 1.0, None, block_n, block_d, *c)  # noqa: E731
+        ms = event_ms(ctx, fn, rounds=1 if ctx.smoke else 20, warmup=0 if ctx.smoke else 3)
+        figs[f"BLOCK_M={c[0]} warps={c[1]} maxnreg={c[2]}_ms"] = round(ms, 4)
+    picked = [cfg for key, cfg in _tuning.chosen().items() if key[0] == "cross_attention_lse_fwd"
+              and key[1] == triton.next_power_of_2(q.shape[2]) and key[2:5] == (block_n, block_d, q.dtype)]
+    figs["autotuner_picked"] = [list(p) for p in picked]
+    figs["default"] = list(cal.fwd_default(block_d, q.dtype))
+    return figs
+
+
 def stage_fused_ops(ctx: Ctx) -> None:
     import torch.nn.functional as F
 
@@ -502,6 +527,10 @@ def stage_fused_ops(ctx: Ctx) -> None:
         figs["fused_fraction_of_floor"] = round(max(figs["bytes_floor_ms"], figs["flops_floor_ms"]) / figs["fused_ms"], 3)
         figs["conditions"] = f"q [{batch}, {heads}, {lq}, 64], k/v [{batch}, {heads}, 77, 64], bf16, {ceil['source']} ceilings"
         ctx.record(f"cross_attention_lse vs SDPA, SD 2.1 layer {heads}x{lq}", figs)
+        if ctx.fits(5, f"forward tiles {heads}x{lq}"):
+            one = (slice(0, 1), slice(0, 1)) if ctx.smoke else (slice(None), slice(None))  # interpreter: 1 head
+            ctx.record(f"cross_attention_lse forward per tile, SD 2.1 layer {heads}x{lq}",
+                       forward_tiles(ctx, q[one], k[one], v[one]))
         if ctx.fits(5, f"fused backward {heads}x{lq}"):
             # The backward (fine-tuning): dq, dk, dv from d_out and d_pooled. Floors: q and d_out read, dq
             # written, k, v read, dk, dv written; five matrix products (S, dP, dQ, dK, dV) of 2 x Lq x 77 x 64

@@ -114,50 +114,67 @@ def cross_attention_lse_fwd(
     Lk = k.shape[2]
     block_n = max(16, triton.next_power_of_2(Lk))
     block_d = max(16, triton.next_power_of_2(D))
-    num_warps = fwd_default(block_d, q.dtype)[1]
-    if block_m is None:
-        block_m = 64 if q.device.type == "cpu" else fwd_default(block_d, q.dtype)[0]  # cpu: the interpreter
-        if _tuning.enabled(q.device):
-            key = ("cross_attention_lse_fwd", triton.next_power_of_2(Lq), block_n, block_d, q.dtype, pool,
-                   key_mask is not None)
-            block_m, num_warps = _tuning.pick(key, fwd_candidates(block_d, q.dtype), lambda c: _launch_fwd(
-                q, k, v, scale, pool, lam, key_mask, c[0], block_n, block_d, c[1]))
-    return _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_m, block_n, block_d, num_warps)
+    config = fwd_default(block_d, q.dtype)
+    if block_m is not None:
+        config = (block_m,) + config[1:]
+    elif _tuning.enabled(q.device):
+        key = ("cross_attention_lse_fwd", triton.next_power_of_2(Lq), block_n, block_d, q.dtype, pool,
+               key_mask is not None)
+        config = _tuning.pick(key, fwd_candidates(block_d, q.dtype), lambda c: _launch_fwd(
+            q, k, v, scale, pool, lam, key_mask, block_n, block_d, *c))
+    elif q.device.type == "cpu":
+        config = (64,) + config[1:]  # the interpreter: one row block size for every dtype
+    return _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_n, block_d, *config)
 
 
-def fwd_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int]]:
-    """(BLOCK_M, num_warps) pairs the forward's autotuner times (``python -m fastitm.kernels.report``
+def fwd_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int | None]]:
+    """(BLOCK_M, num_warps, maxnreg) the forward's autotuner times (``python -m fastitm.kernels.report``
     compiles each for sm_90 and sm_80 and shows registers, spills and programs per SM).
+
+    Registers decide how many programs share an SM, and left alone ptxas takes nearly all it may: at
+    the SD shapes the BLOCK_M 64, 4-warp tile took 204-211 registers under Triton 3.6 (two programs per
+    SM) although the same code compiles into 128 or 96 with no spill (four or five programs). So the
+    half-precision candidates cap registers (``maxnreg``) at 128 (four programs) or 96 (five); one
+    uncapped tile stays as the control, so the autotuner can show what the cap buys. Caps that spill
+    or fail to allocate (BLOCK_M 64 at BLOCK_D 256) are not listed; the report's table checks each.
 
     fp32 uses IEEE products (no tensor cores), unrolled by the compiler into FMA chains: BLOCK_M 128
     with 4 warps took 36 s to compile for sm_90 on a 2-core CPU and BLOCK_M 64 with 4 warps 14 s, and
     timing the whole list stalled a GPU check for over a minute; fp32 keeps the tiles that compile in
-    seconds. Half precision: up to 128 x 128 elements of q per program (the widest heads get fewer rows).
-    Configurations that fit one program per SM on sm_90 (the report's table: BLOCK_M 128 with 8 warps,
-    156 registers x 256 threads; fp32 BLOCK_M 32 with 8 warps; BLOCK_M 64 with 8 warps in half
-    precision under Triton 3.6, the GPU machine's: 152 registers x 256 threads, and on sm_80) are left
-    out: one program cannot keep enough loads in flight for a kernel whose time is memory traffic.
+    seconds, uncapped (a correctness path on GPUs). Configurations that fit one program per SM on sm_90
+    (BLOCK_M 128 or 64 with 8 warps, uncapped) are left out: one program cannot keep enough loads in
+    flight for a kernel whose time is memory traffic.
     """
     if dtype == torch.float32:
-        return [(bm, nw) for bm, nw in ((32, 4), (64, 8)) if bm * block_d <= 64 * 128]
-    return [(bm, nw) for bm, nw in ((32, 4), (32, 8), (64, 4), (128, 4)) if bm * block_d <= 128 * 128]
+        return [(bm, nw, None) for bm, nw in ((32, 4), (64, 8)) if bm * block_d <= 64 * 128]
+    if block_d <= 64:
+        return [(32, 4, 128), (64, 4, 128), (64, 4, 96), (128, 4, 128), (64, 4, None)]
+    if block_d <= 128:
+        return [(32, 4, 128), (64, 4, 128)]
+    return [(32, 4, 128)]
 
 
-def fwd_default(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) without autotuning: q/k/v tiles within registers for the widest heads
-    (D=160 -> BLOCK_D 256), one of :func:`fwd_candidates`."""
+def fwd_default(block_d: int, dtype: torch.dtype) -> tuple[int, int, int | None]:
+    """(BLOCK_M, num_warps, maxnreg) without autotuning, one of :func:`fwd_candidates`: four programs
+    per SM at the SD 2.x/SDXL head dim (64), and q/k/v tiles within 128 registers for SD 1.x's widest
+    heads (D=160 -> BLOCK_D 256, two programs, bounded by shared memory)."""
     if dtype == torch.float32:
-        return (64, 8) if block_d <= 64 else (32, 8)
-    return (64, 4) if block_d <= 64 else (32, 8)
+        return (64, 8, None) if block_d <= 64 else (32, 4, None)
+    return (64, 4, 128) if block_d <= 64 else (32, 4, 128)
 
 
-def bwd_config(block_d: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) of the backward (on a GPU; the interpreter uses BLOCK_M 64): it holds about
-    3x the forward's tiles (dS, dP, the partials), so smaller row blocks."""
-    return (32, 4) if block_d <= 64 else (16, 8)
+def bwd_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int | None]:
+    """(BLOCK_M, num_warps, maxnreg) of the backward (on a GPU; the interpreter uses BLOCK_M 64): it holds
+    about 3x the forward's tiles (dS, dP, the partials), so smaller row blocks. At head dim 64, 128
+    registers (no spill) give four programs per SM where ptxas alone took 234-254 (two). Wider heads
+    (SD 1.x's 80 and 160) keep ptxas's count: shared memory (80-160 KB) bounds them to two programs
+    (BLOCK_D 128, 4 warps; 8 warps fit one) or one (BLOCK_D 256, where a cap of 168 fails to allocate)."""
+    if dtype == torch.float32:
+        return (32, 4, None) if block_d <= 64 else (16, 8, None)
+    return (32, 4, 128) if block_d <= 64 else (16, 4, None)
 
 
-def _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_m, block_n, block_d, num_warps):
+def _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_n, block_d, block_m, num_warps, maxnreg):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     n_mblocks = triton.cdiv(Lq, block_m)
@@ -179,7 +196,7 @@ def _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_m, block_n, block_d, 
         HAS_MASK=key_mask is not None,
         IEEE=(q.dtype == torch.float32),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps,
+        num_warps=num_warps, maxnreg=maxnreg,
     )
     return out, partial.sum(dim=1).view(B, H)
 
@@ -296,8 +313,9 @@ def cross_attention_lse_bwd(
     Lk = k.shape[2]
     block_n = max(16, triton.next_power_of_2(Lk))
     block_d = max(16, triton.next_power_of_2(D))
+    config_m, num_warps, maxnreg = bwd_config(block_d, q.dtype)
     if block_m is None:
-        block_m = 64 if q.device.type == "cpu" else bwd_config(block_d)[0]
+        block_m = 64 if q.device.type == "cpu" else config_m
     n_mblocks = triton.cdiv(Lq, block_m)
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     dk_part = torch.empty((B * H, n_mblocks, Lk, D), dtype=torch.float32, device=q.device)
@@ -319,7 +337,7 @@ def cross_attention_lse_bwd(
         HAS_MASK=key_mask is not None,
         IEEE=(q.dtype == torch.float32),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=bwd_config(block_d)[1],
+        num_warps=num_warps, maxnreg=maxnreg,
     )
     dk = dk_part.sum(dim=1).view(B, H, Lk, D).to(k.dtype)
     dv = dv_part.sum(dim=1).view(B, H, Lk, D).to(v.dtype)

@@ -3,8 +3,9 @@
     python -m fastitm.kernels.report [--target 90 80] [--dtype bf16 fp16 fp32] [--json FILE]
 
 For each kernel (cross-attention LSE forward and backward, error reduction), each configuration its
-launcher may pick (the autotune candidates, or the fixed one) and each dtype it serves, at the
-Stable Diffusion shapes (77 keys -> BLOCK_N 128, head dim 64 -> BLOCK_D 64), ``triton.compile``
+launcher may pick (the autotune candidates, or the fixed one: block sizes, warps and register cap)
+and each dtype it serves, at the Stable Diffusion shapes (77 keys -> BLOCK_N 128, head dim 64 ->
+BLOCK_D 64; SD 1.x's 80 and 160 -> BLOCK_D 128 and 256 in half precision), ``triton.compile``
 builds the cubin for ``GPUTarget("cuda", cc, 32)`` and the ``cuobjdump`` shipped with Triton reads
 its registers, local memory (spills) and SASS (tensor-core instructions: HGMMA on sm_90, HMMA on
 sm_80). Programs per SM follow from registers, shared memory and warps. No GPU and no CUDA toolkit
@@ -42,6 +43,7 @@ class Row:
     config: str
     dtype: str
     target: str
+    head_dim_block: int  # BLOCK_D: 64 for SD 2.x/SDXL heads, 128/256 for SD 1.x's 80/160
     registers: int
     shared_bytes: int
     local_bytes: int  # spills
@@ -90,37 +92,44 @@ def _jit(kernel):
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
-def cases(dtypes=(torch.bfloat16, torch.float16, torch.float32)):
-    """(kernel name, jit function, signature, constexprs, num_warps, config label, dtype) for everything the
-    launchers may compile at the SD shapes."""
+def _label(block_m: int, num_warps: int, maxnreg: int | None) -> str:
+    return f"BLOCK_M={block_m} warps={num_warps}" + (f" maxnreg={maxnreg}" if maxnreg else "")
+
+
+def cases(dtypes=(torch.bfloat16, torch.float16, torch.float32), wide_heads=(128, 256)):
+    """(kernel name, jit function, signature, constexprs, options, config label, dtype) for everything the
+    launchers may compile at the SD shapes: head dim 64 (BLOCK_D 64) in every dtype, and SD 1.x's wider
+    heads (BLOCK_D in ``wide_heads``) for the attention kernels in half precision."""
     fwd, bwd, err = (_jit(k) for k in (cal._cross_attention_lse_fwd_kernel, cal._cross_attention_lse_bwd_kernel,
                                        er._error_reduce_fwd_kernel))
     out = []
     for dtype in dtypes:
         t = TYPES[dtype]
         ieee = dtype == torch.float32
-        for bm, nw in cal.fwd_candidates(BLOCK_D, dtype):
-            consts = {"POOL_PROBS": False, "HAS_MASK": False, "IEEE": ieee, "BLOCK_M": bm, "BLOCK_N": BLOCK_N,
-                      "BLOCK_D": BLOCK_D}
-            out.append(("cross_attention_lse_fwd", fwd, _attention_signature(fwd, t, False), consts, nw,
-                        f"BLOCK_M={bm} warps={nw}", t))
-        bm, nw = cal.bwd_config(BLOCK_D)
-        consts = {"POOL_PROBS": False, "HAS_MASK": False, "IEEE": ieee, "BLOCK_M": bm, "BLOCK_N": BLOCK_N,
-                  "BLOCK_D": BLOCK_D}
-        out.append(("cross_attention_lse_bwd", bwd, _attention_signature(bwd, t, True), consts, nw,
-                    f"BLOCK_M={bm} warps={nw}", t))
+        for block_d in (BLOCK_D,) + (tuple(wide_heads) if not ieee else ()):
+            configs = [("cross_attention_lse_fwd", fwd, c) for c in cal.fwd_candidates(block_d, dtype)]
+            configs.append(("cross_attention_lse_bwd", bwd, cal.bwd_config(block_d, dtype)))
+            for name, fn, (bm, nw, maxnreg) in configs:
+                consts = {"POOL_PROBS": False, "HAS_MASK": False, "IEEE": ieee, "BLOCK_M": bm, "BLOCK_N": BLOCK_N,
+                          "BLOCK_D": block_d}
+                options = {"num_warps": nw, **({"maxnreg": maxnreg} if maxnreg else {})}
+                out.append((name, fn, _attention_signature(fn, t, name.endswith("bwd")), consts, options,
+                            _label(bm, nw, maxnreg), t))
         for bf, nw in er.candidates(ERROR_F):
             consts = {"PHASE": 1, "MSE": False, "NORMALIZE": True, "HAS_PER_T": True, "HAS_SCORES": False,
                       "BLOCK_F": bf}
-            out.append(("error_reduce", err, _error_signature(err, t), consts, nw,
+            out.append(("error_reduce", err, _error_signature(err, t), consts, {"num_warps": nw},
                         f"BLOCK_F={bf} warps={nw}", t))
     return out
 
 
-def quick_skips(case) -> bool:
-    name, dtype = case[0], case[-1]
-    return dtype == "fp16" or (name == "cross_attention_lse_bwd" and dtype == "fp32") or \
-        (name == "error_reduce" and dtype != "bf16")
+def quick_skips(case, cc: int = 90) -> bool:
+    """CI's subset: bf16 standing for fp16, no fp32 backward, fp32 forward for sm_90 only (a correctness
+    path on GPUs, 7-10 s of compile per tile), the error reduction in bf16 only, the head dim of SD
+    2.x/SDXL (64) only."""
+    name, consts, dtype = case[0], case[3], case[-1]
+    return dtype == "fp16" or (dtype == "fp32" and (name == "cross_attention_lse_bwd" or cc != 90)) or \
+        (name == "error_reduce" and dtype != "bf16") or consts.get("BLOCK_D", BLOCK_D) != BLOCK_D
 
 
 def cuobjdump() -> str:
@@ -142,11 +151,12 @@ def compile_case(case, cc: int, tool: str | None = None) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, fn, sig, consts, nw, label, dtype = case
+    name, fn, sig, consts, options, label, dtype = case
+    nw = options["num_warps"]
     tool = tool or cuobjdump()
     t0 = time.perf_counter()
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", cc, 32),
-                            options={"num_warps": nw})
+                            options=options)
     seconds = time.perf_counter() - t0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -163,7 +173,7 @@ def compile_case(case, cc: int, tool: str | None = None) -> Row:
     registers = fields.get("REG", 0)
     shared = max(int(kernel.metadata.shared), fields.get("SHARED", 0))  # dynamic (launch) or static
     mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "none")
-    return Row(name, label, dtype, f"sm_{cc}", registers, shared, fields.get("LOCAL", 0), mma,
+    return Row(name, label, dtype, f"sm_{cc}", consts.get("BLOCK_D", 0), registers, shared, fields.get("LOCAL", 0), mma,
                programs_per_sm(cc, registers, shared, nw), round(seconds, 1))
 
 
@@ -181,9 +191,9 @@ def problems(row: Row) -> list[str]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| kernel | config | dtype | target | registers | shared (B) | spills (B) | MMA | programs/SM | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.kernel} | {r.config} | {r.dtype} | {r.target} | {r.registers} | {r.shared_bytes} | {r.local_bytes} "
+    lines = ["| kernel | config | dtype | BLOCK_D | target | registers | shared (B) | spills (B) | MMA | programs/SM "
+             "| compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.kernel} | {r.config} | {r.dtype} | {r.head_dim_block or '-'} | {r.target} | {r.registers} | {r.shared_bytes} | {r.local_bytes} "
               f"| {r.mma} | {r.programs_per_sm} | {r.compile_s} |" for r in rows]
     return "\n".join(lines)
 
@@ -201,17 +211,19 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     p.add_argument("--quick", action="store_true", help="CI's subset: bf16 standing for both half types (the same code, "
-                   "the same registers in the full table), no fp32 backward (about 40 s of compile on a 2-core CPU)")
+                   "the same registers in the full table), head dim 64, fp32 forward for sm_90 only, no fp32 backward "
+                   "(about 50 s of compile for sm_90 and sm_80 on a 2-core CPU)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("TRITON_INTERPRET=1 makes @triton.jit kernels interpreted, which cannot be compiled: unset it")
     dtypes = [d for d, n in TYPES.items() if n in args.dtype]
     tool = cuobjdump()
     rows = []
-    print(f"Triton {triton.__version__}; shapes: 77 keys (BLOCK_N {BLOCK_N}), head dim 64 (BLOCK_D {BLOCK_D}), "
+    wide = "" if args.quick else " and SD 1.x's 80/160 (BLOCK_D 128/256, half precision)"
+    print(f"Triton {triton.__version__}; shapes: 77 keys (BLOCK_N {BLOCK_N}), head dim 64 (BLOCK_D {BLOCK_D}){wide}, "
           f"error rows of {ERROR_F} elements", flush=True)
     todo = [(cc, n) for cc in args.target for n, case in enumerate(cases(dtypes))
-            if not (args.quick and quick_skips(case))]
+            if not (args.quick and quick_skips(case, cc))]
     if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

@@ -144,6 +144,9 @@ def test_measuring_stages_run_on_the_cpu(tmp_path):
         assert want in names, sorted(names)
     by_name = {f["name"]: f["figures"] for f in got}
     assert by_name["kernels summary"]["failures"] == 0
+    tiles = by_name["cross_attention_lse forward per tile, SD 2.1 layer 2x64"]  # every autotune candidate timed
+    assert len([k for k in tiles if k.endswith("_ms")]) == 5 and all(
+        v > 0 for k, v in tiles.items() if k.endswith("_ms"))
     bwd = by_name["cross_attention_lse backward, SD 2.1 layer 2x64"]  # timed next to its floors
     assert bwd["fused_bwd_ms"] > 0 and bwd["bytes_floor_ms"] > 0 and bwd["flops_floor_ms"] > 0
     # the engine computes the reference's numbers on the rows both ran
