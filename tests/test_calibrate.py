@@ -5,6 +5,7 @@ with those weights, and fastitm calibrate end to end."""
 import dataclasses
 import json
 import math
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import fastitm
 from fastitm.cli import main
 from fastitm.evaluate import EvalReport, Item
-from fastitm.evaluate.calibrate import comparisons, fit_logistic, fit_weights
+from fastitm.evaluate.calibrate import beats_uniform, comparisons, fit_logistic, fit_weights
 
 TIMESTEPS = [50 + 100 * k for k in range(10)]
 SIGNAL = [2, 5, 6]  # timesteps 250, 550, 650: neither end of the range, so no exp(-rate t) shape fits them
@@ -56,6 +57,35 @@ def test_calibration_recovers_the_timesteps_with_signal():
     assert abs(acc - cal.after["accuracy"]) < 0.1
     with pytest.raises(ValueError, match="at least 10 labelled items"):
         fit_weights(items[:6], per_t[:6], TIMESTEPS)
+
+
+def test_beats_uniform_by_hand():
+    # 40 items: 12 turned right, 2 turned wrong: mean 0.25, sample sd sqrt((14 - 40 * 0.25^2) / 39), z = 2.91;
+    # 14 candidates tried: one-sided 0.05 / 14 -> z > 2.69
+    z = 0.25 / (math.sqrt((14 - 40 * 0.25**2) / 39) / math.sqrt(40))
+    assert 2.9 < z < 2.92 and 2.68 < NormalDist().inv_cdf(1 - 0.05 / 14) < 2.70
+    uniform = [0.0] * 40
+    assert beats_uniform([1.0] * 12 + [-1.0] * 2 + [0.0] * 26, uniform, 14)
+    # 10 right, 2 wrong: z = 2.45, enough alone (1.64) but not among 14 tried
+    assert not beats_uniform([1.0] * 10 + [-1.0] * 2 + [0.0] * 28, uniform, 14)
+    assert beats_uniform([1.0] * 10 + [-1.0] * 2 + [0.0] * 28, uniform, 1)
+    assert not beats_uniform([0.0] * 40, uniform, 1)
+
+
+def test_calibration_keeps_uniform_weights_on_noise():
+    # No timestep carries signal: any weighting that wins the cross-validation won by luck (without the
+    # test against uniform, the one-standard-error rule picked exp rate 4 on this draw)
+    g = torch.Generator().manual_seed(1)
+    items = [Item(id=str(i), kind="text", images=[], texts=[], label=0, tags={}) for i in range(150)]
+    per_t = []
+    for _ in items:
+        p = torch.randn(1, 2, 10, generator=g) * torch.linspace(0.5, 3, 10)
+        p[0, 0] += 0.05 * torch.randn(10, generator=g)
+        per_t.append(p)
+    cal = fit_weights(items, per_t, TIMESTEPS, folds=5)
+    assert cal.fitted["kind"] == "uniform" and set(cal.weights.values()) == {1.0}
+    assert cal.after == cal.before
+    assert not any(c["beats_uniform"] for c in cal.cv)
 
 
 def _jsonl(tmp_path, n):

@@ -14,9 +14,11 @@ once. What is fitted, and how it is judged:
   measured on the standardised differences (each timestep's divided by their root mean square, so a
   timestep's scale does not decide its penalty);
 - the choice: by ``folds``-fold cross-validation over items (every comparison of an item in the same
-  fold), the simplest candidate whose held-out task metric is within one standard error of the best
-  one's (uniform, then exp, then logistic from the strongest penalty: free weights only where the
-  data supports them beyond the noise of a few items);
+  fold), uniform weights unless a candidate's held-out gain over them is significant (a one-sided
+  paired test over items at level :data:`ALPHA`, Bonferroni-corrected for the candidates tried:
+  :func:`beats_uniform`); among those that are, the simplest whose held-out task metric is within
+  one standard error of the best one's (exp, then logistic from the strongest penalty): weights
+  move away from uniform only where the data supports it beyond the noise of a few items;
 - the figure reported: nested cross-validation (the choice and the fit redone inside each outer
   training part, judged on its held-out fold), so "after" is what the whole procedure gives on
   items it did not see, beside "before" (uniform) on the same items. The written weights are the
@@ -42,6 +44,7 @@ from .tasks import Item
 EXP_RATES = (1.0, -1.0, 2.0, -2.0, 4.0, -4.0, 7.0, 10.0, 15.0)  # nearest uniform first
 PENALTIES = (100.0, 10.0, 1.0, 0.1, 0.01)  # strongest (nearest uniform) first: the simpler fit
 MIN_ITEMS = 10
+ALPHA = 0.05  # non-uniform weights need a held-out gain over uniform significant at this level (Bonferroni)
 
 
 @dataclass
@@ -50,7 +53,8 @@ class Calibration:
     candidate was chosen (``kind``: uniform, exp or logistic, with its ``rate`` or ``penalty``);
     ``before`` / ``after``: the task's metrics on held-out folds (nested cross-validation) with
     uniform weights and with the procedure's weights; ``cv``: every candidate's cross-validated
-    metric on all the items; ``items``: how many were scored (their ids in ``item_ids``)."""
+    metric on all the items (``score``) and whether its gain over uniform is significant
+    (``beats_uniform``); ``items``: how many were scored (their ids in ``item_ids``)."""
 
     weights: dict[int, float]
     fitted: dict
@@ -91,8 +95,11 @@ class Calibration:
         for tag in self.before.get("by_tag", {}):
             b, a = self.before["by_tag"][tag], self.after["by_tag"][tag]
             lines.append(f"| {tag} ({b['items']} items) | {b[m]:.4f} | {a[m]:.4f} |")
-        lines += ["", "Cross-validated on all the items, per candidate:", "", f"| weights | {m} |", "|---|---|"]
-        lines += [f"| {describe_fit(c)} | {c['score']:.4f} |" for c in self.cv]
+        lines += ["", "Cross-validated on all the items, per candidate (significant: its gain over uniform, at level "
+                      f"{ALPHA:g} corrected for {len(self.cv) - 1} candidates):", "",
+                  f"| weights | {m} | significant |", "|---|---|---|"]
+        lines += [f"| {describe_fit(c)} | {c['score']:.4f} | {'yes' if c.get('beats_uniform') else '-'} |"
+                  for c in self.cv]
         lines += ["", "| timestep | weight |", "|---|---|"]
         lines += [f"| {t} | {w:.4g} |" for t, w in self.weights.items()]
         return "\n".join(lines) + "\n"
@@ -241,21 +248,43 @@ class _Data:
         return out
 
     def choose(self, among: Sequence[int], folds: _Folds) -> tuple[dict, list[dict]]:
-        """The simplest candidate (CANDIDATES' order) within one standard error of the best one's
-        cross-validated metric (the standard error of the paired per-item difference): a free fit
-        must beat the simpler weights by more than the noise of a few items."""
+        """Uniform weights unless some candidate beats them on the held-out folds by more than the noise
+        (:func:`beats_uniform`); among those that do, the simplest (CANDIDATES' order) within one
+        standard error of the best one's cross-validated metric (the standard error of the paired
+        per-item difference): a free fit must beat the simpler weights by more than the noise of a few
+        items."""
         cv = self.cross_validate(among, folds)
-        best = max(cv, key=lambda c: c["score"])
-        n = len(best["right"])
-        chosen = best
+        uniform = cv[0]
         for c in cv:
-            diff = torch.tensor(best["right"], dtype=torch.float64) - torch.tensor(c["right"], dtype=torch.float64)
-            se = float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
-            if c["score"] >= best["score"] - se:
+            c["beats_uniform"] = c is not uniform and beats_uniform(c["right"], uniform["right"], len(cv) - 1)
+        passing = [uniform] + [c for c in cv if c["beats_uniform"]]
+        best = max(passing, key=lambda c: c["score"])
+        chosen = best
+        for c in passing:
+            if c["score"] >= best["score"] - _paired_se(best["right"], c["right"]):
                 chosen = c
                 break
-        return ({k: v for k, v in chosen.items() if k not in ("score", "right")},
+        return ({k: v for k, v in chosen.items() if k not in ("score", "right", "beats_uniform")},
                 [{k: v for k, v in c.items() if k != "right"} for c in cv])
+
+
+def _paired_se(a: Sequence[float], b: Sequence[float]) -> float:
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+
+
+def beats_uniform(right: Sequence[float], uniform: Sequence[float], tried: int, alpha: float = ALPHA) -> bool:
+    """Whether a weighting's held-out per-item results ``right`` beat uniform weights' on the same items:
+    a one-sided paired z-test of the mean difference at level ``alpha``, Bonferroni-corrected for the
+    ``tried`` weightings compared with uniform. Why: with many candidates the best cross-validated one
+    beats uniform by luck alone on a small labelled part (a method near chance moved a few held-out
+    items either way), and a user should only get non-uniform weights when the data shows they help."""
+    from statistics import NormalDist
+
+    diff = torch.tensor(right, dtype=torch.float64) - torch.tensor(uniform, dtype=torch.float64)
+    mean = float(diff.mean())
+    se = _paired_se(right, uniform)
+    return mean > 0 and mean > NormalDist().inv_cdf(1 - alpha / max(1, tried)) * se
 
 
 def check_size(n: int, folds: int, got: str) -> None:
