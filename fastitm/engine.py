@@ -257,8 +257,12 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     requested = run.requested()
     state.live = requested.clone()
     by_image = opts.over == "texts"
-    # Races are the rows of these views ([races, candidates]); the transposes write through.
-    req, live_v = (requested, state.live) if by_image else (requested.T, state.live.T)
+
+    def races(x: torch.Tensor) -> torch.Tensor:
+        """[images, texts, ...] -> [races, candidates, ...]: a view (writes go through)."""
+        return x if by_image else x.transpose(0, 1)
+
+    req, live_v = races(requested), races(state.live)
     racing = req.sum(dim=1) > opts.keep  # races with something to decide
     start = 0
     for r, stop in enumerate(opts.looks(T) + [T]):
@@ -273,9 +277,8 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
         if stop == T:
             break
         seen = torch.tensor(order[:stop])
-        per_t = state.per_t.cpu() if by_image else state.per_t.cpu().transpose(0, 1)
-        done = state.done[:, : state.per_t.shape[1]].cpu()  # the text cells computed (not the empty prompt's)
-        done = done if by_image else done.transpose(0, 1)
+        per_t = races(state.per_t.cpu())
+        done = races(state.done[:, : state.per_t.shape[1]].cpu())  # the text cells computed (not the empty prompt's)
         w_seen = None if w_eval is None else w_eval[:stop]
         for g in racing.nonzero().flatten().tolist():
             cand = req[g].nonzero().flatten()
