@@ -340,7 +340,6 @@ def calibrate(task: str, data: str | Path, *, model: Any = None, method: str | N
     this plan's, so evaluate with the same ``timesteps`` and scheme).
     """
     from .runner import run
-    from .tasks import load_task
 
     if fraction is not None and limit is not None:
         raise ValueError("give fraction or limit, not both")
@@ -354,16 +353,19 @@ def calibrate(task: str, data: str | Path, *, model: Any = None, method: str | N
         out = Path(out)
         if out.is_dir() or not out.parent.is_dir():
             raise ValueError(f"out {out}: give a file path in an existing folder")
-    items = load_task(task, data, split)
-    n = len(items)
-    unlabelled = [i.id for i in items if i.label is None and i.kind != "group"]
-    if unlabelled:
-        raise ValueError(f"{task} items have no right answer (e.g. {unlabelled[0]}): calibration needs labelled items")
-    k = min(limit, n) if limit is not None else min(n, max(MIN_ITEMS, math.ceil((fraction or 0.05) * n)))
-    check_size(k, folds, f"{task} at {data} gives {k} (of {n})")  # before any scoring
-    select = sorted(random.Random(sample_seed).sample(range(n), k))
+    def sample(items: list[Item]) -> list[int]:
+        # Called by run on the task's items once they are read, before any model or scoring.
+        n = len(items)
+        unlabelled = [i.id for i in items if i.label is None and i.kind != "group"]
+        if unlabelled:
+            raise ValueError(f"{task} items have no right answer (e.g. {unlabelled[0]}): calibration needs "
+                             "labelled items")
+        k = min(limit, n) if limit is not None else min(n, max(MIN_ITEMS, math.ceil((fraction or 0.05) * n)))
+        check_size(k, folds, f"{task} at {data} gives {k} (of {n})")
+        return sorted(random.Random(sample_seed).sample(range(n), k))
+
     report = run(task, data, model=model, method=method, timesteps=timesteps, seed=seed, split=split,
-                 select=select, progress=progress, **options)
+                 select=sample, progress=progress, **options)
     items, per_t = report.per_timestep_scores()
     cal = fit_weights(items, per_t, report.plan["timesteps"], num_train=report.model["num_train_timesteps"],
                       folds=folds, seed=sample_seed)

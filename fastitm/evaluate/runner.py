@@ -326,8 +326,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     full report (each item exactly once). ``checkpoint``: a file (per rank: ``<file>.rank<r>-of-<n>``)
     where finished items are saved every ``checkpoint_every`` seconds, on errors and on Ctrl-C;
     rerunning resumes with only the missing items. ``limit``: score only the first N items;
-    ``select``: only these items (indices into the task's item list, after ``limit``; what
-    :func:`fastitm.evaluate.calibrate` scores).
+    ``select``: only these items (indices into the task's item list, after ``limit``), or a function
+    of that list returning them (how :func:`fastitm.evaluate.calibrate` draws its sample without
+    reading the task twice).
     ``skip_bad``: an unreadable image skips its item (listed in ``report.skipped``) instead of
     stopping the run.
 
@@ -381,6 +382,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     items = load_task(task, data, split)
     if limit:
         items = items[:limit]
+    if callable(select):
+        select = select(items)
     if select is not None:
         select = sorted({int(n) for n in select})
         if not select or select[0] < 0 or select[-1] >= len(items):
