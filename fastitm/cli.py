@@ -170,14 +170,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from . import distributed as dist
-    from .racing import RaceOptions
-
+def _run_options(args: argparse.Namespace) -> dict:
+    """The scoring options ``fastitm eval`` and ``fastitm calibrate`` pass on to the runner: ``--option``
+    pairs and the plan and preset flags given."""
     options = dict(args.option or [])
     for name in ("preset", "resize", "latent", "scheme", "noise"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    return options
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import distributed as dist
+    from .racing import RaceOptions
+
+    options = _run_options(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for report.json, report.md and the plot")
@@ -248,10 +255,7 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .evaluate.calibrate import calibrate
 
-    options = dict(args.option or [])
-    for name in ("preset", "resize", "latent", "scheme", "noise"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
+    options = _run_options(args)
     if args.adaptive or args.weights is not None:
         raise ValueError("calibrate scores every timestep of every candidate and fits the weights itself: "
                          "--adaptive and --weights do not apply")
