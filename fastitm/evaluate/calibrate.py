@@ -220,9 +220,6 @@ class _Data:
     def matrices(self, idx: Sequence[int], w: torch.Tensor | None) -> list[torch.Tensor]:
         return [weighted_mean(self.per_t[i], w) for i in idx]
 
-    def score(self, idx: Sequence[int], w: torch.Tensor | None) -> float:
-        return headline(task_metrics([self.items[i] for i in idx], self.matrices(idx, w)))[self.metric]
-
     def weights(self, fit: dict, train: Sequence[int]) -> torch.Tensor | None:
         return candidate_weights(fit, self.rows_of(train), self.timesteps, self.num_train)
 
@@ -261,16 +258,17 @@ class _Data:
         best = max(passing, key=lambda c: c["score"])
         chosen = best
         for c in passing:
-            if c["score"] >= best["score"] - _paired_se(best["right"], c["right"]):
+            if c["score"] >= best["score"] - _paired(best["right"], c["right"])[1]:
                 chosen = c
                 break
         return ({k: v for k, v in chosen.items() if k not in ("score", "right", "beats_uniform")},
                 [{k: v for k, v in c.items() if k != "right"} for c in cv])
 
 
-def _paired_se(a: Sequence[float], b: Sequence[float]) -> float:
+def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """The mean of the per-item differences a - b and its standard error."""
     diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    return float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return float(diff.mean()), float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
 
 
 def beats_uniform(right: Sequence[float], uniform: Sequence[float], tried: int, alpha: float = ALPHA) -> bool:
@@ -281,9 +279,7 @@ def beats_uniform(right: Sequence[float], uniform: Sequence[float], tried: int, 
     items either way), and a user should only get non-uniform weights when the data shows they help."""
     from statistics import NormalDist
 
-    diff = torch.tensor(right, dtype=torch.float64) - torch.tensor(uniform, dtype=torch.float64)
-    mean = float(diff.mean())
-    se = _paired_se(right, uniform)
+    mean, se = _paired(right, uniform)
     return mean > 0 and mean > NormalDist().inv_cdf(1 - alpha / max(1, tried)) * se
 
 
