@@ -463,22 +463,18 @@ def forward_tiles(ctx: Ctx, q, k, v) -> dict:
     inputs, beside the autotuner's choice: what the register caps buy (four or five programs per SM
     instead of two under Triton 3.6, no spill) against the instruction-level parallelism ptxas gives up.
     On the CPU (--smoke) the same launches run under the interpreter, once each."""
-    import triton
-
     from fastitm.kernels import _tuning
     from fastitm.kernels import cross_attention_lse as cal
 
-    block_n = max(16, triton.next_power_of_2(k.shape[2]))
-    block_d = max(16, triton.next_power_of_2(q.shape[3]))
+    block_n, block_d = cal.blocks(k.shape[2], q.shape[3])
     scale = q.shape[3] ** -0.5
     figs = {}
     for c in cal.fwd_candidates(block_d, q.dtype):
         fn = lambda c=c: cal._launch_fwd(q, k, v, scale, "logits", 1.0, None, block_n, block_d, *c)  # noqa: E731
         ms = event_ms(ctx, fn, rounds=1 if ctx.smoke else 20, warmup=0 if ctx.smoke else 3)
         figs[f"BLOCK_M={c[0]} warps={c[1]} maxnreg={c[2]}_ms"] = round(ms, 4)
-    picked = [cfg for key, cfg in _tuning.chosen().items() if key[0] == "cross_attention_lse_fwd"
-              and key[1] == triton.next_power_of_2(q.shape[2]) and key[2:5] == (block_n, block_d, q.dtype)]
-    figs["autotuner_picked"] = [list(p) for p in picked]
+    picked = _tuning.chosen().get(cal.fwd_tuning_key(q, k, "logits", False))  # the fused op's call above
+    figs["autotuner_picked"] = None if picked is None else list(picked)
     figs["default"] = list(cal.fwd_default(block_d, q.dtype))
     return figs
 

@@ -110,21 +110,28 @@ def cross_attention_lse_fwd(
     Inputs were checked by ``fastitm.ops.cross_attention_lse``; blocks are powers of two >= 16 so
     ``tl.dot`` is valid on a GPU, with masks on every ragged edge.
     """
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    block_n = max(16, triton.next_power_of_2(Lk))
-    block_d = max(16, triton.next_power_of_2(D))
+    block_n, block_d = blocks(k.shape[2], q.shape[3])
     config = fwd_default(block_d, q.dtype)
     if block_m is not None:
         config = (block_m,) + config[1:]
     elif _tuning.enabled(q.device):
-        key = ("cross_attention_lse_fwd", triton.next_power_of_2(Lq), block_n, block_d, q.dtype, pool,
-               key_mask is not None)
+        key = fwd_tuning_key(q, k, pool, key_mask is not None)
         config = _tuning.pick(key, fwd_candidates(block_d, q.dtype), lambda c: _launch_fwd(
             q, k, v, scale, pool, lam, key_mask, block_n, block_d, *c))
     elif q.device.type == "cpu":
         config = (64,) + config[1:]  # the interpreter: one row block size for every dtype
     return _launch_fwd(q, k, v, scale, pool, lam, key_mask, block_n, block_d, *config)
+
+
+def blocks(Lk: int, D: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D) for Lk keys of head dim D: powers of two >= 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(Lk)), max(16, triton.next_power_of_2(D))
+
+
+def fwd_tuning_key(q: torch.Tensor, k: torch.Tensor, pool: str, masked: bool) -> tuple:
+    """The forward autotuner's cache key (:mod:`._tuning`): the tile's shape class, dtype and variant."""
+    return ("cross_attention_lse_fwd", triton.next_power_of_2(q.shape[2]), *blocks(k.shape[2], q.shape[3]),
+            q.dtype, pool, masked)
 
 
 def fwd_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int | None]]:
@@ -311,8 +318,7 @@ def cross_attention_lse_bwd(
     -> (dq, dk, dv) in the inputs' dtypes. dK and dV partials per row block are float32, reduced here."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    block_n = max(16, triton.next_power_of_2(Lk))
-    block_d = max(16, triton.next_power_of_2(D))
+    block_n, block_d = blocks(Lk, D)
     config_m, num_warps, maxnreg = bwd_config(block_d, q.dtype)
     if block_m is None:
         block_m = 64 if q.device.type == "cpu" else config_m
