@@ -533,7 +533,7 @@ def stage_fused_ops(ctx: Ctx) -> None:
             # each (the kernel does a sixth, recomputing O for delta).
             d_out = torch.randn_like(q)
             d_pool = torch.ones(batch, heads, device=ctx.device)
-            bwd = lambda q=q, k=k, v=v: cross_attention_lse_backward(  # noqa: E731
+            bwd = lambda q=q, k=k, v=v, d_out=d_out, d_pool=d_pool, scale=scale: cross_attention_lse_backward(  # noqa: E731
                 q, k, v, d_out, d_pool, scale, "logits", 1.0, None, backend)
             bwd()
             bf = {"fused_bwd_ms": round(event_ms(ctx, bwd, rounds=3 if ctx.smoke else 20), 4)}
