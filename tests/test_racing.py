@@ -352,9 +352,12 @@ def test_weighted_racing_decides_on_the_weighted_means():
     opts = RaceOptions(alpha=0.05)
     assert simulate(per_t, opts, w=w).choice == 0 and simulate(per_t, opts).choice == 1
     race = simulate(per_t, opts, w=w)
-    want = [(per_t[k, :T].double() * w).sum() / w.sum() for k in range(2)]  # where both ran to the end
-    if race.stopped == T:
-        assert race.means.tolist() == pytest.approx([float(x) for x in want], rel=1e-12)
+    # each candidate's mean: weighted over the timesteps it ran (the first of the spread order)
+    order = spread_order(T)
+    for k in range(2):
+        ran = order[: int(race.timesteps[k])]
+        want = float((per_t[k, ran] * w[ran]).sum() / w[ran].sum())
+        assert race.means[k].item() == pytest.approx(want, rel=1e-12)
 
 
 def test_engine_races_on_weighted_scores_as_the_simulation_decides(tiny):
