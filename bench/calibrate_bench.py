@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     import fastitm
     from fastitm import data
     from fastitm.evaluate import calibrate, run
+    from fastitm.evaluate.calibrate import describe_fit
 
     model = fastitm.load_model()
     folder = Path(tempfile.mkdtemp(prefix="fastitm-calibrate-"))
@@ -85,8 +86,7 @@ def main(argv=None) -> int:
                 "fitted": accuracies(uniform.reweight(folder / f"weights_{method}.json")),
                 **{f"exp {r}": accuracies(uniform.reweight({"kind": "exp", "rate": r})) for r in EXP_RATES}}
         out["methods"][method] = {
-            "fitted": cal.fitted["kind"] + (f" rate {cal.fitted['rate']}" if "rate" in cal.fitted else "")
-                      + (f" penalty {cal.fitted['penalty']}" if "penalty" in cal.fitted else ""),
+            "fitted": describe_fit(cal.fitted),
             "weights": {t: round(w, 3) for t, w in cal.weights.items()},
             "calibration_nested_cv": {"before": round(cal.before["accuracy"], 4),
                                       "after": round(cal.after["accuracy"], 4)},
