@@ -44,11 +44,13 @@ class LSEPoolingAttnProcessor:
                  backend: str = "auto", key_mask: torch.Tensor | None = None) -> None:
         self.name, self.sink, self.pool, self.lam, self.backend = name, sink, pool, lam, backend
         self.key_mask = key_mask
-
-    @torch.compiler.disable
-    def _fused(self, q, k, v, scale):
         # Outside torch.compile's graph: the op hands raw pointers to C++ or launches Triton, and the
-        # sink is Python state; the rest of the denoiser compiles around this call.
+        # sink is Python state; the rest of the denoiser compiles around this call. Wrapped here rather
+        # than by a decorator: torch.compiler.disable imports torch._dynamo (2-3 s), which `import
+        # fastitm` would otherwise pay in every process, scoring or not.
+        self._fused = torch.compiler.disable(self._fused_eager)
+
+    def _fused_eager(self, q, k, v, scale):
         out, pooled = cross_attention_lse(q, k, v, scale=scale, pool=self.pool, lam=self.lam, key_mask=self.key_mask,
                                           backend=self.backend)
         self.sink.add(self.name, pooled / q.shape[2])
