@@ -33,16 +33,6 @@ def _env():
     return env
 
 
-def _eval(args, nproc, out):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = launcher + ["-m", "fastitm", "eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--out", str(out),
-                      "--no-progress", *args]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "report.json").read_text())
-
-
 def test_shards_cover_every_item_once():
     for n in (0, 1, 5, 7, 16):
         for ranks in (1, 2, 3, 4):
@@ -82,36 +72,84 @@ fastitm.score = score
 sys.exit(cli.main(sys.argv[1:]))
 """
 
+# Several runs in one launch of two ranks (a launch costs two interpreters' start, ~15 s here): each
+# `fastitm eval` of argv[2] (a JSON list of argument lists) in turn, then fastitm.score and the
+# torchmetrics Metric with distributed=True, saved by rank 0 to argv[1].
+RANKS = """
+import json, sys, torch, torch.distributed as dist, fastitm
+from fastitm import cli
+for args in json.loads(sys.argv[2]):
+    if cli.main(args) != 0:
+        sys.exit(f"fastitm {' '.join(args)} failed")
+model = fastitm.testing.tiny_model(seed=0)
+imgs = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+res = fastitm.score(imgs, ["a red circle", "a cat", "green"], model=model, timesteps=3, latent="sample_per_timestep",
+                    distributed=True, batch_size=4)
+# The torchmetrics Metric: each rank scores its own pairs (one per update); compute() reduces across ranks.
+from fastitm.scorer import DiffusionScore
+metric = DiffusionScore(model, timesteps=2, seed=0)
+texts = ["a red circle", "a cat", "green", "a blue square"]
+for i in range(dist.get_rank(), 4, 2):
+    metric.update(imgs[i : i + 1], texts[i : i + 1])
+mean = metric.compute()
+if dist.get_rank() == 0:
+    torch.save({"matrix": res.matrix, "per_t": res.per_timestep, "ranks": res.stats["ranks"], "metric": mean},
+               sys.argv[1])
+dist.destroy_process_group()
+"""
 
-def test_two_gloo_processes_give_the_one_process_report_bit_for_bit(jsonl, tmp_path):
-    # Items of 12 rows, batches of 12, calls of 2 batches: windows of 2 items ([0, 1], [2, 3], [4, 5], [6]);
-    # the ranks get whole windows (items 0-3 and 4-6), so every call is the one a single process makes.
-    calls = ["--data", str(jsonl), "--batch-size", "12", "--stream", "2"]
-    one = _eval_here(calls, tmp_path / "one")
-    # Rank 1 is sent SIGTERM at its second window: it saves its first window and exits; rank 0 keeps its
-    # own finished windows; rerunning the command computes only what is missing.
-    ckpt = tmp_path / "ck.pt"
-    script = tmp_path / "kill_rank1.py"
-    script.write_text(KILL_RANK1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--out", str(tmp_path / "killed"), "--no-progress",
-           *calls, "--checkpoint", str(ckpt)]
-    killed = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+# Items of 12 rows, batches of 12, calls of 2 batches: windows of 2 items ([0, 1], [2, 3], [4, 5], [6]);
+# the ranks get whole windows (items 0-3 and 4-6), so every call is the one a single process makes.
+CALLS = ["--batch-size", "12", "--stream", "2"]
+RACE = ["--timesteps", "6", "--adaptive", "min_timesteps=2,round_size=2,alpha=0.2"]
+
+
+def _torchrun(args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(jsonl, tmp_path_factory):
+    """The 2-rank runs, in two launches: `fastitm eval` with rank 1 sent SIGTERM at its second window
+    (it saves its first window and exits; rank 0 keeps its own finished windows), then in one launch
+    the same command rerun from the checkpoints, a racing eval, and the RANKS scoring. Returns the
+    folder, the checkpoint shards each rank held after the kill, and the killed launch."""
+    root = tmp_path_factory.mktemp("ranks")
+    ckpt = root / "ck.pt"
+
+    def shard(r):
+        path = root / f"ck.pt.rank{r}-of-2"
+        return sorted(torch.load(path, weights_only=False)["done"]) if path.exists() else None
+
+    data = ["--data", str(jsonl), *CALLS]
+    common = ["eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--no-progress", *data]
+    (root / "kill_rank1.py").write_text(KILL_RANK1)
+    killed = _torchrun([str(root / "kill_rank1.py"), *common, "--out", str(root / "killed"), "--checkpoint", str(ckpt)])
+    after_kill = [shard(0), shard(1)]
+    (root / "ranks.py").write_text(RANKS)
+    evals = [[*common, "--out", str(root / "two"), "--checkpoint", str(ckpt)], [*common, *RACE, "--out", str(root / "two_r")]]
+    done = _torchrun([str(root / "ranks.py"), str(root / "res.pt"), json.dumps(evals)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, after_kill, [shard(0), shard(1)], killed
+
+
+def test_two_gloo_processes_give_the_one_process_report_bit_for_bit(jsonl, two_ranks, tmp_path):
+    root, after_kill, after_rerun, killed = two_ranks
+    one = _eval_here(["--data", str(jsonl), *CALLS], tmp_path / "one")
     assert killed.returncode != 0 and "stopped by SIGTERM" in killed.stderr, killed.stderr[-3000:]
-    shard = lambda r: sorted(torch.load(tmp_path / f"ck.pt.rank{r}-of-2", weights_only=False)["done"])  # noqa: E731
-    assert shard(1) == [4, 5]  # the first window of rank 1's shard (4-6), saved on SIGTERM
-    two = _eval([*calls, "--checkpoint", str(ckpt)], 2, tmp_path / "two")
+    assert after_kill[1] == [4, 5]  # the first window of rank 1's shard (4-6), saved on SIGTERM
+    two = json.loads((root / "two" / "report.json").read_text())
     assert two["stats"]["ranks"] == 2 and one["stats"]["ranks"] == 1
     for key in ("metrics", "items", "accuracy_vs_timesteps", "plan"):
         assert two[key] == one[key], key  # the same floats, each item once
     # Each rank kept its own checkpoint of its own shard (4 + 3 of 7 items).
-    assert shard(0) == [0, 1, 2, 3] and shard(1) == [4, 5, 6]
+    assert after_rerun == [[0, 1, 2, 3], [4, 5, 6]]
     assert two["stats"]["engine_calls"] < one["stats"]["engine_calls"] == 4  # the resumed run: only the rest
     # Racing on 2 ranks: each rank races its own windows; the decisions and scores are those of one
     # process (a rerun of the first command from the checkpoints is checked in one process below).
-    race = [*calls, "--timesteps", "6", "--adaptive", "min_timesteps=2,round_size=2,alpha=0.2"]
-    one_r = _eval_here(race, tmp_path / "one_r")
-    two_r = _eval(race, 2, tmp_path / "two_r")
+    one_r = _eval_here(["--data", str(jsonl), *CALLS, *RACE], tmp_path / "one_r")
+    two_r = json.loads((root / "two_r" / "report.json").read_text())
     assert one_r["items"] == two_r["items"] and one_r["metrics"] == two_r["metrics"]
     rows = [it["rows"] for it in one_r["items"]]
     assert min(rows) < max(rows) <= 4 * 6  # some item stopped early, none ran past the plan
@@ -163,34 +201,8 @@ def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch, h
         runner.run("jsonl", jsonl, model=tiny, timesteps=2, checkpoint=ckpt)
 
 
-SCORE_SCRIPT = """
-import sys, torch, torch.distributed as dist, fastitm
-dist.init_process_group("gloo")
-model = fastitm.testing.tiny_model(seed=0)
-imgs = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-res = fastitm.score(imgs, ["a red circle", "a cat", "green"], model=model, timesteps=3, latent="sample_per_timestep",
-                    distributed=True, batch_size=4)
-# The torchmetrics Metric: each rank scores its own pairs (one per update); compute() reduces across ranks.
-from fastitm.scorer import DiffusionScore
-metric = DiffusionScore(model, timesteps=2, seed=0)
-texts = ["a red circle", "a cat", "green", "a blue square"]
-for i in range(dist.get_rank(), 4, 2):
-    metric.update(imgs[i : i + 1], texts[i : i + 1])
-mean = metric.compute()
-if dist.get_rank() == 0:
-    torch.save({"matrix": res.matrix, "per_t": res.per_timestep, "ranks": res.stats["ranks"], "metric": mean},
-               sys.argv[1])
-dist.destroy_process_group()
-"""
-
-
-def test_score_distributed_equals_one_process(tmp_path):
-    script = tmp_path / "score.py"
-    script.write_text(SCORE_SCRIPT)
-    out = tmp_path / "res.pt"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(out)], env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_score_distributed_equals_one_process(two_ranks):
+    out = two_ranks[0] / "res.pt"
     got = torch.load(out)
     model = fastitm.testing.tiny_model(seed=0)
     imgs = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
