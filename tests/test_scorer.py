@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastitm
+from fastitm.testing import assert_close
 
 IMGS = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
 TEXTS = ["a red circle", "a cat", "green"]
@@ -19,7 +20,9 @@ def test_scorer_is_a_module_that_scores_as_score(tiny):
     want = fastitm.score(IMGS, TEXTS, model=tiny, method="discffusion", timesteps=2, seed=3, denoise=True)
     assert torch.equal(scorer(IMGS, TEXTS), want.matrix)
     res = scorer.score(IMGS, TEXTS, pairs=torch.eye(3, dtype=torch.bool))
-    assert torch.equal(res.matrix.diagonal(), want.matrix.diagonal()) and res.matrix[0, 1].isnan()
+    # the same pairs in smaller batches: equal to fp32 rounding (a GEMM's blocking follows its batch size)
+    assert_close(res.matrix.diagonal(), want.matrix.diagonal(), rtol=1e-5, atol=2e-5)
+    assert res.matrix[0, 1].isnan()
     assert "method='discffusion'" in repr(scorer)
     with pytest.raises(ValueError, match="unknown method"):
         fastitm.Scorer(tiny, method="clip")
