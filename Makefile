@@ -32,8 +32,11 @@ $(TRITON_GPU_DIR)/.installed: $(STAMP)
 	$(PY) -m pip install -q --no-deps --no-compile --target $(TRITON_GPU_DIR) "triton==$(TRITON_GPU_VERSION)" \
 		&& touch $@ || echo "triton $(TRITON_GPU_VERSION) could not be installed: its compile check will skip"
 
+# One pytest-xdist worker per core (at most TEST_JOBS), each test file on one worker (its module
+# fixtures built once); the workers split the cores' threads between them (conftest.py).
+TEST_JOBS ?= 4
 test: $(STAMP) $(TRITON_GPU_DIR)/.installed
-	FASTITM_TRITON_GPU=$(TRITON_GPU_DIR) $(PY) -m pytest -q tests
+	FASTITM_TRITON_GPU=$(TRITON_GPU_DIR) $(PY) -m pytest -q -n auto --maxprocesses $(TEST_JOBS) --dist loadfile tests
 
 # A normal (non-editable) install from a wheel, into a fresh environment, used from outside the
 # source tree: what a user of `pip install fastitm` gets (package data, the embedded model, the native

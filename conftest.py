@@ -21,6 +21,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist (`make test` runs one worker per core, at most four) each worker gets its share of
+# the cores: workers with a thread per core each would slow one another many times over.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _cores // _workers))
+
 
 def _interpreter_bf16_dot():
     """Make the interpreter's ``tl.dot`` multiply bfloat16 operands by value.
