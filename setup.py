@@ -6,6 +6,7 @@ install warns and goes on, and fastitm runs on its pure-PyTorch paths. Set FASTI
 skip the build.
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -48,7 +49,11 @@ class CMakeBuild(build_ext):
         except ImportError:
             raise RuntimeError("pybind11 not installed (`pip install pybind11`)") from None
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # One CMake tree per interpreter in the source's build/, whatever the build's temporary folder:
+        # an editable install and a wheel built from the same checkout (`make wheel-check` does both)
+        # then compile the sources once, and the second only links into its own output folder.
+        tag = hashlib.sha1(sys.executable.encode()).hexdigest()[:10]
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = [
             cmake, "-S", str(ROOT), "-B", str(build_dir),
