@@ -423,9 +423,28 @@ def stage_headline(ctx: Ctx) -> None:
                 "score_scale": float(ref.matrix.abs().max()),
                 "conditions": f"1 image x 2 texts x {T} timesteps, same plan"})
 
+    def encoders():
+        # What the engine runs beyond the bare loop's denoiser calls, timed alone (issue 19's "where
+        # does the engine's extra time go" on the GPU): the VAE encode of the images (in the VAE's own
+        # dtype: fp32 where its config forces the upcast) and the texts plus the empty prompt.
+        from fastitm.common import encode_conditioning, encode_images
+        from fastitm.inputs import prepare_images
+
+        pixels = prepare_images(imgs, model.resolution, "squash")
+        fns = {"vae_encode": lambda: encode_images(model, pixels, plan),
+               "text_encode": lambda: encode_conditioning(model, texts, empty=True)}
+        med = {name: statistics.median(timed(ctx, fn, rounds=rounds, warmup=1)) for name, fn in fns.items()}
+        ctx.record("encoders alone", {
+            **{f"{name}_s": round(v, 4) for name, v in med.items()}, "vae_dtype": str(model.vae.dtype),
+            "conditions": f"the headline's {n_img} images and {n_txt} texts + the empty prompt, median of {rounds}; "
+                          "the engine's time minus the bare loop's at the same batch size, less these two, is the "
+                          "engine's own (noising, error reduction, Python and host syncs per batch)"})
+
     for n, bs in enumerate(sizes):
         if ctx.fits(25, f"engine vs bare loop at batch {bs}"):
             engine_vs_bare(bs, imgs, "")
+        if n == 0 and ctx.fits(5, "encoders alone"):
+            encoders()
         if n == min(1, len(sizes) - 1):  # after the two likely best batch sizes
             baselines()
     os.environ["FASTITM_CUDA_GRAPHS"] = "1"

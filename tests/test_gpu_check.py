@@ -147,6 +147,8 @@ def test_measuring_stages_run_on_the_cpu(tmp_path):
     tiles = by_name["cross_attention_lse forward per tile, SD 2.1 layer 2x64"]  # every autotune candidate timed
     assert len([k for k in tiles if k.endswith("_ms")]) == 5 and all(
         v > 0 for k, v in tiles.items() if k.endswith("_ms"))
+    enc = by_name["encoders alone"]  # the engine's extra time over the bare loop, split
+    assert enc["vae_encode_s"] > 0 and enc["text_encode_s"] > 0 and enc["vae_dtype"] == "torch.float32"
     bwd = by_name["cross_attention_lse backward, SD 2.1 layer 2x64"]  # timed next to its floors
     assert bwd["fused_bwd_ms"] > 0 and bwd["bytes_floor_ms"] > 0 and bwd["flops_floor_ms"] > 0
     # the engine computes the reference's numbers on the rows both ran
