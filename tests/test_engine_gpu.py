@@ -55,3 +55,32 @@ def test_cuda_graphs_for_every_family(monkeypatch, family, method):
     assert_close(graphed.matrix, eager.matrix, rtol=1e-5, atol=2e-5)
     ref = fastitm.reference.score(imgs, TEXTS, model=model, method=method, plan=graphed.plan)
     assert_close(graphed.matrix, ref.matrix, rtol=1e-4, atol=1e-4)
+
+
+def test_the_batch_loop_never_waits_for_the_gpu(tiny_cuda, monkeypatch):
+    """From the second denoiser batch to the end of the loop no host sync happens (torch's sync debug
+    mode makes one an error): the CPU queues each batch while the GPU still runs the previous one."""
+    from fastitm import engine
+
+    calls, real_call, real_result = [0], engine.UNetRunner.__call__, engine._result
+
+    def call(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:  # the first batch may sync: first-use self-checks, the schedule moved to the GPU
+            torch.cuda.set_sync_debug_mode("error")
+        return real_call(self, *a, **k)
+
+    def result(*a, **k):  # the loop is over: reading the scores back syncs, as it must
+        torch.cuda.set_sync_debug_mode(0)
+        return real_result(*a, **k)
+
+    monkeypatch.setattr(engine.UNetRunner, "__call__", call)
+    monkeypatch.setattr(engine, "_result", result)
+    monkeypatch.setenv("FASTITM_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("FASTITM_AUTOTUNE", "0")  # the autotuner's timing syncs, once per shape
+    imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    try:
+        res = fastitm.score(imgs, TEXTS, model=tiny_cuda, timesteps=4, seed=1, batch_size=7, progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert calls[0] == res.stats["batches"] > 2
