@@ -453,11 +453,13 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
                     error_reduce(pred.flatten(1), tgt, row_target, i, j, k, state.uncond, per_t=state.per_t,
                                  err=spec.err, normalize=spec.needs_uncond, backend=backend)
                 if pooled is not None:
+                    # Every row adds into a cell, the other kind of row adding an exact zero: selecting
+                    # rows by a mask would make the CPU wait for the GPU to count them.
                     text_rows = j >= 0
-                    state.per_t[i[text_rows], j[text_rows], k[text_rows]] += text_weight * pooled[text_rows]
-                    if spec.mix_uncond:
-                        empty_rows = ~text_rows
-                        state.attn_uncond[i[empty_rows], k[empty_rows]] = pooled[empty_rows]
+                    state.per_t.index_put_((i, j.clamp(min=0), k), torch.where(text_rows, text_weight * pooled, 0.0),
+                                           accumulate=True)
+                    if spec.mix_uncond:  # each cell's empty-prompt row runs once: adding to its 0 sets it
+                        state.attn_uncond.index_put_((i, k), torch.where(text_rows, 0.0, pooled), accumulate=True)
                 state.done[cells(rc)] = True
                 computed += len(r)
                 batches += 1

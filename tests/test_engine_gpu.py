@@ -57,7 +57,8 @@ def test_cuda_graphs_for_every_family(monkeypatch, family, method):
     assert_close(graphed.matrix, ref.matrix, rtol=1e-4, atol=1e-4)
 
 
-def test_the_batch_loop_never_waits_for_the_gpu(tiny_cuda, monkeypatch):
+@pytest.mark.parametrize("method,opts", [CONFIGS[0], CONFIGS[4]])  # the error path; the pooled and mixed terms
+def test_the_batch_loop_never_waits_for_the_gpu(tiny_cuda, monkeypatch, method, opts):
     """From the second denoiser batch to the end of the loop no host sync happens (torch's sync debug
     mode makes one an error): the CPU queues each batch while the GPU still runs the previous one."""
     from fastitm import engine
@@ -80,7 +81,8 @@ def test_the_batch_loop_never_waits_for_the_gpu(tiny_cuda, monkeypatch):
     monkeypatch.setenv("FASTITM_AUTOTUNE", "0")  # the autotuner's timing syncs, once per shape
     imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     try:
-        res = fastitm.score(imgs, TEXTS, model=tiny_cuda, timesteps=4, seed=1, batch_size=7, progress=False)
+        res = fastitm.score(imgs, TEXTS, model=tiny_cuda, method=method, timesteps=4, seed=1, batch_size=7,
+                            progress=False, **opts)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert calls[0] == res.stats["batches"] > 2
