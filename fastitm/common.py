@@ -241,6 +241,15 @@ def encode_images(model, pixels: torch.Tensor, plan: Plan, first_index: int = 0)
     return scale_latents(model, z)
 
 
+def to_device(x: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU tensor on ``device`` (in ``dtype``). To a GPU through pinned memory, without blocking: a
+    copy from pageable memory synchronizes the stream, so the CPU would wait for all the GPU work it
+    queued (the engine's previous batch) before preparing the next."""
+    if torch.device(device).type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x.to(device=device, dtype=dtype)
+
+
 def timestep_latents(model, mean: torch.Tensor, std: torch.Tensor, plan: Plan, images: torch.Tensor,
                      ks: torch.Tensor) -> torch.Tensor:
     """``latent="sample_per_timestep"``: the scaled posterior sample of each row's (image, timestep
@@ -248,8 +257,9 @@ def timestep_latents(model, mean: torch.Tensor, std: torch.Tensor, plan: Plan, i
     generator seeded :func:`fastitm.plan.cell_seed` (plan.seed, image, k)."""
     eps = torch.stack([
         torch.randn(mean.shape[1:], generator=torch.Generator("cpu").manual_seed(cell_seed(plan.seed, int(i), int(k))))
-        for i, k in zip(images.tolist(), ks.tolist())
-    ]).to(mean.device, mean.dtype)
+        for i, k in zip(images.tolist(), ks.tolist(), strict=True)
+    ])
+    eps = to_device(eps, mean.device, mean.dtype)
     return scale_latents(model, mean + std * eps)
 
 

@@ -37,6 +37,7 @@ from .common import (
     progress_disabled,
     target,
     timestep_latents,
+    to_device,
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
 from .families import take_cond
@@ -364,15 +365,6 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
         return _score(run, state, ran, bs, progress, ckpt, key, resumed, checkpoint_every)
 
 
-def _rows_to(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch's [n, 3] row indices on the device. To a GPU through pinned memory without blocking: a
-    copy from pageable memory synchronizes the stream, so each batch would wait for the previous one
-    to finish before Python prepares it, leaving the GPU idle meanwhile."""
-    if device.type != "cuda":
-        return rows.to(device)
-    return rows.pin_memory().to(device, non_blocking=True)
-
-
 def check_checkpoint_path(ckpt: Path) -> None:
     """Refuse, before any work, a checkpoint path that cannot be written."""
     if ckpt.is_dir():
@@ -432,7 +424,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
 
         for stage in _stages(run, state):
             for rc in pack(todo(stage), bs):
-                r = _rows_to(rc, device)
+                r = to_device(rc, device)  # without waiting for the previous batch
                 i, j, k = r[:, 0], r[:, 1], r[:, 2]
                 t = timesteps[k]
                 nk = noise[k]
