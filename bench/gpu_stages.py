@@ -426,7 +426,8 @@ def stage_headline(ctx: Ctx) -> None:
     def encoders():
         # What the engine runs beyond the bare loop's denoiser calls, timed alone (issue 19's "where
         # does the engine's extra time go" on the GPU): the VAE encode of the images (in the VAE's own
-        # dtype: fp32 where its config forces the upcast) and the texts plus the empty prompt.
+        # dtype, recorded: fp32 for an fp16 model whose VAE config forces the upcast) and the texts
+        # plus the empty prompt.
         from fastitm.common import encode_conditioning, encode_images
         from fastitm.inputs import prepare_images
 
