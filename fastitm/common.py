@@ -245,7 +245,7 @@ def to_device(x: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
     """A CPU tensor on ``device`` (in ``dtype``). To a GPU through pinned memory, without blocking: a
     copy from pageable memory synchronizes the stream, so the CPU would wait for all the GPU work it
     queued (the engine's previous batch) before preparing the next."""
-    if torch.device(device).type == "cuda":
+    if x.device.type == "cpu" and torch.device(device).type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
     return x.to(device=device, dtype=dtype)
 
