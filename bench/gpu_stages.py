@@ -106,6 +106,39 @@ def timed(ctx: Ctx, fn, rounds: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def busy_seconds(spans) -> float:
+    """The length of the union of (start, end) intervals: how long at least one of them was running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def device_busy(ctx: Ctx, fn) -> tuple[float, float]:
+    """(wall seconds, seconds the device was running at least one kernel or copy) of one ``fn()``
+    under torch.profiler, from its Chrome trace (on the CPU, a smoke run: its top-level CPU ops)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ctx.device.type == "cuda"
+    kinds = {"kernel", "gpu_memcpy", "gpu_memset"} if cuda else {"cpu_op"}
+    ctx.sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        fn()
+        ctx.sync()
+        wall = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in kinds and "dur" in e]
+    return wall, busy_seconds(spans) / 1e6  # the trace is in microseconds
+
+
 def event_ms(ctx: Ctx, fn, rounds: int = 10, warmup: int = 3) -> float:
     """Median milliseconds of ``fn`` by CUDA events (wall clock on the CPU)."""
     if ctx.device.type != "cuda":
@@ -441,11 +474,30 @@ def stage_headline(ctx: Ctx) -> None:
                           "the engine's time minus the bare loop's at the same batch size, less these two, is the "
                           "engine's own (noising, error reduction, Python and host syncs per batch)"})
 
+    def busy(bs):
+        # The engine's extra time, second view: how long the GPU had work, for the engine and the bare
+        # loop, each in one profiled call. Wall minus busy is time the GPU waited for the CPU.
+        figs = {}
+        try:
+            for name, fn in (("engine", lambda: fastitm.score(imgs, texts, model=model, plan=plan, batch_size=bs,
+                                                              progress=False)),
+                             ("bare_unet_loop", bare_loop(model, rows, bs))):
+                wall, on = device_busy(ctx, fn)
+                figs.update({f"{name}_wall_s": round(wall, 4), f"{name}_device_busy_s": round(on, 4),
+                             f"{name}_busy_fraction": round(on / wall, 3)})
+        except Exception as e:  # a profiler that cannot trace here must not cost the stage its other figures
+            figs["error"] = f"{type(e).__name__}: {e}"[:300]
+        figs["conditions"] = (f"{rows} rows, batch {bs}, one call each under torch.profiler (device activity only; "
+                              "kernels, copies and memsets counted, overlaps once)")
+        ctx.record(f"device busy, engine vs bare loop, batch {bs}", figs)
+
     for n, bs in enumerate(sizes):
         if ctx.fits(25, f"engine vs bare loop at batch {bs}"):
             engine_vs_bare(bs, imgs, "")
         if n == 0 and ctx.fits(5, "encoders alone"):
             encoders()
+        if n == 0 and ctx.fits(20, "device busy under the profiler"):
+            busy(bs)
         if n == min(1, len(sizes) - 1):  # after the two likely best batch sizes
             baselines()
     os.environ["FASTITM_CUDA_GRAPHS"] = "1"

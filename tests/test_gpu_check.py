@@ -149,6 +149,11 @@ def test_measuring_stages_run_on_the_cpu(tmp_path):
         v > 0 for k, v in tiles.items() if k.endswith("_ms"))
     enc = by_name["encoders alone"]  # the engine's extra time over the bare loop, split
     assert enc["vae_encode_s"] > 0 and enc["text_encode_s"] > 0 and enc["vae_dtype"] == "torch.float32"
+    busy = by_name["device busy, engine vs bare loop, batch 8"]  # on the CPU: its top-level ops
+    assert "error" not in busy, busy["error"]
+    assert 0 < busy["engine_busy_fraction"] <= 1.0 and 0 < busy["bare_unet_loop_busy_fraction"] <= 1.0
+    # the union of intervals, by hand: [0, 3] and [2, 5] overlap (5), [7, 8] apart (1), [7.5, 7.6] inside
+    assert stages.busy_seconds([(7, 8), (0, 3), (2, 5), (7.5, 7.6)]) == 6
     bwd = by_name["cross_attention_lse backward, SD 2.1 layer 2x64"]  # timed next to its floors
     assert bwd["fused_bwd_ms"] > 0 and bwd["bytes_floor_ms"] > 0 and bwd["flops_floor_ms"] > 0
     # the engine computes the reference's numbers on the rows both ran
