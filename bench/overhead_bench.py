@@ -10,6 +10,8 @@ round, the same rows in the same batches:
   convolutions, :func:`fastitm.speed.default_channels_last`; ``--stock`` leaves the model as built);
 - ``bare``: the denoiser alone on 60 rows cut into the engine's batches (no encoding, no error), on
   the engine's model: what the engine adds beyond its denoiser;
+- ``encoders``: the engine's VAE and text-encoder calls alone on the same inputs; the engine less
+  them, round by round, against ``bare`` is what the engine adds beyond what every scorer runs;
 - ``published`` (``--published``): the Diffusion Classifier's ``eval_prob_adaptive.py`` loop (the
   prompts encoded once, per image the VAE encode and one batch of every (prompt, timestep) row) on a
   copy of the model as diffusers builds it, as the published script runs it.
@@ -55,6 +57,21 @@ def bare(model, batches: list[int]):
     def run():
         for x, t, c in zip(xs, ts, conds, strict=True):
             model.spec.forward(model.unet, x, t, c)
+
+    return run
+
+
+def encoders(model, imgs, texts, plan):
+    """The engine's two encoder calls on the same inputs, which a bare loop of UNet calls does not run:
+    the VAE on the images (one batch, as the engine's), the text encoder on the texts (no empty prompt:
+    the Diffusion Classifier has no unconditional term)."""
+    from fastitm.common import encode_conditioning, encode_images
+    from fastitm.inputs import prepare_images
+
+    @torch.no_grad()
+    def run():
+        encode_images(model, prepare_images(imgs, model.resolution, "squash"), plan)
+        encode_conditioning(model, texts)
 
     return run
 
@@ -111,7 +128,7 @@ def main(argv=None) -> int:
         return fastitm.score(imgs, texts, model=model, method="diffusion_classifier", plan=plan, batch_size=bs,
                              progress=False)
 
-    arms = {"engine": engine, "bare": bare(model, batches)}
+    arms = {"engine": engine, "bare": bare(model, batches), "encoders": encoders(model, imgs, texts, plan)}
     if args.published:
         arms["published"] = published(stock, imgs, texts, plan)
     engine()  # warm-up (first-call costs: allocator, kernels' dispatch)
@@ -144,6 +161,10 @@ def main(argv=None) -> int:
            "engine_levers": model.levers or "none", "rounds": args.rounds,
            "times_s": {k: [round(x, 2) for x in v] for k, v in times.items()}, "median_s": {k: round(v, 3) for k, v in med.items()},
            "engine_vs_bare": round(med["bare"] / med["engine"], 4),
+           # the engine less its encoders, round by round, against the bare loop: what the engine adds
+           "engine_minus_encoders_s": [round(e - c, 2) for e, c in zip(times["engine"], times["encoders"], strict=True)],
+           "engine_minus_encoders_vs_bare": round(med["bare"] / statistics.median(
+               e - c for e, c in zip(times["engine"], times["encoders"], strict=True)), 4),
            "unet_rows": res.stats["unet_rows"],
            "engine_profile_s": {k: round(v, 3) for k, v in split.items()}, "engine_profiled_s": round(total, 3)}
     if args.published:
