@@ -28,12 +28,13 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def run(self):
         if os.environ.get("FASTITM_NO_NATIVE") == "1":
-            warnings.warn("FASTITM_NO_NATIVE=1: skipping the native extension")
+            warnings.warn("FASTITM_NO_NATIVE=1: skipping the native extension", stacklevel=2)
             return
         try:
             super().run()
         except Exception as e:  # a failed optional build must not fail the install
-            warnings.warn(f"fastitm: native extension not built ({e}); the CPU path falls back to PyTorch")
+            warnings.warn(f"fastitm: native extension not built ({e}); the CPU path falls back to PyTorch",
+                          stacklevel=2)
 
     def build_extension(self, ext):
         cmake = shutil.which("cmake")

@@ -14,10 +14,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from benchutil import context, median_ms
 
 from fastitm.ops import cross_attention_lse, cross_attention_lse_ref, native_status, triton_status
-
-from benchutil import context, median_ms
 
 SD_SHAPES = [(2, 5, 4096, 77, 64), (2, 10, 1024, 77, 64)]
 
@@ -47,7 +46,7 @@ def run_side_by_side(device, dtype, shape, report, benchmark):
         report(name, value)
     times = {}
     for name, fn in provs.items():
-        med, lo, hi = median_ms(lambda: fn(q, k, v), device)
+        med, lo, hi = median_ms(lambda fn=fn: fn(q, k, v), device)
         times[name] = med
         report(f"{name}_ms", f"{med:.2f} (min {lo:.2f}, max {hi:.2f})")
     report("speedup_vs_reference", round(times["reference"] / times[fused], 2))
@@ -121,7 +120,10 @@ def test_native_extra_memory_does_not_grow_with_the_map(report):
     """Peak resident memory added by one call (beyond the inputs and the output), at Lq and 4 Lq:
     the reference grows with Lk*H*Lq (its maps), the fused op does not."""
     small, large = (2, 5, 4096, 77, 64), (2, 5, 16384, 77, 64)
-    map_mb = lambda s: s[0] * s[1] * s[2] * s[3] * 4 / 2**20  # one float32 [B, H, Lq, Lk] map
+
+    def map_mb(s):  # one float32 [B, H, Lq, Lk] map
+        return s[0] * s[1] * s[2] * s[3] * 4 / 2**20
+
     res = {}
     for prov in ("native", "reference"):
         for s in (small, large):

@@ -9,11 +9,10 @@ random weights (random weights give true timings) in bf16 and fp16. Run: pytest 
 
 import pytest
 import torch
+from benchutil import context, median_ms
 
 import fastitm
 from fastitm.testing import assert_close
-
-from benchutil import context, median_ms
 
 CASES = {
     "text_retrieval_1x8": (1, 8, {"normalize": False}),

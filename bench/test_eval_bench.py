@@ -11,11 +11,10 @@ import json
 import statistics
 
 import torch
+from benchutil import context, median_ms
 
 import fastitm
 from fastitm import data
-
-from benchutil import context, median_ms
 
 T = 10
 N = 24

@@ -10,13 +10,12 @@ Run: pytest bench/test_train_memory_bench.py -s
 
 import pytest
 import torch
+from benchutil import context
 
 import fastitm
 from fastitm.attention import lse_pooling
 from fastitm.finetune.lora import add_lora
 from fastitm.reference import capture_attention_lse
-
-from benchutil import context
 
 
 def _inputs(model, rows, seed=0):

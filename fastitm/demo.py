@@ -30,7 +30,7 @@ def save_grid(images, captions, correct, path: Path, truths=None, cell: int = 14
     d.text((4, 4), "caption chosen by diffusion_itm among the true caption and hard negatives:", fill=(0, 0, 0))
     d.text((4, 16), "green = the true caption", fill=(0, 120, 0))
     d.text((150, 16), "red = a hard negative (true caption in grey)", fill=(200, 0, 0))
-    for n, (img, cap, ok, truth) in enumerate(zip(images, captions, correct, truths)):
+    for n, (img, cap, ok, truth) in enumerate(zip(images, captions, correct, truths, strict=True)):
         x, y = (n % cols) * cell, legend_h + (n // cols) * (cell + text_h)
         grid.paste(img.resize((cell - 8, cell - 8), Image.NEAREST), (x + 4, y + 4))
         lines = [(line, (0, 120, 0) if ok else (200, 0, 0)) for line in textwrap.wrap(cap, width=cell // 6)[:3]]

@@ -10,8 +10,9 @@ contiguous shards (no padding, so nothing is counted twice), and ranks exchange 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

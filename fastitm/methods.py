@@ -145,7 +145,7 @@ def elimination_stages(T: int, rounds: tuple[tuple[int, int], ...] | None, order
         return published_stages(T, rounds)
     spread = spread_order(T)
     bounds = [0] + [steps for steps, _ in rounds] + [T]
-    return [spread[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [spread[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def check_rounds(rounds: tuple[tuple[int, int], ...] | None, T: int) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import numbers
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ class Plan:
         )
 
     @classmethod
-    def load(cls, path) -> "Plan":
+    def load(cls, path) -> Plan:
         d = torch.load(path, map_location="cpu", weights_only=True)
         return cls(**d)
 

@@ -89,7 +89,8 @@ def eliminate_ref(per_t: torch.Tensor, rounds, order: str = "spread",
     for i in range(N):
         alive = [j for j in range(M) if requested is None or requested[i, j]]
         seen: list[int] = []
-        for (_, keep), stage in zip(rounds, stages):
+        # one stage per round, then the rest (no elimination after it): the last stage adds no round
+        for (_, keep), stage in zip(rounds, stages[: len(rounds)], strict=True):
             seen += stage
             partial = {j: per_t[i, j, seen].mean().item() for j in alive}
             ranked = sorted(alive, key=lambda j: (-partial[j], j))

@@ -18,7 +18,7 @@ from . import _tuning
 
 @triton.jit
 def _cross_attention_lse_fwd_kernel(
-    Q, K, V, O, PARTIAL, MASK,
+    Q, K, V, O, PARTIAL, MASK,  # noqa: E741 (O: the output, as in the attention papers' notation)
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,

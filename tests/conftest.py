@@ -1,10 +1,9 @@
 import os
 
+import pytest
 import torch
 
-import pytest  # noqa: E402
-
-import fastitm  # noqa: E402
+import fastitm
 
 
 @pytest.fixture(autouse=True)

@@ -53,7 +53,7 @@ def test_calibration_recovers_the_timesteps_with_signal():
     # the "after" figure is honest: fresh items from the same source, scored with the written weights
     new_items, new_t = synthetic(300, 1)
     w = torch.tensor([cal.weights[t] for t in TIMESTEPS], dtype=torch.float64)
-    acc = sum(int((p[0].double() @ w).argmax()) == i.label for i, p in zip(new_items, new_t)) / 300
+    acc = sum(int((p[0].double() @ w).argmax()) == i.label for i, p in zip(new_items, new_t, strict=True)) / 300
     assert abs(acc - cal.after["accuracy"]) < 0.1
     with pytest.raises(ValueError, match="at least 10 labelled items"):
         fit_weights(items[:6], per_t[:6], TIMESTEPS)
@@ -118,7 +118,7 @@ def test_reweight_equals_a_fresh_run(tiny, tmp_path):
         assert back.metrics == plain.metrics and back.items == plain.items and back.racing == plain.racing
     item = plain.items[0]
     ts = plain.plan["timesteps"]
-    hand = [sum(math.exp(-7 * t / 1000) * s for t, s in zip(ts, c)) / sum(math.exp(-7 * t / 1000) for t in ts)
+    hand = [sum(math.exp(-7 * t / 1000) * s for t, s in zip(ts, c, strict=True)) / sum(math.exp(-7 * t / 1000) for t in ts)
             for c in item["per_timestep"][0]]
     assert plain.reweight({"kind": "exp", "rate": 7}).items[0]["scores"] == pytest.approx(hand, rel=1e-6)
     # a raced run keeps partial per-timestep scores only (runner: no per_timestep in its records)

@@ -95,9 +95,9 @@ def test_elimination_checkpoint_and_batch_size(tiny_dir, image_files, tmp_path):
     data = json.loads(out.read_text())
     ref = fastitm.reference.score(image_files, texts, model=fastitm.load_model(tiny_dir),
                                   method="diffusion_classifier", timesteps=3, seed=0, elimination=[(1, 2)])
-    for row, ref_row in zip(data["matrix"], ref.matrix.tolist()):
+    for row, ref_row in zip(data["matrix"], ref.matrix.tolist(), strict=True):
         assert [v is None for v in row] == [v == float("-inf") for v in ref_row]  # eliminated -> null
-        assert all(abs(v - r) <= 1e-5 * abs(r) for v, r in zip(row, ref_row) if v is not None)
+        assert all(abs(v - r) <= 1e-5 * abs(r) for v, r in zip(row, ref_row, strict=True) if v is not None)
     assert data["stats"]["unet_rows"] == 2 * (4 * 1 + 2 * 2) and data["stats"]["batch_size"] == 3
     # Rerunning with the finished checkpoint computes nothing.
     assert main(args) == 0

@@ -78,7 +78,7 @@ def test_backward_matches_autograd_through_the_reference(shape, pool, lam, maske
     want = grads(lambda q, k, v: cross_attention_lse_ref(q, k, v, scale, pool, lam, mask), q, k, v, w_out, w_pool)
     got = grads(lambda q, k, v: cross_attention_lse(q, k, v, scale, pool, lam, mask, backend=backend), q, k, v,
                 w_out, w_pool)
-    for name, a, b in zip("qkv", got, want):
+    for name, a, b in zip("qkv", got, want, strict=True):
         assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), name=f"d{name} {backend} {pool}")
 
 
@@ -92,7 +92,7 @@ def test_triton_backward_matches_autograd(triton_interpret, shape, pool, lam, ma
     want = grads(lambda q, k, v: cross_attention_lse_ref(q, k, v, scale, pool, lam, mask), q, k, v, w_out, w_pool)
     got = grads(lambda q, k, v: cross_attention_lse(q, k, v, scale, pool, lam, mask, backend="triton"), q, k, v,
                 w_out, w_pool)
-    for name, a, b in zip("qkv", got, want):
+    for name, a, b in zip("qkv", got, want, strict=True):
         assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), name=f"d{name} triton {pool}")
 
 
@@ -123,7 +123,7 @@ def check_low_precision_backward(shape, dtype, pool, lam, device):
     fused = grads(lambda q, k, v: cross_attention_lse(q, k, v, scale, pool, lam, backend="triton"), *lp, w_out, w_pool)
     torch_own = grads(lambda q, k, v: cross_attention_lse_ref(q, k, v, scale, pool, lam, upcast=False), *lp, w_out,
                       w_pool)
-    for name, a, b, t in zip("qkv", fused, torch_own, truth):
+    for name, a, b, t in zip("qkv", fused, torch_own, truth, strict=True):
         assert a.dtype == dtype
         err_fused = (a.float() - t).abs().max().item()
         err_torch = (b.float() - t).abs().max().item()

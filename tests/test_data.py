@@ -13,7 +13,7 @@ def test_deterministic_from_seed():
     b = data.make_dataset(12, "train", seed=3)
     c = data.make_dataset(12, "train", seed=4)
     assert [e.caption for e in a] == [e.caption for e in b]
-    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b, strict=True))
     assert [x.negatives for x in a] == [y.negatives for y in b]
     assert [e.caption for e in a] != [e.caption for e in c]
 
@@ -39,8 +39,9 @@ def test_negatives_are_hard_and_false():
             if kind in ("swap_attributes", "swap_objects"):
                 assert sorted(cap.split()) == words  # same words, different binding or order
             else:  # exactly one word changed
-                changed = [(x, y) for x, y in zip(scene.caption.split(), cap.split()) if x != y]
-                assert len(cap.split()) == len(words) and len(changed) == 1
+                assert len(cap.split()) == len(words)
+                changed = [(x, y) for x, y in zip(scene.caption.split(), cap.split(), strict=True) if x != y]
+                assert len(changed) == 1
                 x, y = changed[0]
                 pool = {"colour": data.COLORS, "shape": data.SHAPES, "swap_relation": ("left", "right", "above", "below")}
                 assert x in pool[kind] and y in pool[kind]

@@ -158,7 +158,7 @@ def test_spread_order_prefixes_cover_the_schedule():
         for n in range(2, T + 1):
             pre = sorted(order[:n])
             # No gap inside a prefix is more than twice the even spacing (plus rounding).
-            assert max(b - a for a, b in zip([-1] + pre, pre + [T])) <= 2 * T / n + 1
+            assert max(b - a for a, b in zip([-1] + pre, pre + [T], strict=True)) <= 2 * T / n + 1
 
 
 @pytest.mark.parametrize("bad", ["2:5,1:1", "2:1,5:3", "0:1", "x", [(1, 2, 3)], "2-5"])

@@ -53,7 +53,7 @@ def test_flickr30k_text_retrieval_cli(tiny, tiny_dir, flickr_dir, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     items = load_task("flickr30k_text", flickr_dir)
     ranks = []
-    for item, rec in zip(items, rep["items"]):
+    for item, rec in zip(items, rep["items"], strict=True):
         img = Image.open(item.images[0]).convert("RGB")
         s = scores(tiny, [img], item.texts).matrix[0]
         torch.testing.assert_close(torch.tensor(rec["scores"]), s, rtol=1e-5, atol=1e-5)
@@ -78,7 +78,7 @@ def test_flickr30k_image_retrieval_keeps_every_fifth_caption(tiny, tiny_dir, fli
     captions = list(json.loads((flickr_dir / "flickr30k" / "val_top10_RN50x64.json").read_text()))
     assert [i.texts[0] for i in items] == captions[::5]
     ranks = []
-    for item, rec in zip(items, rep["items"]):
+    for item, rec in zip(items, rep["items"], strict=True):
         imgs = [Image.open(p).convert("RGB") for p in item.images]
         s = scores(tiny, imgs, item.texts).matrix[:, 0]
         torch.testing.assert_close(torch.tensor(rec["scores"]), s, rtol=1e-5, atol=1e-4)
@@ -197,7 +197,7 @@ def test_jsonl_both_item_kinds_ties_and_identical_candidates(tiny, tmp_path, exa
     want = scores(tiny, [examples[0].image], [examples[1].caption, examples[0].caption]).matrix[0]
     torch.testing.assert_close(torch.tensor(rep["items"][0]["scores"]), want, rtol=1e-5, atol=1e-5)
     right = 0
-    for x, rec in zip(lines[:2], rep["items"]):
+    for x, rec in zip(lines[:2], rep["items"][:2], strict=True):  # the third: no negative
         s = torch.tensor(rec["scores"])
         assert rec["label"] == x["label"]
         right += strict_rank(s, x["label"]) == 0
@@ -340,7 +340,7 @@ def test_svo_accuracy_per_negative_type(tiny, tmp_path):
     assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
     assert sorted(rep["metrics"]["by_tag"]) == ["neg_type=subj", "neg_type=verb"]  # the released sample's
     assert rep["metrics"]["by_tag"]["neg_type=subj"]["items"] == 2
-    for r, row in zip(rep["items"], rows):  # the sentence against (pos, neg), the positive first
+    for r, row in zip(rep["items"], rows, strict=True):  # the sentence against (pos, neg), the positive first
         imgs = [released.image(row["pos_id"]), released.image(row["neg_id"])]
         want = fastitm.score(imgs, [row["sentence"]], model=tiny, timesteps=2, seed=0).matrix[:, 0]
         torch.testing.assert_close(torch.tensor(r["scores"]), want, rtol=1e-5, atol=1e-4)
@@ -479,7 +479,7 @@ def test_bad_fields_are_named_with_file_and_row(tmp_path, examples):
     with pytest.raises(DataError, match=r"svo.json: row 0: sentence must be a non-empty string, got 12"):
         load_task("svo", tmp_path)
     bad = tmp_path / "latin1.jsonl"
-    bad.write_bytes('{"image": "a.png", "texts": ["a", "b"], "label": 0}\n'.encode()
+    bad.write_bytes(b'{"image": "a.png", "texts": ["a", "b"], "label": 0}\n'
                     + '{"image": "b.png", "texts": ["café", "b"], "label": 0}\n'.encode("latin-1"))
     with pytest.raises(DataError, match=rf"{bad}:2: not UTF-8 text \(byte 0xe9 .*must be UTF-8"):
         load_task("jsonl", bad)
@@ -514,7 +514,7 @@ def test_mmbias_effect_sizes_by_hand(tmp_path, examples):
     (root / "textual_phrases.txt").write_text(json.dumps({"pleasant_phrases": good, "unpleasant_phrases": bad}))
     groups = {"Christian": "Religion/Christian", "Buddhist": "Religion/Buddhist", "Hindu": "Religion/Hindu",
               "Jewish": "Religion/Jewish"}
-    for n, (g, folder) in enumerate(groups.items()):
+    for n, folder in enumerate(groups.values()):
         for k in range(2):
             _save(examples[(n + k) % 6].image, root / "data" / "Images" / folder / f"{k}.jpg")
     rep = _report("bias", tmp_path / "data", tmp_path)

@@ -13,7 +13,7 @@ def test_hard_negatives_counts_match_reference(tiny):
     rep = evaluate.hard_negatives(tiny, examples, timesteps=3, seed=1, progress=False)
     plan = make_plan(tiny, 3, seed=1)
     correct, total = {}, {}
-    for e, row in zip(examples, rep.rows):
+    for e, row in zip(examples, rep.rows, strict=True):
         kinds = list(e.negatives)
         ref = fastitm.reference.score([e.image], [e.caption] + [e.negatives[k] for k in kinds], model=tiny,
                                       plan=plan).matrix[0]

@@ -382,7 +382,7 @@ def test_folder_with_only_fp16_variant_weights_loads(saved, tmp_path):
         net.save_pretrained(path / name, variant="fp16")
         assert any(".fp16." in f.name for f in (path / name).iterdir())
     loaded = fastitm.load_model(path)
-    for a, b in zip(loaded.unet.parameters(), model.unet.parameters()):
+    for a, b in zip(loaded.unet.parameters(), model.unet.parameters(), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(loaded.part("text_encoder_2").parameters(), model.part("text_encoder_2").parameters()):
+    for a, b in zip(loaded.part("text_encoder_2").parameters(), model.part("text_encoder_2").parameters(), strict=True):
         assert torch.equal(a, b)

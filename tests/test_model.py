@@ -30,7 +30,7 @@ def test_tiny_model_builds_fast_and_is_seeded():
 def test_load_roundtrip(tiny, tiny_dir):
     m = fastitm.load_model(tiny_dir)
     assert m.latent_shape == tiny.latent_shape and m.resolution == tiny.resolution
-    for p, q in zip(tiny.unet.parameters(), m.unet.parameters()):
+    for p, q in zip(tiny.unet.parameters(), m.unet.parameters(), strict=True):
         assert torch.equal(p, q)
     ids = tiny.tokenizer(["a red dog"]).input_ids
     assert m.tokenizer(["a red dog"]).input_ids == ids

@@ -21,7 +21,7 @@ def test_pvalues_equal_a_hand_computed_t_test():
 
     d = draw([0.3, -0.2, 0.0], 12, seed=3)
     p = paired_pvalues(d)
-    for row, got in zip(d, p):
+    for row, got in zip(d, p, strict=True):
         n = len(row)
         mean = sum(row.tolist()) / n
         sd = math.sqrt(sum((x - mean) ** 2 for x in row.tolist()) / (n - 1))
@@ -327,10 +327,10 @@ def test_weighted_pvalues_by_hand_and_uniform_weights_are_the_plain_test():
     d = draw([0.3, -0.2], 12, seed=5)
     w = torch.linspace(2.0, 0.1, 12, dtype=torch.float64)
     p = paired_pvalues(d, w)
-    for row, got in zip(d.tolist(), p):
+    for row, got in zip(d.tolist(), p, strict=True):
         v1, v2 = float(w.sum()), float((w * w).sum())
-        m = sum(wi * x for wi, x in zip(w.tolist(), row)) / v1
-        var = sum(wi * (x - m) ** 2 for wi, x in zip(w.tolist(), row)) / (v1 - v2 / v1)
+        m = sum(wi * x for wi, x in zip(w.tolist(), row, strict=True)) / v1
+        var = sum(wi * (x - m) ** 2 for wi, x in zip(w.tolist(), row, strict=True)) / (v1 - v2 / v1)
         t = m / (math.sqrt(var) * math.sqrt(v2) / v1)
         assert got.item() == pytest.approx(1 - stdtr(v1 * v1 / v2 - 1, t), rel=1e-9)
     torch.testing.assert_close(paired_pvalues(d, torch.ones(12, dtype=torch.float64)), paired_pvalues(d),

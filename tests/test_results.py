@@ -33,7 +33,7 @@ def test_two_runs_line_up_in_one_table(jsonl, tmp_path, capsys):
     capsys.readouterr()
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(records) == 2
-    for rec, rep in zip(records, reports):
+    for rec, rep in zip(records, reports, strict=True):
         # the record is report.json's content, less each item's per-timestep scores (report.json's alone)
         assert all("per_timestep" in i for i in rep["items"]) and not any("per_timestep" in i for i in rec["items"])
         rep["items"] = [{k: v for k, v in i.items() if k != "per_timestep"} for i in rep["items"]]
@@ -48,7 +48,7 @@ def test_two_runs_line_up_in_one_table(jsonl, tmp_path, capsys):
     assert main(["results", str(results), "--csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["method"] for r in table] == ["diffusion_itm", "diffusion_classifier"]
-    for row, rep in zip(table, reports):
+    for row, rep in zip(table, reports, strict=True):
         assert float(row["accuracy"]) == pytest.approx(rep["metrics"]["accuracy"])
         assert int(row["timesteps"]) == 2 and int(row["unet_rows"]) == rep["stats"]["unet_rows"]
     results.write_text(results.read_text() + "not json\n")

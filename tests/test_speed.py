@@ -181,8 +181,8 @@ def test_cpu_bf16_keeps_the_demo_choices_that_bf16_can_resolve():
     err = (scores(reports["bf16"]) - scores(reports["fp32"])).abs().max().item()
     assert 0 < err < 0.05  # bf16 moves the scores, within its rounding of the L2 error terms (~10)
     decided = total = 0
-    for r32, r16 in zip(reports["fp32"].rows, reports["bf16"].rows):
-        for n32, n16 in zip(r32["negatives"], r16["negatives"]):
+    for r32, r16 in zip(reports["fp32"].rows, reports["bf16"].rows, strict=True):
+        for n32, n16 in zip(r32["negatives"], r16["negatives"], strict=True):
             margin = r32["score"] - n32["score"]
             total += 1
             if abs(margin) > 2 * err:

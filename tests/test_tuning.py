@@ -65,7 +65,7 @@ def test_tuned_error_reduce_leaves_the_outputs_to_the_real_launch(tuned):
     want = [torch.zeros(N, T), torch.zeros(N, M, T), torch.zeros(N, M)]
     error_reduce(pred, target, rk, ri, rj, rk, *outs, backend="triton")
     error_reduce_ref(pred, target, rk, ri, rj, rk, *want, "l2", True)
-    for got, exp in zip(outs, want):
+    for got, exp in zip(outs, want, strict=True):
         assert_close(got, exp, rtol=1e-5, atol=1e-5)  # once, not once per candidate
     (key, config), = tuned.chosen().items()
     assert key[0] == "error_reduce" and config == (512, 8)  # the last candidate timed (fastest here)

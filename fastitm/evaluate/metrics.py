@@ -8,7 +8,7 @@ ground truth below it when it scores at least as high, and the number of ties is
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ def choice_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> d
     """accuracy, with R@1 (the same) and R@5 where every item has at least 5 candidates, the number of
     items and of ties."""
     ranks, ties = [], 0
-    for item, m in zip(items, matrices):
+    for item, m in zip(items, matrices, strict=True):
         r, tie = rank_of_truth(candidate_scores(item, m), item.label)
         ranks.append(r)
         ties += tie
@@ -38,7 +38,7 @@ def choice_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> d
     out = {"accuracy": sum(r < 1 for r in ranks) / n}
     # retrieval (R@1 = accuracy) where the task gives every item at least 5 candidates, counting those
     # dropped as identical to the true one, so the metrics a task reports do not depend on the drops
-    if all(len(candidate_scores(i, m)) + i.dropped >= 5 for i, m in zip(items, matrices)):
+    if all(len(candidate_scores(i, m)) + i.dropped >= 5 for i, m in zip(items, matrices, strict=True)):
         out.update({"R@1": out["accuracy"], "R@5": sum(r < 5 for r in ranks) / n})
     out.update({"items": n, "ties": ties})
     return out
@@ -73,7 +73,7 @@ def bias_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> dic
     pools the Christian images in place of the Buddhist ones in the std of Buddhist-Hindu and
     Buddhist-Jewish; here each pair uses its own two groups."""
     phis: dict[str, list[float]] = {}
-    for item, m in zip(items, matrices):
+    for item, m in zip(items, matrices, strict=True):
         s, p = m[0].double(), int(item.tags["pleasant"])
         phis.setdefault(item.tags["group"], []).append((s[:p].mean() - s[p:].mean()).item())
     out: dict = {f"{x}-{y}": effect_size(phis[x], phis[y]) for x, y in BIAS_PAIRS if x in phis and y in phis}
@@ -87,7 +87,7 @@ def gender_bias_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor])
     drinks) the effect size of the images of men against the images of women (positive: bias
     towards men)."""
     phis: dict[tuple[str, str], list[float]] = {}
-    for item, m in zip(items, matrices):
+    for item, m in zip(items, matrices, strict=True):
         phis.setdefault((item.tags["target"], item.tags["gender"]), []).append((m[0, 0] - m[0, -1]).item())
     out: dict = {}
     for target in sorted({t for t, _ in phis}):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 NOUNS = ("NN", "NNS", "NNP", "NNPS")
 ADJECTIVES = ("JJ", "JJR", "JJS")
@@ -71,7 +71,7 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
 def _permute(tokens: list[str], idx: list[int], rng: random.Random) -> None:
     picked = [tokens[i] for i in idx]
     rng.shuffle(picked)
-    for i, t in zip(idx, picked):
+    for i, t in zip(idx, picked, strict=True):
         tokens[i] = t
 
 

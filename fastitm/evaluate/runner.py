@@ -214,7 +214,7 @@ def per_timestep_diagnostics(items: list[Item], per_t: list[torch.Tensor], times
     from .metrics import candidate_scores
 
     rows = []
-    choice = [(i, p) for i, p in zip(items, per_t) if i.kind in ("text", "image") and i.label is not None]
+    choice = [(i, p) for i, p in zip(items, per_t, strict=True) if i.kind in ("text", "image") and i.label is not None]
     for k, t in enumerate(timesteps):
         row: dict = {"timestep": int(t), "metrics": headline(task_metrics(items, [p[:, :, k] for p in per_t]))}
         if choice:
@@ -240,7 +240,7 @@ def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALP
     from ..racing import RaceOptions, simulate
     from ..weights import weighted_mean
 
-    choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t)
+    choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t, strict=True)
               if i.kind in ("text", "image") and i.label is not None]
     if not choice:
         return []
@@ -444,7 +444,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         with terminate_as_interrupt(), ThreadPoolExecutor(max_workers=2) as pool, \
                 tqdm(total=len(items), initial=max(0, len(items) - len(todo) * dist.world_size()),
                      desc=f"fastitm eval {task}", unit="item", disable=show, dynamic_ncols=True) as bar:
-            for (idx, item), fut in zip(todo, _prefetch([it for _, it in todo], pool)):
+            for (idx, item), fut in zip(todo, _prefetch([it for _, it in todo], pool), strict=True):
                 try:
                     item, images = fut.result()
                 except BadImage as e:

@@ -98,7 +98,7 @@ def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_i
         for i, (e, negs) in enumerate(chunk):
             s = res.matrix[i, cols[i]].tolist()
             row = {"caption": e.caption, "score": s[0], "negatives": []}
-            for (kind, cap), v in zip(negs, s[1:]):
+            for (kind, cap), v in zip(negs, s[1:], strict=True):
                 report.total[kind] = report.total.get(kind, 0) + 1
                 report.correct[kind] = report.correct.get(kind, 0) + int(s[0] > v)
                 row["negatives"].append({"kind": kind, "caption": cap, "score": v})

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 ITEM_KINDS = ("text", "image", "group")
 

@@ -141,7 +141,7 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> str | None:
             else:
                 e = error_reduce_ref(p.float().cpu(), t.float().cpu(), *r, uncond, per_t, None, err, True)
             bufs[name] = (e.cpu(), uncond.cpu(), per_t.cpu())
-        for what, got, want in zip(("row errors", "uncond", "per_t"), bufs["kernel"], bufs["reference"]):
+        for what, got, want in zip(("row errors", "uncond", "per_t"), bufs["kernel"], bufs["reference"], strict=True):
             if not torch.allclose(got, want, rtol=rtol, atol=atol):
                 return f"{what} ({err}) differ from the reference by up to {(got - want).abs().max().item():.3g}"
     return None
