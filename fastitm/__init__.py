@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from . import data, evaluate, reference, testing  # noqa: E402
 from .api import score  # noqa: E402
 from .engine import Interrupted  # noqa: E402
+from .image_cache import ImageCache  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .model import Model, ModelError, load_model  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402
@@ -35,6 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "METHODS",
+    "ImageCache",
     "Interrupted",
     "Model",
     "ModelError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from .common import prepare_run
@@ -33,6 +34,7 @@ def score(
     pairs: Any = None,
     adaptive: Any = None,
     weights: Any = None,
+    image_cache: Any = None,
     **options: Any,
 ) -> ScoreResult:
     """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
@@ -78,15 +80,24 @@ def score(
         table or a JSON file with one; recorded in ``res.stats["weights"]``. ``res.per_timestep`` is
         unweighted; not with ``adaptive=`` or ``elimination=`` (they decide on plain means).
 
+    image_cache: a :class:`fastitm.ImageCache` shared by calls with the same model, method and plan:
+        an image seen in an earlier call (the same pixels) reuses its VAE latent and its unconditional
+        rows, with the same scores (:mod:`fastitm.image_cache`; posterior-mean latents only).
+
     ``res.stats`` counts the work: UNet rows computed, VAE images, text encodes, rows saved by
     adaptive elimination (``diffusion_classifier``, ``elimination=[(T_1, keep_1), ...]``) or racing
     (``stats["racing"]``: rows and timesteps per image, and whether it ran to the plan's end).
     """
     from . import engine
+    from .image_cache import ImageCache
 
+    if image_cache is not None and not isinstance(image_cache, ImageCache):
+        raise TypeError(f"image_cache must be a fastitm.ImageCache, got {type(image_cache).__name__}")
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
                       backend=backend, pairs=pairs, adaptive=adaptive, weights=weights)
+    if image_cache is not None:
+        run = replace(run, image_cache=image_cache)
     if distributed:
         from .distributed import is_distributed, score_sharded
 

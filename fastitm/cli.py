@@ -235,7 +235,8 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive) -> int:
                  timesteps=10 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
                  batch_size=args.batch_size, progress=None if not args.no_progress else False,
-                 checkpoint=args.checkpoint, adaptive=adaptive, stream=args.stream, weights=args.weights, **options)
+                 checkpoint=args.checkpoint, adaptive=adaptive, stream=args.stream, weights=args.weights,
+                 image_cache=args.image_cache, **options)
     if dist.rank() != 0:
         return 0
     written = report.save(out)
@@ -426,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stream", type=int, default=16, metavar="BATCHES",
                    help="denoiser batches' worth of items per engine call (default 16): batches stay full across items")
     e.add_argument("--skip-bad", action="store_true", help="skip items whose images cannot be read (listed in the report)")
+    e.add_argument("--image-cache", action="store_true",
+                   help="compute each image's latent and unconditional rows once per process, not once per item "
+                        "(tasks whose items share images, e.g. flickr30k_image); the same scores to float rounding, "
+                        "but not to the bit across ranks or resumes")
     e.add_argument("--out", default="fastitm-eval", help="folder for the report (default fastitm-eval)")
     e.add_argument("--results", default=None,
                    help="append this run's record (report.json's header, metrics and items) to this .jsonl file; "

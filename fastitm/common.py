@@ -40,6 +40,8 @@ class Run:
     # Timestep weights [T] (fastitm.weights), or None: the plain mean; ``weights_spec`` as given.
     weights: torch.Tensor | None = None
     weights_spec: Any = "uniform"
+    # Latents and unconditional rows shared with earlier calls (fastitm.image_cache.ImageCache), or None.
+    image_cache: Any = None
 
     def requested(self) -> torch.Tensor:
         """bool [N, M]: the pairs to score."""

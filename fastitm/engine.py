@@ -8,6 +8,8 @@
   Discffusion's pooling comes from the fused cross-attention processor, never from attention maps.
 - On CUDA the UNet forward can be a replayed CUDA graph (:mod:`fastitm.cuda_graphs`, off by default).
 - Diffusion Classifier's adaptive elimination computes only the rows its rounds need.
+- With an :class:`fastitm.ImageCache`, images seen in earlier calls skip the VAE and their held
+  unconditional rows; an image repeated within the call is encoded once and its rows copied.
 - Long runs: a progress bar in rows per second; Ctrl-C finishes the batch in flight and stops with
   :class:`Interrupted`; with ``checkpoint=path`` the finished cells are saved as the run goes and a
   rerun with the same inputs and plan resumes without recomputing them.
@@ -41,6 +43,7 @@ from .common import (
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
 from .families import take_cond
+from .image_cache import copy_repeats, first_occurrence
 from .interrupts import deferred
 from .locks import held
 from .methods import check_rounds, elimination_stages
@@ -175,6 +178,7 @@ class _State:
         self.attn_uncond = torch.zeros(N, T, dtype=torch.float32, device=device)
         self.done = torch.zeros(N, M + 1, T, dtype=torch.bool)
         self.live: torch.Tensor | None = None  # racing's survivors [N, M] (derived from per_t: not saved)
+        self.reused: torch.Tensor | None = None  # [N, T] unconditional cells from an ImageCache (not computed)
 
     def save(self, path: Path, key: str) -> None:
         # A temporary file of our own in the same folder, then an atomic rename: an interruption
@@ -222,11 +226,15 @@ def _checkpoint_lock(path: Path):
         "checkpoint path"))
 
 
-def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
+def _stages(run: Run, state: _State, same: torch.Tensor | None = None) -> Iterator[Iterator[torch.Tensor]]:
     """The rows to compute, stage by stage, each a stream of per-image chunks. Without elimination,
     one stage of every row. With it, one stage per round (:func:`fastitm.methods.elimination_stages`)
     and a last one for the survivors; each is generated after the previous stage's errors are in
-    ``state``, and survivors are ranked by the mean over every timestep evaluated so far."""
+    ``state``, and survivors are ranked by the mean over every timestep evaluated so far.
+
+    ``same`` [N] (with an ImageCache): the first index of each image's pixels in the call. Without
+    elimination or racing, an image seen earlier in the call then waits for a second stage, which
+    copies in the unconditional rows of its first occurrence instead of running them again."""
     if run.race is not None:
         yield from _race_stages(run, state)
         return
@@ -235,6 +243,12 @@ def _stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
     rounds = spec.options.get("elimination")
     alive = run.requested().clone()
     stages = elimination_stages(T, rounds, spec.options.get("order", "spread"))
+    if same is not None and spec.needs_uncond and not rounds:
+        repeat = same != torch.arange(len(same))
+        yield stage_chunks(alive & ~repeat[:, None], stages[0], True)
+        copy_repeats(same, state.uncond, state.attn_uncond, state.done[:, -1, :], state.reused)
+        yield stage_chunks(alive & repeat[:, None], stages[0], True)
+        return
     seen: list[int] = []
     for r, ks in enumerate(stages):
         yield stage_chunks(alive, ks, spec.needs_uncond)
@@ -293,9 +307,13 @@ def racing_stats(run: Run, state: _State) -> dict:
     """Per image: denoiser rows spent (the unconditional row included), the timesteps it ran and
     whether that was the plan's end; the options; texts dropped in all."""
     T = len(run.plan)
-    steps = state.done.any(dim=1).sum(dim=1)
+    done = state.done
+    if state.reused is not None:  # rows an ImageCache supplied were not spent here
+        done = done.clone()
+        done[:, -1, :] &= ~state.reused
+    steps = done.any(dim=1).sum(dim=1)
     live = state.live if state.live is not None else run.requested()
-    return {"options": dict(vars(run.race)), "rows_per_image": state.done.sum(dim=(1, 2)).tolist(),
+    return {"options": dict(vars(run.race)), "rows_per_image": done.sum(dim=(1, 2)).tolist(),
             "timesteps_per_image": steps.tolist(), "plan_end": (steps == T).tolist(),
             "dropped": int((run.requested() & ~live).sum())}
 
@@ -384,12 +402,19 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     # Work sharing: every encoder call happens once. With latent="sample_per_timestep" the
     # posterior's mean and std are kept and each row's sample is drawn from them.
     per_timestep_latent = plan.latent == "sample_per_timestep"
+    cache = run.image_cache
+    why_not = cache.applies(run) if cache is not None else None
+    cache_keys = cache.start(run) if cache is not None and why_not is None else None
     if per_timestep_latent:
         parts = [encode_posterior(model, run.pixels[a : a + bs]) for a in range(0, N, bs)]
         z_mean, z_std = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        vae_images = N
+    elif cache_keys is not None:
+        z, vae_images = cache.encode(run, cache_keys, bs)
     else:
         off = run.image_offset
         z = torch.cat([encode_images(model, run.pixels[a : a + bs], plan, first_index=off + a) for a in range(0, N, bs)])
+        vae_images = N
     emb = encode_conditioning(model, run.texts, empty=spec.needs_uncond)  # rows: the M texts (+ the empty prompt)
     noise = plan.noise.to(device=device, dtype=dtype)
     timesteps = plan.timesteps.to(device)
@@ -401,8 +426,14 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     full_rows = T * (int(requested.sum()) + (int(requested.any(dim=1).sum()) if spec.needs_uncond else 0))
     computed = batches = 0
     use_graph = graphs_enabled(device)
-    stats = {"unet_rows": 0, "unet_rows_full": full_rows, "resumed_cells": resumed, "vae_images": N,
+    stats = {"unet_rows": 0, "unet_rows_full": full_rows, "resumed_cells": resumed, "vae_images": vae_images,
              "text_encodes": M + (1 if spec.needs_uncond else 0), "batch_size": bs, "cuda_graphs": use_graph}
+    if cache is not None:
+        stats["image_cache"] = why_not or "on"
+    same = None  # with an image cache: each image's first index in the call (repeats wait for a second stage)
+    if cache_keys is not None and spec.needs_uncond:  # the held unconditional cells are done before the first batch
+        state.reused = cache.prefill(cache_keys, state.uncond, state.attn_uncond, state.done[:, M, :])
+        same = first_occurrence(cache_keys)
 
     with ExitStack() as stack:
         stop = stack.enter_context(deferred())
@@ -413,7 +444,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
             sink = stack.enter_context(lse_pooling(model.unet, opts["layers"], opts["pool"], opts["lam"], backend))
         runner = UNetRunner(model.unet, sink, bucket=bs, use_graph=use_graph, forward=model.spec.forward)
         last_save = time.monotonic()
-        bar.update(resumed)  # resumed work counts as done on the bar
+        bar.update(resumed + (0 if state.reused is None else int(state.reused.sum())))  # done: resumed, reused
 
         def cells(rows):  # index of the rows' cells in state.done (the unconditional row is column M)
             return rows[:, 0], rows[:, 1].where(rows[:, 1] >= 0, M), rows[:, 2]
@@ -422,7 +453,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
             for c in chunks:  # skip the cells a checkpoint already holds
                 yield c[~state.done[cells(c)]]
 
-        for stage in _stages(run, state):
+        for stage in _stages(run, state, same):
             for rc in pack(todo(stage), bs):
                 r = to_device(rc, device)  # without waiting for the previous batch
                 i, j, k = r[:, 0], r[:, 1], r[:, 2]
@@ -469,6 +500,11 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
         bar.refresh()
     if ckpt is not None:
         state.save(ckpt, key)
+    if state.reused is not None:
+        stats["unet_rows_reused"] = int(state.reused.sum())
+    if cache_keys is not None:
+        cache.store(cache_keys, z, state.uncond, state.attn_uncond, state.done[:, M, :],
+                    stats.get("unet_rows_reused", 0))
     stats["unet_rows"], stats["batches"] = computed, batches  # denoiser calls (stages re-cut their batches)
     stats["unet_rows_saved"] = full_rows - int(state.done.sum())
     if use_graph:

@@ -115,6 +115,9 @@ class EvalReport:
             lines += ["", f"Engine: {st['unet_rows']} denoiser rows in {st['batches']} batches of up to "
                           f"{st['batch_size']} ({st['engine_calls']} calls, several items each): mean batch fill "
                           f"{st['batch_fill']:.1%}."]
+            if st.get("image_cache"):
+                lines[-1] += (f" Image cache: {st['unet_rows_reused']} unconditional rows reused, "
+                              f"{st['vae_images']} images through the VAE.")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path | None:

@@ -126,7 +126,7 @@ def _windows(items: list[Item], T: int, needs_uncond: bool, per_call: int) -> li
 
 
 def _score_window(window: list, state, work: dict, score, *, model, method, plan, backend, batch_size, race,
-                  options) -> None:
+                  options, image_cache=None) -> None:
     """One engine call for the items of ``window`` [(index, item, images)]: images and texts side by side,
     each image scored against its own item's texts only (``pairs=``); each item's block into ``state``.
     With racing, text-choice items race their texts and image-choice items their images, each kind in
@@ -147,10 +147,12 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
             pairs[i0:i1, j0:j1] = True
         res = score(images, texts, model=model, method=method, plan=plan, backend=backend, batch_size=batch_size,
                     progress=False, pairs=pairs, adaptive=replace(race, over=over[kind]) if kind else None,
-                    **options)
+                    image_cache=image_cache, **options)
         work["unet_rows"] += res.stats["unet_rows"]
         work["batches"] += res.stats["batches"]
         work["calls"] += 1
+        work["vae_images"] += res.stats["vae_images"]
+        work["unet_rows_reused"] += res.stats.get("unet_rows_reused", 0)
         racing = res.stats.get("racing")
         for (idx, item, _), (i0, i1, j0, j1) in zip(group, spans, strict=True):
             matrix, per_t = res.matrix[i0:i1, j0:j1].clone(), res.per_timestep[i0:i1, j0:j1].clone()
@@ -314,7 +316,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         seed: int = 0, split: str | None = None, limit: int | None = None, skip_bad: bool = False,
         backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
         checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, adaptive: Any = None,
-        stream: int = STREAM_BATCHES, weights: Any = None, select: Any = None, **options: Any) -> EvalReport:
+        stream: int = STREAM_BATCHES, weights: Any = None, select: Any = None, image_cache: bool = False,
+        **options: Any) -> EvalReport:
     """Evaluate ``model`` on a benchmark task read from ``data`` (see :data:`fastitm.evaluate.TASKS`).
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
@@ -347,6 +350,14 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     image-choice items (Flickr30k image retrieval, ...); Winoground items (both directions) run the full
     plan. Each item record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
     racing dropped scores -inf in the metrics and ``null`` in the record's ``scores``.
+
+    ``image_cache``: share each image's latent and unconditional rows across the run's engine calls
+    (:class:`fastitm.ImageCache`), for tasks whose items share images (Flickr30k image retrieval:
+    each image is a candidate of about ten captions; ImageCoDe). An image's rows are computed once
+    per process instead of once per item. The reused rows equal recomputed ones to float rounding only,
+    because they were computed in another batch. So the report no longer matches to the bit across
+    numbers of ranks or after a resume, because which rows are reused depends on what the process
+    scored before. ``report.stats`` counts ``unet_rows_reused`` and ``vae_images``.
     """
     from tqdm.auto import tqdm
 
@@ -427,7 +438,12 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     window_of = {i: w for w, (a, b) in enumerate(my_windows) for i in range(a, b)}
     todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
             and i not in state.no_negative]
-    work = {"unet_rows": 0, "batches": 0, "calls": 0}
+    work = {"unet_rows": 0, "batches": 0, "calls": 0, "vae_images": 0, "unet_rows_reused": 0}
+    cache = None
+    if image_cache:
+        from ..image_cache import ImageCache
+
+        cache = ImageCache()
     # the resolved table, so a weights file is read once, not at every engine call
     call_options = {**plan_options, **({"weights": dict(zip(plan.timesteps.tolist(), w.tolist(), strict=True))}
                                        if w is not None else {})}
@@ -436,7 +452,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     def flush():
         if window:
             _score_window(window, state, work, score, model=model, method=method, plan=plan, backend=backend,
-                          batch_size=bs, race=race, options=call_options)
+                          batch_size=bs, race=race, options=call_options, image_cache=cache)
             bar.update(dist.world_size() * len(window))
             window.clear()
 
@@ -511,6 +527,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                              "backend": choose(backend, [torch.empty(0, device=model.device)], "fastitm eval"),
                              "ranks": dist.world_size(), "batch_size": bs, "engine_calls": work["calls"],
                              "unet_rows": work["unet_rows"], "batches": work["batches"],
+                             "vae_images": work["vae_images"], "image_cache": bool(image_cache),
+                             **({"unet_rows_reused": work["unet_rows_reused"]} if image_cache else {}),
                              "batch_fill": None if fill is None else round(fill, 4),
                              "wall_s": round(time.perf_counter() - started, 2)},
                       model=_model_record(model, digest))
