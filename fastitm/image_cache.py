@@ -49,7 +49,10 @@ class ImageCache:
     """Latents and unconditional rows of images already scored, for calls with the same model,
     method and plan: ``cache = fastitm.ImageCache(); fastitm.score(..., image_cache=cache)`` on each
     call. At most ``max_images`` images are kept (the least recently used go first): about
-    ``C*h*w*(dtype size) + 9*T`` bytes each, 32 KB for SD 2.1 at 512 px in bf16."""
+    ``C*h*w*(dtype size) + 9*T`` bytes each, 32 KB for SD 2.1 at 512 px in bf16. The keys cost one
+    SHA-1 over each call's prepared pixels: 2.2 ms per 512-px image on a 2-core x86-64 CPU, against
+    55 ms for one image-choice candidate's 20 rows at 10 timesteps at the engine's 363 rows/s
+    measured on an H200 (SD 2.1-base, bf16; bench/RESULTS.md)."""
 
     def __init__(self, max_images: int = 4096) -> None:
         if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
