@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from .common import (
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
 from .families import take_cond
-from .image_cache import copy_repeats, first_occurrence
+from .image_cache import copy_repeat, first_occurrence, repeats_last
 from .interrupts import deferred
 from .locks import held
 from .methods import check_rounds, elimination_stages
@@ -79,16 +79,20 @@ def image_rows(i: int, texts: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.full_like(k, i).flatten(), j.flatten(), k.flatten()], dim=1)
 
 
-def stage_chunks(alive: torch.Tensor, ks: list[int], needs_uncond: bool) -> Iterator[torch.Tensor]:
-    """Rows for the texts ``alive[i]`` of every image on timesteps ``ks``, one image at a time, so
-    no table of all N * M * T rows is ever built."""
+def stage_chunks(alive: torch.Tensor, ks: list[int], needs_uncond: bool, order: list[int] | None = None,
+                 before: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
+    """Rows for the texts ``alive[i]`` of every image on timesteps ``ks``, one image at a time (in
+    ``order``, default 0..N-1), so no table of all N * M * T rows is ever built. ``before(i)`` runs
+    when image i's rows are asked for, after every batch before them has run."""
     ks_t = torch.tensor(ks, dtype=torch.long)
     if not len(ks_t):
         return
-    for i in range(alive.shape[0]):
+    for i in range(alive.shape[0]) if order is None else order:
         texts = alive[i].nonzero().flatten()
         if not len(texts):  # nothing asked of this image (pairs=) or nothing left: not even its empty row
             continue
+        if before is not None:
+            before(i)
         if needs_uncond:
             texts = torch.cat([torch.tensor([-1]), texts])
         yield image_rows(i, texts, ks_t)
@@ -233,8 +237,9 @@ def _stages(run: Run, state: _State, same: torch.Tensor | None = None) -> Iterat
     ``state``, and survivors are ranked by the mean over every timestep evaluated so far.
 
     ``same`` [N] (with an ImageCache): the first index of each image's pixels in the call. Without
-    elimination or racing, an image seen earlier in the call then waits for a second stage, which
-    copies in the unconditional rows of its first occurrence instead of running them again."""
+    elimination or racing, the images that others repeat go first and the repeats last; a repeat's
+    unconditional cells are copied from its first occurrence's where those have run by the time its
+    rows are asked for (:func:`fastitm.image_cache.copy_repeat`), and run again otherwise."""
     if run.race is not None:
         yield from _race_stages(run, state)
         return
@@ -244,10 +249,10 @@ def _stages(run: Run, state: _State, same: torch.Tensor | None = None) -> Iterat
     alive = run.requested().clone()
     stages = elimination_stages(T, rounds, spec.options.get("order", "spread"))
     if same is not None and spec.needs_uncond and not rounds:
-        repeat = same != torch.arange(len(same))
-        yield stage_chunks(alive & ~repeat[:, None], stages[0], True)
-        copy_repeats(same, state.uncond, state.attn_uncond, state.done[:, -1, :], state.reused)
-        yield stage_chunks(alive & repeat[:, None], stages[0], True)
+        def copy(i: int) -> None:
+            copy_repeat(i, same, state.uncond, state.attn_uncond, state.done[:, -1, :], state.reused)
+
+        yield stage_chunks(alive, stages[0], True, repeats_last(same), before=copy)
         return
     seen: list[int] = []
     for r, ks in enumerate(stages):

@@ -12,9 +12,10 @@ back: the same latent, noise, timestep and empty prompt through the same denoise
 :class:`ImageCache` keeps, per image (keyed by its prepared pixels), the latent and the
 unconditional errors and attention terms of the timesteps computed so far. A call given the cache
 encodes only the images it has not seen and skips the unconditional rows it holds. Within the call,
-an image given twice (the same pixels) goes through the VAE once. Without elimination or racing, its
-second occurrence also copies the first one's unconditional rows. ``res.stats`` says what was
-reused: ``unet_rows_reused``, and ``vae_images`` (the encodes run).
+an image given twice (the same pixels) goes through the VAE once. Without elimination or racing, the
+repeats' rows come last in the call. A repeat then copies its first occurrence's unconditional
+rows, if those ran in a batch before its own rows were asked for (not when they share a batch).
+``res.stats`` says what was reused: ``unet_rows_reused``, and ``vae_images`` (the encodes run).
 
 The scores equal those without the cache to float rounding, not to the bit. A reused row was
 computed in another batch, and the denoiser's kernels may sum in another order for another batch
@@ -186,18 +187,33 @@ def first_occurrence(keys: list[str]) -> torch.Tensor:
     return torch.tensor([first.setdefault(k, i) for i, k in enumerate(keys)], dtype=torch.long)
 
 
-def copy_repeats(same: torch.Tensor, uncond: torch.Tensor, attn_uncond: torch.Tensor, done: torch.Tensor,
-                 reused: torch.Tensor) -> None:
-    """In place: each repeated image's unconditional cells from its first occurrence (``same``
-    [N], from :func:`first_occurrence`) where that one has them and the repeat not yet. ``uncond``,
+def repeats_last(same: torch.Tensor) -> list[int]:
+    """An order of a call's images (``same`` from :func:`first_occurrence`): first the images that a
+    later one repeats, then the other first occurrences, then the repeats. The rows between a repeated
+    image's and its repeat's give its unconditional rows time to run before the repeat asks for them."""
+    n = len(same)
+    repeat = same != torch.arange(n)
+    repeated = torch.zeros(n, dtype=torch.bool)
+    repeated[same[repeat]] = True
+    return [*repeated.nonzero().flatten().tolist(), *(~repeat & ~repeated).nonzero().flatten().tolist(),
+            *repeat.nonzero().flatten().tolist()]
+
+
+def copy_repeat(i: int, same: torch.Tensor, uncond: torch.Tensor, attn_uncond: torch.Tensor, done: torch.Tensor,
+                reused: torch.Tensor) -> None:
+    """In place: image ``i``'s unconditional cells from its first occurrence ``same[i]``'s, where that
+    one's have run and ``i``'s not yet (nothing when ``i`` is a first occurrence). ``uncond``,
     ``attn_uncond`` [N, T] (on the model's device), ``done`` and ``reused`` [N, T] bool (CPU)."""
-    repeat = same != torch.arange(len(same))
-    src, dst = same[repeat], repeat.nonzero().flatten()
-    have = done[src] & ~done[dst]
+    src = int(same[i])
+    if src == i:
+        return
+    have = done[src] & ~done[i]
+    if not bool(have.any()):
+        return
     for buf in (uncond, attn_uncond):
-        buf[dst] = torch.where(have.to(buf.device), buf[src.to(buf.device)], buf[dst])
-    done[dst] |= have
-    reused[dst] |= have
+        buf[i] = torch.where(have.to(buf.device), buf[src], buf[i])
+    done[i] |= have
+    reused[i] |= have
 
 
 def _run_key(run) -> tuple:

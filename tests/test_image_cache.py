@@ -55,15 +55,20 @@ def test_an_image_repeated_within_a_call_runs_once(tiny, images, method):
     x0, x1, _ = images
     texts = ["a red square", "a blue circle"]
     pairs = torch.tensor([[True, True], [True, False], [False, True]])  # the repeat asks for another text
-    got = fastitm.score(torch.stack([x0, x1, x0]), texts, model=tiny, method=method, timesteps=T, pairs=pairs,
-                        image_cache=fastitm.ImageCache())
-    want = fastitm.score(torch.stack([x0, x1, x0]), texts, model=tiny, method=method, timesteps=T, pairs=pairs)
+    kw = dict(model=tiny, method=method, timesteps=T, pairs=pairs, batch_size=4)
+    got = fastitm.score(torch.stack([x0, x1, x0]), texts, image_cache=fastitm.ImageCache(), **kw)
+    want = fastitm.score(torch.stack([x0, x1, x0]), texts, **kw)
     same(got, want)
     uncond = method == "diffusion_itm"
     assert got.stats["vae_images"] == 2 and want.stats["vae_images"] == 3
     assert want.stats["unet_rows"] == (4 + 3 * uncond) * T
-    assert got.stats["unet_rows"] == want.stats["unet_rows"] - uncond * T  # the repeat's empty-prompt rows copied
+    # x0 first, then x1, then the repeat: x0's empty-prompt rows ran in batches before the repeat's
+    assert got.stats["unet_rows"] == want.stats["unet_rows"] - uncond * T
     assert got.stats.get("unet_rows_reused", 0) == uncond * T
+    # in one batch with x0's own rows, the repeat's cannot wait for them: they run again
+    one = fastitm.score(torch.stack([x0, x1, x0]), texts, image_cache=fastitm.ImageCache(), **{**kw, "batch_size": 32})
+    same(one, want)
+    assert one.stats["unet_rows"] == want.stats["unet_rows"] and one.stats["vae_images"] == 2
 
 
 def test_racing_with_the_cache_decides_as_without_and_counts_only_its_own_rows(tiny, images):
@@ -140,7 +145,8 @@ def test_an_evaluation_runs_each_images_rows_once(tiny, tmp_path):
     kw = dict(model=tiny, timesteps=T, batch_size=2, stream=1, progress=False)  # an engine call per item
     plain = fastitm.evaluate.run("jsonl", f, **kw)
     cached = fastitm.evaluate.run("jsonl", f, image_cache=True, **kw)
-    one_call = fastitm.evaluate.run("jsonl", f, image_cache=True, **{**kw, "batch_size": 32, "stream": 16})  # repeats in a call
+    # one call, repeats in it; batches of 8 rows, one image each: every first occurrence runs before the repeats
+    one_call = fastitm.evaluate.run("jsonl", f, image_cache=True, **{**kw, "batch_size": 8, "stream": 16})
     assert plain.stats["engine_calls"] == 4 and one_call.stats["engine_calls"] == 1
     for a, b, c in zip(cached.items, plain.items, one_call.items, strict=True):
         assert a["scores"] == pytest.approx(b["scores"], rel=1e-5, abs=1e-5)
