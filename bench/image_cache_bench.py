@@ -1,6 +1,6 @@
 """An evaluation whose items share images, with and without the image cache, side by side.
 
-    python bench/image_cache_bench.py [--queries 24] [--candidates 10] [--timesteps 10] [--rounds 3]
+    python bench/image_cache_bench.py [--queries 24] [--candidates 10] [--timesteps 10] [--rounds 3] [--adaptive]
 
 Flickr30k-image-retrieval-shaped: ``--queries`` captions, each ranking ``--candidates`` images from
 a pool of as many images as captions (its true image and others drawn at random, seeded), so each image
@@ -9,6 +9,7 @@ top 10 of 1,000 images). The embedded model, held-out synthetic images, Diffusio
 unconditional row. Each arm is a whole ``fastitm.evaluate.run`` on the jsonl task (PNG decoding,
 metrics and curves included), and the arms alternate. Reported per arm: denoiser rows, VAE images,
 reused rows, wall time (median of the rounds), and the largest score difference between the arms.
+``--adaptive``: both arms race (``adaptive=True``: each caption's candidate images, round by round).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=10)
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--adaptive", action="store_true", help="race the candidates in both arms")
     args = p.parse_args(argv)
     if not 2 <= args.candidates <= args.queries:
         p.error("--candidates must be in [2, --queries] (candidates are drawn from a pool of --queries images)")
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
 
     def run(cache: bool):
         return fastitm.evaluate.run("jsonl", f, model=model, timesteps=args.timesteps, seed=0, progress=False,
-                                    image_cache=cache)
+                                    image_cache=cache, adaptive=True if args.adaptive else None)
 
     arms = {"per item (no cache)": False, "image cache": True}
     times = {k: [] for k in arms}
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     out = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads", "model": model.source, "dtype": str(model.dtype),
            "queries": args.queries, "candidates": args.candidates, "distinct_images": len(ex),
-           "timesteps": args.timesteps, "rounds": args.rounds, "arms": {}}
+           "timesteps": args.timesteps, "adaptive": args.adaptive, "rounds": args.rounds, "arms": {}}
     for name in arms:
         st = got[name].stats
         out["arms"][name] = {"unet_rows": st["unet_rows"], "vae_images": st["vae_images"],
@@ -78,8 +80,12 @@ def main(argv=None) -> int:
     out["rows_ratio"] = round(a["unet_rows"] / b["unet_rows"], 3)
     out["wall_ratio"] = round(a["wall_median_s"] / b["wall_median_s"], 3)
     plain, cached = (got[k].items for k in arms)
+    # (racing: a candidate dropped in both arms scores None in both)
     out["max_abs_score_difference"] = max(abs(x - y) for r, s in zip(plain, cached, strict=True)
-                                          for x, y in zip(r["scores"], s["scores"], strict=True))
+                                          for x, y in zip(r["scores"], s["scores"], strict=True)
+                                          if x is not None and y is not None)
+    out["same_candidates_dropped"] = all([x is None for x in r["scores"]] == [y is None for y in s["scores"]]
+                                         for r, s in zip(plain, cached, strict=True))
     print(json.dumps(out, indent=1))
     return 0
 

@@ -236,38 +236,39 @@ def _stages(run: Run, state: _State, same: torch.Tensor | None = None) -> Iterat
     and a last one for the survivors; each is generated after the previous stage's errors are in
     ``state``, and survivors are ranked by the mean over every timestep evaluated so far.
 
-    ``same`` [N] (with an ImageCache): the first index of each image's pixels in the call. Without
-    elimination or racing, the images that others repeat go first and the repeats last; a repeat's
-    unconditional cells are copied from its first occurrence's where those have run by the time its
-    rows are asked for (:func:`fastitm.image_cache.copy_repeat`), and run again otherwise."""
+    ``same`` [N] (with an ImageCache): the first index of each image's pixels in the call. Then every
+    stage runs the images that others repeat first and the repeats last, and a repeat's unconditional
+    cells are copied from its first occurrence's where those have run by the time its rows are asked
+    for (:func:`fastitm.image_cache.copy_repeat`); they run again otherwise."""
+    hook: dict = {}
+    if same is not None:
+        def copy(i: int) -> None:
+            copy_repeat(i, same, state.uncond, state.attn_uncond, state.done[:, -1, :], state.reused)
+
+        hook = {"order": repeats_last(same), "before": copy}
     if run.race is not None:
-        yield from _race_stages(run, state)
+        yield from _race_stages(run, state, hook)
         return
     T = len(run.plan)
     spec = run.spec
     rounds = spec.options.get("elimination")
     alive = run.requested().clone()
     stages = elimination_stages(T, rounds, spec.options.get("order", "spread"))
-    if same is not None and spec.needs_uncond and not rounds:
-        def copy(i: int) -> None:
-            copy_repeat(i, same, state.uncond, state.attn_uncond, state.done[:, -1, :], state.reused)
-
-        yield stage_chunks(alive, stages[0], True, repeats_last(same), before=copy)
-        return
     seen: list[int] = []
     for r, ks in enumerate(stages):
-        yield stage_chunks(alive, ks, spec.needs_uncond)
+        yield stage_chunks(alive, ks, spec.needs_uncond, **hook)
         if r < len(stages) - 1:
             seen += ks
             alive = survivors(state.per_t[:, :, seen].cpu().mean(dim=2), alive, rounds[r][1])
 
 
-def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
+def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch.Tensor]]:
     """Racing (:mod:`fastitm.racing`): the plan's timesteps in spread order, one stage per round; after
     each, :func:`fastitm.racing.step` decides each race on the per-timestep scores computed so far: an
     image's requested texts (``over="texts"``) or a text's requested images (``over="images"``). A race
     stops when ``keep`` candidates are left, or for futility. Decisions are a function of those scores
-    alone, so batching, resuming and sharding take the same ones. ``state.live``: the survivors."""
+    alone, so batching, resuming and sharding take the same ones. ``state.live``: the survivors.
+    ``hook``: :func:`stage_chunks`' ``order`` and ``before`` for every round (see :func:`_stages`)."""
     from .methods import spread_order
     from .racing import futile, step
 
@@ -292,7 +293,7 @@ def _race_stages(run: Run, state: _State) -> Iterator[Iterator[torch.Tensor]]:
             alive = state.live
         else:
             alive = state.live & (racing[:, None] if by_image else racing[None, :])
-        yield stage_chunks(alive, order[start:stop], run.spec.needs_uncond)
+        yield stage_chunks(alive, order[start:stop], run.spec.needs_uncond, **hook)
         start = stop
         if stop == T:
             break
@@ -437,7 +438,8 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
         stats["image_cache"] = why_not or "on"
     same = None  # with an image cache: each image's first index in the call (repeats wait for a second stage)
     if cache_keys is not None and spec.needs_uncond:  # the held unconditional cells are done before the first batch
-        state.reused = cache.prefill(cache_keys, state.uncond, state.attn_uncond, state.done[:, M, :])
+        state.reused = cache.prefill(cache_keys, state.uncond, state.attn_uncond, state.done[:, M, :],
+                                     requested.any(dim=1))
         same = first_occurrence(cache_keys)
 
     with ExitStack() as stack:
@@ -506,6 +508,11 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     if ckpt is not None:
         state.save(ckpt, key)
     if state.reused is not None:
+        # an empty-prompt row counts as reused where the call ran a text row of its image and timestep
+        # (held cells of timesteps a race or an elimination never reached saved nothing)
+        unused = state.reused & ~state.done[:, :M, :].any(dim=1)
+        state.done[:, M, :] &= ~unused  # and are not this call's work: neither done nor saved
+        state.reused &= ~unused
         stats["unet_rows_reused"] = int(state.reused.sum())
     if cache_keys is not None:
         cache.store(cache_keys, z, state.uncond, state.attn_uncond, state.done[:, M, :],

@@ -12,9 +12,10 @@ back: the same latent, noise, timestep and empty prompt through the same denoise
 :class:`ImageCache` keeps, per image (keyed by its prepared pixels), the latent and the
 unconditional errors and attention terms of the timesteps computed so far. A call given the cache
 encodes only the images it has not seen and skips the unconditional rows it holds. Within the call,
-an image given twice (the same pixels) goes through the VAE once. Without elimination or racing, the
-repeats' rows come last in the call. A repeat then copies its first occurrence's unconditional
-rows, if those ran in a batch before its own rows were asked for (not when they share a batch).
+an image given twice (the same pixels) goes through the VAE once, and the repeats' rows come last in
+each stage (the call, or each round of elimination or racing). A repeat then copies its first
+occurrence's unconditional rows, if those ran in a batch before its own rows were asked for (not
+when they share a batch).
 ``res.stats`` says what was reused: ``unet_rows_reused``, and ``vae_images`` (the encodes run).
 
 The scores equal those without the cache to float rounding, not to the bit. A reused row was
@@ -140,12 +141,14 @@ class ImageCache:
         return out
 
     def prefill(self, keys: list[str], uncond: torch.Tensor, attn_uncond: torch.Tensor,
-                done: torch.Tensor) -> torch.Tensor:
+                done: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
         """Write the held unconditional rows into a call's state: ``uncond``, ``attn_uncond`` [N, T]
-        and ``done`` [N, T] (the unconditional column), where not already done. Returns bool [N, T]:
-        the cells filled here."""
+        and ``done`` [N, T] (the unconditional column), where not already done, for the images
+        ``wanted`` [N] (those with a pair to score). Returns bool [N, T]: the cells filled here."""
         filled = torch.zeros_like(done)
         for i, k in enumerate(keys):
+            if not wanted[i]:
+                continue
             e = self._entries.get(k)
             if e is None or e.done.shape != done[i].shape:
                 continue
@@ -210,8 +213,11 @@ def copy_repeat(i: int, same: torch.Tensor, uncond: torch.Tensor, attn_uncond: t
     have = done[src] & ~done[i]
     if not bool(have.any()):
         return
+    from .common import to_device
+
+    mask = to_device(have, uncond.device)  # in the batch loop: a pageable copy would wait for the GPU
     for buf in (uncond, attn_uncond):
-        buf[i] = torch.where(have.to(buf.device), buf[src], buf[i])
+        buf[i] = torch.where(mask, buf[src], buf[i])
     done[i] |= have
     reused[i] |= have
 

@@ -57,11 +57,12 @@ def test_cuda_graphs_for_every_family(monkeypatch, family, method):
     assert_close(graphed.matrix, ref.matrix, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method,opts", [CONFIGS[0], CONFIGS[4]])  # the error path; the pooled and mixed terms
-def test_the_batch_loop_never_waits_for_the_gpu(tiny_cuda, monkeypatch, method, opts):
+@pytest.mark.parametrize("method,opts,cache", [(*CONFIGS[0], False), (*CONFIGS[4], False),  # error; pooled, mixed
+                                               (*CONFIGS[0], True)])  # an image cache copying a repeat's rows
+def test_the_batch_loop_never_waits_for_the_gpu(tiny_cuda, monkeypatch, method, opts, cache):
     """From the second denoiser batch to the end of the loop no host sync happens (torch's sync debug
     mode makes one an error): the CPU queues each batch while the GPU still runs the previous one."""
-    from fastitm import engine
+    from fastitm import engine, image_cache
 
     calls, real_call, real_result = [0], engine.UNetRunner.__call__, engine._result
 
@@ -75,14 +76,24 @@ def test_the_batch_loop_never_waits_for_the_gpu(tiny_cuda, monkeypatch, method, 
         torch.cuda.set_sync_debug_mode(0)
         return real_result(*a, **k)
 
+    real_store = image_cache.ImageCache.store
+
+    def store(*a, **k):  # after the loop: the cache keeps the rows on the CPU
+        torch.cuda.set_sync_debug_mode(0)
+        return real_store(*a, **k)
+
     monkeypatch.setattr(engine.UNetRunner, "__call__", call)
     monkeypatch.setattr(engine, "_result", result)
+    monkeypatch.setattr(image_cache.ImageCache, "store", store)
     monkeypatch.setenv("FASTITM_CUDA_GRAPHS", "0")
     monkeypatch.setenv("FASTITM_AUTOTUNE", "0")  # the autotuner's timing syncs, once per shape
     imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    if cache:
+        imgs[2] = imgs[0]  # a repeat, whose empty-prompt rows are copied in the batch loop
     try:
         res = fastitm.score(imgs, TEXTS, model=tiny_cuda, method=method, timesteps=4, seed=1, batch_size=7,
-                            progress=False, **opts)
+                            progress=False, image_cache=fastitm.ImageCache() if cache else None, **opts)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert calls[0] == res.stats["batches"] > 2
+    assert res.stats.get("unet_rows_reused", 0) == (4 if cache else 0)

@@ -88,6 +88,27 @@ def test_racing_with_the_cache_decides_as_without_and_counts_only_its_own_rows(t
     assert r_got["timesteps_per_image"] == r_want["timesteps_per_image"]
     assert r_got["plan_end"] == r_want["plan_end"]
     assert got.stats["unet_rows"] == want.stats["unet_rows"] - r_want["timesteps_per_image"][0]
+    # the cache holds x1's 8 timesteps; reused counts only those its race reached
+    assert got.stats["unet_rows_reused"] == r_want["timesteps_per_image"][0] < 8
+    assert got.stats["unet_rows_saved"] == want.stats["unet_rows_saved"]
+
+
+def test_racing_copies_a_repeats_rows_round_by_round(tiny, images):
+    x0, x1, _ = images
+    texts = ["a red square", "a blue circle", "a green triangle", "two squares"]
+    pairs = torch.tensor([[True, True, False, False], [True] * 4, [False, False, True, True]])
+    kw = dict(model=tiny, timesteps=8, pairs=pairs, batch_size=4, adaptive={"alpha": 0.3, "min_timesteps": 2,
+                                                                           "round_size": 2})
+    got = fastitm.score(torch.stack([x0, x1, x0]), texts, image_cache=fastitm.ImageCache(), **kw)
+    want = fastitm.score(torch.stack([x0, x1, x0]), texts, **kw)
+    assert torch.equal(torch.isinf(got.matrix), torch.isinf(want.matrix))
+    same(got, want)
+    reused = got.stats["unet_rows_reused"]
+    # each round, x0 runs before its repeat: the repeat copies x0's empty-prompt rows while x0 still races
+    assert 2 <= reused <= min(want.stats["racing"]["timesteps_per_image"][0::2])
+    assert got.stats["unet_rows"] == want.stats["unet_rows"] - reused
+    assert got.stats["racing"]["rows_per_image"] == [*want.stats["racing"]["rows_per_image"][:2],
+                                                     want.stats["racing"]["rows_per_image"][2] - reused]
 
 
 def test_the_cache_refuses_another_plan_method_or_changed_weights(tiny, images):
