@@ -33,6 +33,7 @@ first.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ class ImageCache:
         self.max_images = max_images
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._key: tuple | None = None
+        self._weights: _Weights | None = None
         self.hits = 0  # images found (latent reused) over all calls
         self.rows_reused = 0  # unconditional rows not run again, over all calls
 
@@ -71,7 +73,7 @@ class ImageCache:
     def clear(self) -> None:
         """Forget every image and the model, method and plan the cache was bound to."""
         self._entries.clear()
-        self._key = None
+        self._key = self._weights = None
 
     def __repr__(self) -> str:
         return f"ImageCache({len(self)} of at most {self.max_images} images, {self.rows_reused} rows reused)"
@@ -109,12 +111,12 @@ class ImageCache:
         """Check that ``run`` has the model, method and plan of the calls before it."""
         key = _run_key(run)
         if self._key is None:
-            self._key = key
+            self._key, self._weights = key, _Weights(run.model)
             return
-        if key[0] != self._key[0]:
+        if not self._weights.same(run.model):
             raise ValueError("image_cache holds the rows of another model (or of this model before its weights "
                              "changed): call image_cache.clear() first, or use one cache per model")
-        if key[1:] != self._key[1:]:
+        if key != self._key:
             raise ValueError("image_cache holds the rows of another method, method options or plan: use one cache "
                              "per (model, method, plan), or call image_cache.clear() first")
 
@@ -222,19 +224,38 @@ def copy_repeat(i: int, same: torch.Tensor, uncond: torch.Tensor, attn_uncond: t
     reused[i] |= have
 
 
+class _Weights:
+    """The model a cache's rows came from, as the objects themselves (weak references, so a new
+    model at a freed one's address is not taken for it) and the version counter of every parameter
+    and buffer. Every in-place change (an optimizer step, load_state_dict, merging LoRA weights) bumps
+    a counter: a cheap check that the weights are those the rows came from, where hashing them would
+    take seconds."""
+
+    def __init__(self, model) -> None:
+        objs = _model_objects(model)
+        self.refs = [weakref.ref(o) for o in objs]
+        self.versions = [t._version for t in objs if isinstance(t, torch.Tensor)]
+        self.where = (model.dtype, str(model.device))
+
+    def same(self, model) -> bool:
+        objs = _model_objects(model)
+        return (len(objs) == len(self.refs) and all(r() is o for r, o in zip(self.refs, objs, strict=True))
+                and [t._version for t in objs if isinstance(t, torch.Tensor)] == self.versions
+                and (model.dtype, str(model.device)) == self.where)
+
+
+def _model_objects(model) -> list:
+    return [model, *model.networks,
+            *(t for part in model.networks for t in (*part.parameters(), *part.buffers()))]
+
+
 def _run_key(run) -> tuple:
-    """(the model's identity and weights' versions, the method and options, the plan): what an
-    image's latent and unconditional rows depend on besides its pixels."""
-    m = run.model
-    # Every in-place change of a parameter or buffer (an optimizer step, load_state_dict, merging
-    # LoRA weights) bumps its version counter: a cheap check that the weights are the ones the held
-    # rows came from, where hashing them would take seconds.
-    weights = tuple((id(t), t._version) for part in m.networks for t in (*part.parameters(), *part.buffers()))
+    """(the method and its options, the plan): what an image's latent and unconditional rows depend
+    on besides its pixels and the model (:class:`_Weights`)."""
     h = hashlib.sha1()
     for t in (run.plan.timesteps, run.plan.noise):
         x = t.detach().to("cpu").contiguous()
         h.update(f"{tuple(x.shape)}{x.dtype}".encode())
         h.update(memoryview(x.numpy()).cast("B"))
     plan = (run.plan.latent, run.plan.seed, h.hexdigest())
-    method = (run.spec.name, repr(sorted(run.spec.options.items())))
-    return ((id(m), *map(id, m.networks), m.dtype, str(m.device), weights), method, plan)
+    return (run.spec.name, repr(sorted(run.spec.options.items()))), plan

@@ -118,6 +118,9 @@ def test_the_cache_refuses_another_plan_method_or_changed_weights(tiny, images):
         fastitm.score(images[:1], ["a", "b"], model=tiny, timesteps=3, image_cache=cache)
     with pytest.raises(ValueError, match="another method, method options or plan"):
         fastitm.score(images[:1], ["a", "b"], model=tiny, timesteps=2, method="discffusion", image_cache=cache)
+    twin = fastitm.testing.tiny_model(seed=0)  # the same weights in another model: its own rows
+    with pytest.raises(ValueError, match="another model"):
+        fastitm.score(images[:1], ["a", "b"], model=twin, timesteps=2, image_cache=cache)
     p = next(tiny.unet.parameters())
     with torch.no_grad():
         p.mul_(1.0)  # the same values, but written in place: a training step looks like this
