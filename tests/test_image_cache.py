@@ -181,6 +181,9 @@ def test_an_evaluation_runs_each_images_rows_once(tiny, tmp_path):
     assert cached.stats["unet_rows_reused"] == (12 - 5) * T
     assert cached.stats["unet_rows"] == plain.stats["unet_rows"] - (12 - 5) * T
     assert f"{7 * T} unconditional rows reused, 5 images through the VAE" in cached.to_markdown()
+    # without the cache, the report counts the repeats and points at the option
+    assert plain.stats["repeated_images"] == 7 and "7 candidate images repeat" in plain.to_markdown()
+    assert "--image-cache" in plain.to_markdown() and "--image-cache" not in cached.to_markdown()
     out = tmp_path / "rep"  # the same from the command line
     assert main(["eval", "jsonl", "--data", str(f), "--model", "tiny", "--timesteps", str(T), "--batch-size", "2",
                  "--stream", "1", "--image-cache", "--out", str(out), "--no-progress"]) == 0

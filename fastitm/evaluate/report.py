@@ -118,6 +118,10 @@ class EvalReport:
             if st.get("image_cache"):
                 lines[-1] += (f" Image cache: {st['unet_rows_reused']} unconditional rows reused, "
                               f"{st['vae_images']} images through the VAE.")
+            elif st.get("repeated_images"):
+                lines[-1] += (f" {st['repeated_images']} candidate images repeat an earlier item's: "
+                              "`--image-cache` (`image_cache=True`) would encode each once and run its "
+                              "unconditional rows once, with the same scores to float rounding.")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path | None:

@@ -196,6 +196,19 @@ def curve(items: list[Item], per_t: list[torch.Tensor], w: torch.Tensor | None =
     return rows
 
 
+def repeated_images(items: list[Item]) -> int:
+    """How many of the items' images repeat an earlier one: the same file (or alternatives) and crop
+    box. In-memory images (PIL) are not compared."""
+    seen, repeats = set(), 0
+    for item in items:
+        for n, img in enumerate(item.images):
+            if isinstance(img, (str, Path, tuple)):
+                key = (str(img), item.crops[n] if item.crops else None)
+                repeats += key in seen
+                seen.add(key)
+    return repeats
+
+
 def _model_record(model, digest: str) -> dict:
     """What a results record says of the model: where it came from, ``digest`` of every weight (a merged
     adapter or one changed weight changes it), family, dtype, device, and the versions."""
@@ -529,6 +542,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                              "ranks": dist.world_size(), "batch_size": bs, "engine_calls": work["calls"],
                              "unet_rows": work["unet_rows"], "batches": work["batches"],
                              "vae_images": work["vae_images"], "image_cache": bool(image_cache),
+                             "repeated_images": repeated_images(scored),
                              **({"unet_rows_reused": work["unet_rows_reused"]} if image_cache else {}),
                              "batch_fill": None if fill is None else round(fill, 4),
                              "wall_s": round(time.perf_counter() - started, 2)},
