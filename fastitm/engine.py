@@ -43,7 +43,7 @@ from .common import (
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
 from .families import take_cond
-from .image_cache import copy_repeat, first_occurrence, repeats_last
+from .image_cache import copy_repeat, repeats_last
 from .interrupts import deferred
 from .locks import held
 from .methods import check_rounds, elimination_stages
@@ -410,13 +410,13 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     per_timestep_latent = plan.latent == "sample_per_timestep"
     cache = run.image_cache
     why_not = cache.applies(run) if cache is not None else None
-    cache_keys = cache.start(run) if cache is not None and why_not is None else None
+    cache_keys, first = cache.start(run) if cache is not None and why_not is None else (None, None)
     if per_timestep_latent:
         parts = [encode_posterior(model, run.pixels[a : a + bs]) for a in range(0, N, bs)]
         z_mean, z_std = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         vae_images = N
     elif cache_keys is not None:
-        z, vae_images = cache.encode(run, cache_keys, bs)
+        z, vae_images = cache.encode(run, cache_keys, first, bs)
     else:
         off = run.image_offset
         z = torch.cat([encode_images(model, run.pixels[a : a + bs], plan, first_index=off + a) for a in range(0, N, bs)])
@@ -436,11 +436,11 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
              "text_encodes": M + (1 if spec.needs_uncond else 0), "batch_size": bs, "cuda_graphs": use_graph}
     if cache is not None:
         stats["image_cache"] = why_not or "on"
-    same = None  # with an image cache: each image's first index in the call (repeats wait for a second stage)
+    same = None  # with an image cache: each image's first index in the call (its repeats run last in each stage)
     if cache_keys is not None and spec.needs_uncond:  # the held unconditional cells are done before the first batch
         state.reused = cache.prefill(cache_keys, state.uncond, state.attn_uncond, state.done[:, M, :],
                                      requested.any(dim=1))
-        same = first_occurrence(cache_keys)
+        same = first
 
     with ExitStack() as stack:
         stop = stack.enter_context(deferred())

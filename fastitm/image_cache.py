@@ -86,25 +86,23 @@ class ImageCache:
             return f"latent={run.plan.latent!r} draws each image's latent by its index in the call"
         return None
 
-    def start(self, run) -> list[str]:
-        """Bind to ``run``'s model, method and plan (see :meth:`bind`); its images' keys."""
+    def start(self, run) -> tuple[list[str], torch.Tensor]:
+        """Bind to ``run``'s model, method and plan (see :meth:`bind`); its images' keys and each
+        one's first index in the call (:func:`first_occurrence`)."""
         self.bind(run)
-        return self.keys(run.pixels)
+        keys = self.keys(run.pixels)
+        return keys, first_occurrence(keys)
 
-    def encode(self, run, keys: list[str], bs: int) -> tuple[torch.Tensor, int]:
+    def encode(self, run, keys: list[str], same: torch.Tensor, bs: int) -> tuple[torch.Tensor, int]:
         """The scaled latents [N, C, h, w] of ``run``'s images and how many the VAE encoded: the images
-        the cache lacks, each distinct one once, in batches of ``bs``."""
+        the cache lacks, each distinct one (``same``: first indices) once, in batches of ``bs``."""
         from .common import encode_images
 
         held = self.latents(keys)
-        first: dict[str, int] = {}  # an image the cache lacks, by its first index in the call
-        for i, k in enumerate(keys):
-            if held[i] is None and k not in first:
-                first[k] = i
-        todo = list(first.values())
+        todo = [i for i in range(len(keys)) if held[i] is None and same[i] == i]
         new = [encode_images(run.model, run.pixels[todo[a : a + bs]], run.plan) for a in range(0, len(todo), bs)]
         encoded = dict(zip(todo, torch.cat(new).unbind(0), strict=True)) if new else {}
-        z = [held[i] if held[i] is not None else encoded[first[k]] for i, k in enumerate(keys)]
+        z = [held[i] if held[i] is not None else encoded[int(same[i])] for i in range(len(keys))]
         return torch.stack(z), len(todo)
 
     def bind(self, run) -> None:
@@ -122,12 +120,12 @@ class ImageCache:
 
     def keys(self, pixels: torch.Tensor) -> list[str]:
         """pixels [N, 3, R, R] -> one digest per image."""
+        from .engine import hash_tensor  # (the engine imports this module)
+
         out = []
         for p in pixels:
             h = hashlib.sha1()
-            x = p.detach().to("cpu").contiguous()
-            h.update(f"{tuple(x.shape)}{x.dtype}".encode())
-            h.update(memoryview(x.numpy()).cast("B"))
+            hash_tensor(h, p)
             out.append(h.hexdigest())
         return out
 
@@ -232,30 +230,29 @@ class _Weights:
     take seconds."""
 
     def __init__(self, model) -> None:
-        objs = _model_objects(model)
+        objs, self.versions = _model_objects(model)
         self.refs = [weakref.ref(o) for o in objs]
-        self.versions = [t._version for t in objs if isinstance(t, torch.Tensor)]
-        self.where = (model.dtype, str(model.device))
 
     def same(self, model) -> bool:
-        objs = _model_objects(model)
+        objs, versions = _model_objects(model)
         return (len(objs) == len(self.refs) and all(r() is o for r, o in zip(self.refs, objs, strict=True))
-                and [t._version for t in objs if isinstance(t, torch.Tensor)] == self.versions
-                and (model.dtype, str(model.device)) == self.where)
+                and versions == self.versions)
 
 
-def _model_objects(model) -> list:
-    return [model, *model.networks,
-            *(t for part in model.networks for t in (*part.parameters(), *part.buffers()))]
+def _model_objects(model) -> tuple[list, tuple]:
+    """(the model, its networks, their parameters and buffers), and (dtype, device, every tensor's
+    version counter)."""
+    tensors = [t for part in model.networks for t in (*part.parameters(), *part.buffers())]
+    return [model, *model.networks, *tensors], (model.dtype, str(model.device), *(t._version for t in tensors))
 
 
 def _run_key(run) -> tuple:
     """(the method and its options, the plan): what an image's latent and unconditional rows depend
     on besides its pixels and the model (:class:`_Weights`)."""
+    from .engine import hash_tensor
+
     h = hashlib.sha1()
     for t in (run.plan.timesteps, run.plan.noise):
-        x = t.detach().to("cpu").contiguous()
-        h.update(f"{tuple(x.shape)}{x.dtype}".encode())
-        h.update(memoryview(x.numpy()).cast("B"))
+        hash_tensor(h, t)
     plan = (run.plan.latent, run.plan.seed, h.hexdigest())
     return (run.spec.name, repr(sorted(run.spec.options.items()))), plan
