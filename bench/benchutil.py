@@ -27,6 +27,11 @@ def median_ms(fn, device, rounds=15, warmup=3):
     return statistics.median(ts), min(ts), max(ts)
 
 
+def machine() -> str:
+    """The CPU, torch and its threads, as the script benchmarks record them."""
+    return f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def context(device, dtype, **shapes):
     ctx = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",

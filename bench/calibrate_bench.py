@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from benchutil import emit
+from benchutil import emit, machine
 
 EXP_RATES = (1, 2, 4, 7, 10, 15)
 
@@ -70,8 +68,7 @@ def main(argv=None) -> int:
     n_train = sum(1 for _ in train.open())
     n_held = sum(1 for _ in held.open())
     limit = min(args.max_items, max(10, round(args.fraction * n_train)))
-    out = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads",
+    out = {"machine": machine(),
            "model": model.source, "timesteps": args.timesteps, "train_items": n_train, "calibration_items": limit,
            "heldout_items": n_held, "methods": {}}
     for method in args.method:

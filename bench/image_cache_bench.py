@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from benchutil import machine
 
 
 def main(argv=None) -> int:
@@ -65,8 +64,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             got[name] = run(arms[name])
             times[name].append(time.perf_counter() - t)
-    out = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads", "model": model.source, "dtype": str(model.dtype),
+    out = {"machine": machine(), "model": model.source, "dtype": str(model.dtype),
            "queries": args.queries, "candidates": args.candidates, "distinct_images": len(ex),
            "timesteps": args.timesteps, "adaptive": args.adaptive, "rounds": args.rounds, "arms": {}}
     for name in arms:

@@ -14,12 +14,11 @@ near-tie items; denoiser rows and wall time of each (median over ``--rounds`` al
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
-from benchutil import emit
+from benchutil import emit, machine
 
 
 def main(argv=None) -> int:
@@ -74,8 +73,7 @@ def main(argv=None) -> int:
         choice_full.append(0 if full.matrix[i, j] > full.matrix[i, j + 1] else 1)
         clear.append(pval < 0.01)
         near += pval >= 0.01
-    out = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads",
+    out = {"machine": machine(),
            "model": model.source, "items": len(items), "kinds": sorted({k for k, _ in items}),
            "timesteps": args.timesteps, "rounds": args.rounds, "clear_items": sum(clear), "near_ties": near, "arms": {}}
     for name, res in results.items():
@@ -123,8 +121,7 @@ def classes(args) -> int:
             results[name] = fastitm.score([e.image for e in ex], texts, model=model, method="diffusion_classifier",
                                           plan=plan, progress=False, **kw)
             times[name].append(time.perf_counter() - t)
-    out = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads", "model": model.source, "images": len(ex),
+    out = {"machine": machine(), "model": model.source, "images": len(ex),
            "classes": len(texts), "timesteps": T, "method": "diffusion_classifier", "arms": {}}
     full_rows = results["full plan"].stats["unet_rows"]
     for name, res in results.items():

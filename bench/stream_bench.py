@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from benchutil import machine
 
 
 def main(argv=None) -> int:
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
             got[name] = fn()
             times[name].append(time.perf_counter() - t)
     rows = rows_item * len(items)
-    out = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads", "model": model.source, "items": len(items),
+    out = {"machine": machine(), "model": model.source, "items": len(items),
            "rows": rows, "batch_size": bs, "timesteps": args.timesteps, "rounds": args.rounds, "arms": {}}
     for name in arms:
         _, batches, calls = got[name]
