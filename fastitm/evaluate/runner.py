@@ -367,11 +367,11 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     ``image_cache``: share each image's latent and unconditional rows across the run's engine calls
     (:class:`fastitm.ImageCache`), for tasks whose items share images (Flickr30k image retrieval:
     each image is a candidate of about ten captions; ImageCoDe's sets and CLEVR's images, several
-    items each). An image's rows are computed once
-    per process instead of once per item. The reused rows equal recomputed ones to float rounding only,
-    because they were computed in another batch. So the report no longer matches to the bit across
-    numbers of ranks or after a resume, because which rows are reused depends on what the process
-    scored before. ``report.stats`` counts ``unet_rows_reused`` and ``vae_images``.
+    items each). An image's rows are computed once per process instead of once per item. The reused
+    rows equal recomputed ones to float rounding only, because they were computed in another batch. So
+    the report no longer matches to the bit across numbers of ranks or after a resume, because which
+    rows are reused depends on what the process scored before. ``report.stats`` counts
+    ``unet_rows_reused`` and ``vae_images``.
     """
     from tqdm.auto import tqdm
 
