@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import sharing
 from .attention import lse_pooling
 from .common import (
     Run,
@@ -450,6 +451,10 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
         if spec.needs_attention:
             sink = stack.enter_context(lse_pooling(model.unet, opts["layers"], opts["pool"], opts["lam"], backend))
         runner = UNetRunner(model.unet, sink, bucket=bs, use_graph=use_graph, forward=model.spec.forward)
+        # rows of one (image, timestep) cell share the UNet's text-free prefix, rows of one text the
+        # cross-attention keys and values: computed once per batch (fastitm.sharing)
+        stats["row_sharing"] = sharing.disabled_reason(model.unet, use_graph=use_graph) or "on"
+        share = stack.enter_context(sharing.RowSharing(model.unet)) if stats["row_sharing"] == "on" else None
         last_save = time.monotonic()
         bar.update(resumed + (0 if state.reused is None else int(state.reused.sum())))  # done: resumed, reused
 
@@ -472,6 +477,8 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
                     zi = z[i]
                 x = noisy_latents(model, zi, nk, t)
                 cond = take_cond(emb, torch.where(j < 0, M, j))
+                if share is not None:
+                    share.batch(rc[:, 0] * T + rc[:, 2], torch.where(rc[:, 1] < 0, M, rc[:, 1]), device)
                 pred, pooled = runner(x, t, cond)
                 if spec.needs_error:
                     if noise_target:  # the target is the plan's noise row: no per-row copy
@@ -518,6 +525,8 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
         cache.store(cache_keys, z, state.uncond, state.attn_uncond, state.done[:, M, :],
                     stats.get("unet_rows_reused", 0))
     stats["unet_rows"], stats["batches"] = computed, batches  # denoiser calls (stages re-cut their batches)
+    if share is not None:  # the rows the shared parts ran, of unet_rows
+        stats["prefix_rows"], stats["kv_rows"] = share.rows["prefix"], share.rows["kv"]
     stats["unet_rows_saved"] = full_rows - int(state.done.sum())
     if use_graph:
         stats["cuda_graphs"] = runner.use_graph

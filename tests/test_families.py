@@ -276,7 +276,9 @@ def test_saved_folder_loads_and_scores_the_same(saved, name, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["family"] == model.family and data["plan"]["family"] == model.family
     direct = fastitm.score(paths, TEXTS[:3], model=model_of(name), timesteps=3, progress=False)
-    assert_close(torch.tensor(data["matrix"]), direct.matrix, rtol=1e-5, atol=1e-6)
+    # the loaded model's convolutions are channels-last on the CPU, the built one's are not: the same
+    # values summed in another order, and a DiffusionITM score is a difference of errors of about 1
+    assert_close(torch.tensor(data["matrix"]), direct.matrix, rtol=1e-5, atol=1e-5)
 
 
 def test_info_describes_a_folder_without_loading_weights(saved, capsys):
