@@ -12,13 +12,20 @@ round, the same rows in the same batches:
   the engine's model: what the engine adds beyond its denoiser;
 - ``encoders``: the engine's VAE and text-encoder calls alone on the same inputs; the engine less
   them, round by round, against ``bare`` is what the engine adds beyond what every scorer runs;
+- ``unshared`` (``--unshared``): the engine with ``FASTITM_ROW_SHARING=0``, every row through the whole
+  UNet (the engine runs the text-free prefix once per (image, timestep) cell and the cross-attention
+  keys and values once per text: :mod:`fastitm.sharing`);
 - ``published`` (``--published``): the Diffusion Classifier's ``eval_prob_adaptive.py`` loop (the
   prompts encoded once, per image the VAE encode and one batch of every (prompt, timestep) row) on a
   copy of the model as diffusers builds it, as the published script runs it.
 
 Then one more engine call under cProfile splits its wall time into encoders, UNet, error and the rest.
 
-    python bench/overhead_bench.py --rounds 3 [--published] [--stock] [--json out.json]
+The work is counted too: torch's FLOP counter on one row gives the UNet's FLOPs per row and those of
+the parts the engine shares; with the rows the shared parts ran (the engine's ``prefix_rows`` and
+``kv_rows``), that is the engine's UNet FLOPs against the bare loop's.
+
+    python bench/overhead_bench.py --rounds 3 [--unshared] [--published] [--stock] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import os
 import platform
 import pstats
 import statistics
@@ -76,6 +84,30 @@ def encoders(model, imgs, texts, plan):
     return run
 
 
+def row_flops(model) -> dict[str, int]:
+    """FLOPs of one row through the whole denoiser, through the text-free prefix the engine shares per
+    (image, timestep) cell, and through the cross-attention K/V projections it shares per text (torch's
+    FLOP counter: matmuls, convolutions and attention, whose CPU kernel it does not know by itself)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from fastitm.sharing import kv_modules, prefix_modules
+
+    unet = model.unet
+    names = {m: n for n, m in unet.named_modules()}
+    x, t = torch.randn(1, *model.latent_shape), torch.tensor([500])
+    cond = model.spec.encode_empty(model)
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v)}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fc:
+        model.spec.forward(unet, x, t, cond)
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+
+    def of(mods):
+        return sum(counts.get(f"{type(unet).__name__}.{names[m]}", 0) for m in mods)
+
+    return {"row": counts["Global"], "prefix": of(prefix_modules(unet)), "kv": of(kv_modules(unet))}
+
+
 def published(model, imgs, texts, plan):
     """eval_prob_adaptive.py's scoring: prompts encoded once; per image the VAE mean, then every
     (prompt, timestep) row in batches of 32 with the shared noise of its timestep."""
@@ -108,6 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--published", action="store_true")
+    p.add_argument("--unshared", action="store_true", help="also the engine with FASTITM_ROW_SHARING=0")
     p.add_argument("--stock", action="store_true", help="the engine's model as built (no load_model defaults)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -128,7 +161,16 @@ def main(argv=None) -> int:
         return fastitm.score(imgs, texts, model=model, method="diffusion_classifier", plan=plan, batch_size=bs,
                              progress=False)
 
+    def unshared():
+        os.environ["FASTITM_ROW_SHARING"] = "0"
+        try:
+            return engine()
+        finally:
+            del os.environ["FASTITM_ROW_SHARING"]
+
     arms = {"engine": engine, "bare": bare(model, batches), "encoders": encoders(model, imgs, texts, plan)}
+    if args.unshared:
+        arms["unshared"] = unshared
     if args.published:
         arms["published"] = published(stock, imgs, texts, plan)
     engine()  # warm-up (first-call costs: allocator, kernels' dispatch)
@@ -165,8 +207,17 @@ def main(argv=None) -> int:
            # round by round, against the bare loop: what the engine adds beyond what every scorer runs
            "engine_minus_encoders_s": [round(x, 2) for x in less],
            "engine_minus_encoders_vs_bare": round(med["bare"] / statistics.median(less), 4),
-           "unet_rows": res.stats["unet_rows"],
+           "unet_rows": res.stats["unet_rows"], "row_sharing": res.stats["row_sharing"],
+           "prefix_rows": res.stats.get("prefix_rows"), "kv_rows": res.stats.get("kv_rows"),
            "engine_profile_s": {k: round(v, 3) for k, v in split.items()}, "engine_profiled_s": round(total, 3)}
+    if "prefix_rows" in res.stats:
+        f = row_flops(model)
+        shared = (rows * f["row"] - (rows - res.stats["prefix_rows"]) * f["prefix"]
+                  - (rows - res.stats["kv_rows"]) * f["kv"])
+        out["gflops_per_row"] = {k: round(v / 1e9, 3) for k, v in f.items()}
+        out["unet_gflops"] = {"bare": round(rows * f["row"] / 1e9, 1), "engine": round(shared / 1e9, 1)}
+    if args.unshared:
+        out["engine_vs_unshared"] = round(med["unshared"] / med["engine"], 4)
     if args.published:
         out["engine_vs_published"] = round(med["published"] / med["engine"], 4)
     emit(out, args.json)
