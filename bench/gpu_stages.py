@@ -14,7 +14,8 @@ Stages (in the order the check runs them, most valuable first):
   random inputs at the SD 2.1-base and SDXL layer shapes, fp32/fp16/bf16 against the fp32 reference,
   next to PyTorch's own error in that dtype.
 - ``headline``: the SD 2.1-base architecture (random weights, 512 px, bf16): UNet rows/s of the
-  engine (CUDA graphs on and off), a bare loop of denoiser calls on the same rows, ``fastitm.reference``
+  engine (CUDA graphs on and off; at the first batch size also without row sharing,
+  ``FASTITM_ROW_SHARING=0``), a bare loop of denoiser calls on the same rows, ``fastitm.reference``
   and a per-pair loop in the published scripts' style, at batch sizes 16/32/64/128; UNet FLOPs per row
   counted with ``torch.utils.flop_counter``; the engine's rate as a fraction of the GEMM ceiling.
 - ``fused-ops``: the fused ops against SDPA + logsumexp at the SD 2.1 shapes (time, peak memory),
@@ -400,7 +401,7 @@ def stage_headline(ctx: Ctx) -> None:
     first = {}  # the first batch size's scores: every other batch size must give the same
     sizes = (8,) if ctx.smoke else BATCH_SIZES
 
-    def engine_vs_bare(bs, images, label):
+    def engine_vs_bare(bs, images, label, unshared=False):
         n_rows = images.shape[0] * T * (n_txt + 1)
         fns = {}
         for graphs in ("1", "0"):
@@ -408,6 +409,14 @@ def stage_headline(ctx: Ctx) -> None:
                 os.environ["FASTITM_CUDA_GRAPHS"] = graphs
                 return fastitm.score(images, texts, model=model, plan=plan, batch_size=bs, progress=False)
             fns[f"engine_graphs_{'on' if graphs == '1' else 'off'}"] = eng
+        if unshared:  # graphs off (the default) without row sharing: what fastitm.sharing saves here
+            def eng_unshared(bs=bs, images=images):
+                os.environ["FASTITM_CUDA_GRAPHS"], os.environ["FASTITM_ROW_SHARING"] = "0", "0"
+                try:
+                    return fastitm.score(images, texts, model=model, plan=plan, batch_size=bs, progress=False)
+                finally:
+                    del os.environ["FASTITM_ROW_SHARING"]
+            fns["engine_unshared"] = eng_unshared
         fns["bare_unet_loop"] = bare_loop(model, n_rows, bs)
         for fn in fns.values():  # warm-up: compilation, autotuning
             fn()
@@ -426,6 +435,10 @@ def stage_headline(ctx: Ctx) -> None:
         figs["engine_fraction_of_gemm_ceiling"] = round(n_rows / med["engine_graphs_on"] * flops / gemm, 3)
         figs["bare_fraction_of_gemm_ceiling"] = round(n_rows / med["bare_unet_loop"] * flops / gemm, 3)
         figs["graphs_on_vs_off_max_abs_score_diff"] = float((res.matrix - off.matrix).abs().max())
+        if unshared:  # graphs on runs unshared, graphs off shared (the default)
+            figs["row_sharing_speedup"] = round(med["engine_unshared"] / med["engine_graphs_off"], 3)
+            figs["row_sharing_max_abs_score_diff"] = float((off.matrix - fns["engine_unshared"]().matrix).abs().max())
+            figs["prefix_rows"], figs["kv_rows"] = off.stats.get("prefix_rows"), off.stats.get("kv_rows")
         figs["vs_first_batch_size_max_abs_score_diff"] = float((res.matrix - first[images.shape[0]]).abs().max())
         figs["unet_rows"] = res.stats["unet_rows"]
         figs["graph_replays"] = res.stats.get("graph_replays")
@@ -495,7 +508,7 @@ def stage_headline(ctx: Ctx) -> None:
 
     for n, bs in enumerate(sizes):
         if ctx.fits(25, f"engine vs bare loop at batch {bs}"):
-            engine_vs_bare(bs, imgs, "")
+            engine_vs_bare(bs, imgs, "", unshared=n == 0)
         if n == 0 and ctx.fits(5, "encoders alone"):
             encoders()
         if n == 0 and ctx.fits(20, "device busy under the profiler"):

@@ -25,7 +25,11 @@ The work is counted too: torch's FLOP counter on one row gives the UNet's FLOPs 
 the parts the engine shares; with the rows the shared parts ran (the engine's ``prefix_rows`` and
 ``kv_rows``), that is the engine's UNet FLOPs against the bare loop's.
 
-    python bench/overhead_bench.py --rounds 3 [--unshared] [--published] [--stock] [--json out.json]
+``--parts`` times the shared modules alone (timers on them) in one batch of the engine's shape, with and
+without sharing, alternating: a direct view of what sharing saves, which at 4% of the UNet's work is
+within the machine's round-to-round spread of whole calls.
+
+    python bench/overhead_bench.py --rounds 3 [--unshared] [--parts] [--published] [--stock] [--json out.json]
 """
 
 from __future__ import annotations
@@ -108,6 +112,52 @@ def row_flops(model) -> dict[str, int]:
     return {"row": counts["Global"], "prefix": of(prefix_modules(unet)), "kv": of(kv_modules(unet))}
 
 
+def shared_parts(model, rounds: int, n_texts: int = 3, cells: int = 10) -> dict:
+    """The time inside the parts the engine shares, with and without sharing, on one batch of the
+    engine's shape (``cells`` (image, timestep) cells x ``n_texts`` texts), alternating: timers on the
+    shared modules (the prefix, and every cross-attention's K/V projections), the gathers excluded."""
+    from fastitm.sharing import RowSharing, kv_modules, prefix_modules
+
+    unet = model.unet
+    spent = {"prefix": 0.0, "kv": 0.0}
+    handles = []
+    for part, mods in (("prefix", prefix_modules(unet)), ("kv", kv_modules(unet))):
+        for m in mods:
+            def pre(mod, args, part=part):
+                mod._fastitm_t0 = time.perf_counter()
+
+            def post(mod, args, out, part=part):
+                spent[part] += time.perf_counter() - mod._fastitm_t0
+
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    g = torch.Generator().manual_seed(2)
+    cell, text = torch.arange(cells * n_texts) // n_texts, torch.arange(cells * n_texts) % n_texts
+    x = torch.randn(cells, *model.latent_shape, generator=g)[cell]
+    t = torch.randint(0, 1000, (cells,), generator=g)[cell]
+    hidden = model.spec.encode(model, [f"text {j}" for j in range(n_texts)])["hidden"][text]
+    out = {f"{arm}_{k}": [] for arm in ("every_row", "shared") for k in ("prefix_s", "kv_s", "unet_s")}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for arm in ("every_row", "shared"):
+                spent.update(prefix=0.0, kv=0.0)
+                t0 = time.perf_counter()
+                if arm == "shared":  # the hooks' timers were registered first: they exclude the gathers
+                    with RowSharing(unet) as share:
+                        share.batch(cell, text, torch.device("cpu"))
+                        unet(x, t, encoder_hidden_states=hidden)
+                else:
+                    unet(x, t, encoder_hidden_states=hidden)
+                out[f"{arm}_unet_s"].append(round(time.perf_counter() - t0, 2))
+                out[f"{arm}_prefix_s"].append(round(spent["prefix"], 3))
+                out[f"{arm}_kv_s"].append(round(spent["kv"], 3))
+    for h in handles:
+        h.remove()
+    med = {k: statistics.median(v) for k, v in out.items()}
+    saved = med["every_row_prefix_s"] + med["every_row_kv_s"] - med["shared_prefix_s"] - med["shared_kv_s"]
+    return {"batch": f"{cells} cells x {n_texts} texts = {cells * n_texts} rows", **out,
+            "saved_s_median": round(saved, 3), "saved_of_unet": round(saved / med["every_row_unet_s"], 4)}
+
+
 def published(model, imgs, texts, plan):
     """eval_prob_adaptive.py's scoring: prompts encoded once; per image the VAE mean, then every
     (prompt, timestep) row in batches of 32 with the shared noise of its timestep."""
@@ -141,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--published", action="store_true")
     p.add_argument("--unshared", action="store_true", help="also the engine with FASTITM_ROW_SHARING=0")
+    p.add_argument("--parts", action="store_true",
+                   help="also time the shared parts alone, with and without sharing, on one batch")
     p.add_argument("--stock", action="store_true", help="the engine's model as built (no load_model defaults)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -216,6 +268,8 @@ def main(argv=None) -> int:
                   - (rows - res.stats["kv_rows"]) * f["kv"])
         out["gflops_per_row"] = {k: round(v / 1e9, 3) for k, v in f.items()}
         out["unet_gflops"] = {"bare": round(rows * f["row"] / 1e9, 1), "engine": round(shared / 1e9, 1)}
+    if args.parts:
+        out["shared_parts"] = shared_parts(model, args.rounds)
     if args.unshared:
         out["engine_vs_unshared"] = round(med["unshared"] / med["engine"], 4)
     if args.published:
