@@ -104,6 +104,11 @@ CALLS = ["--batch-size", "12", "--stream", "2"]
 RACE = ["--timesteps", "6", "--adaptive", "min_timesteps=2,round_size=2,alpha=0.2"]
 
 
+def _data(jsonl) -> list[str]:
+    """The data and call shape every run here shares (one process and two ranks alike)."""
+    return ["--data", str(jsonl), *CALLS]
+
+
 def _torchrun(args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
                           env=_env(), capture_output=True, text=True, timeout=300)
@@ -122,8 +127,7 @@ def two_ranks(jsonl, tmp_path_factory):
         path = root / f"ck.pt.rank{r}-of-2"
         return sorted(torch.load(path, weights_only=False)["done"]) if path.exists() else None
 
-    data = ["--data", str(jsonl), *CALLS]
-    common = ["eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--no-progress", *data]
+    common = ["eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--no-progress", *_data(jsonl)]
     (root / "kill_rank1.py").write_text(KILL_RANK1)
     killed = _torchrun([str(root / "kill_rank1.py"), *common, "--out", str(root / "killed"), "--checkpoint", str(ckpt)])
     after_kill = [shard(0), shard(1)]
@@ -136,7 +140,7 @@ def two_ranks(jsonl, tmp_path_factory):
 
 def test_two_gloo_processes_give_the_one_process_report_bit_for_bit(jsonl, two_ranks, tmp_path):
     root, after_kill, after_rerun, killed = two_ranks
-    one = _eval_here(["--data", str(jsonl), *CALLS], tmp_path / "one")
+    one = _eval_here(_data(jsonl), tmp_path / "one")
     assert killed.returncode != 0 and "stopped by SIGTERM" in killed.stderr, killed.stderr[-3000:]
     assert after_kill[1] == [4, 5]  # the first window of rank 1's shard (4-6), saved on SIGTERM
     two = json.loads((root / "two" / "report.json").read_text())
@@ -148,7 +152,7 @@ def test_two_gloo_processes_give_the_one_process_report_bit_for_bit(jsonl, two_r
     assert two["stats"]["engine_calls"] < one["stats"]["engine_calls"] == 4  # the resumed run: only the rest
     # Racing on 2 ranks: each rank races its own windows; the decisions and scores are those of one
     # process (a rerun of the first command from the checkpoints is checked in one process below).
-    one_r = _eval_here(["--data", str(jsonl), *CALLS, *RACE], tmp_path / "one_r")
+    one_r = _eval_here([*_data(jsonl), *RACE], tmp_path / "one_r")
     two_r = json.loads((root / "two_r" / "report.json").read_text())
     assert one_r["items"] == two_r["items"] and one_r["metrics"] == two_r["metrics"]
     rows = [it["rows"] for it in one_r["items"]]
