@@ -477,8 +477,9 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
                     zi = z[i]
                 x = noisy_latents(model, zi, nk, t)
                 cond = take_cond(emb, torch.where(j < 0, M, j))
-                if share is not None:
-                    share.batch(rc[:, 0] * T + rc[:, 2], torch.where(rc[:, 1] < 0, M, rc[:, 1]), device)
+                if share is not None:  # keys: each row's (image, timestep) cell and its text
+                    ci, cj, ck = cells(rc)
+                    share.batch(ci * T + ck, cj, device)
                 pred, pooled = runner(x, t, cond)
                 if spec.needs_error:
                     if noise_target:  # the target is the plan's noise row: no per-row copy

@@ -46,26 +46,23 @@ def disabled_reason(unet, *, use_graph: bool = False) -> str | None:
 
 
 def prefix_modules(unet) -> list[torch.nn.Module]:
-    """The UNet's modules before its first cross-attention whose inputs are one cell's alone: empty
-    when the time embedding takes more than the timestep (SDXL's text and time ids) or the first
-    attention is not a plain self-attention."""
+    """The modules an SD 1.x/2.x UNet runs before its first cross-attention, whose inputs are one
+    cell's alone: the first down block's first ResNet and its first transformer block's
+    self-attention (the ResNet alone when that attention is not a plain self-attention). Empty when
+    the time embedding takes more than the timestep (SDXL's text and time ids) or the first down
+    block has no cross-attention."""
     cfg = unet.config
     if cfg.get("addition_embed_type") is not None or cfg.get("class_embed_type") is not None:
         return []
-    mods: list[torch.nn.Module] = []
-    for block in unet.down_blocks:
-        attentions = getattr(block, "attentions", None)
-        resnets = list(block.resnets)
-        if not attentions:  # a block without cross-attention: all of it reads the cell only
-            mods += resnets + list(block.downsamplers or [])
-            continue
-        mods.append(resnets[0])
-        first = getattr(attentions[0], "transformer_blocks", [None])[0]
-        attn1 = getattr(first, "attn1", None)
-        if attn1 is not None and not getattr(first, "only_cross_attention", False) \
-                and not getattr(attn1, "is_cross_attention", True):
-            mods.append(attn1)
-        break
+    block = unet.down_blocks[0]
+    if not getattr(block, "attentions", None):  # (SDXL's first block has none, and no prefix either)
+        return []
+    mods: list[torch.nn.Module] = [block.resnets[0]]
+    first = getattr(block.attentions[0], "transformer_blocks", [None])[0]
+    attn1 = getattr(first, "attn1", None)
+    if attn1 is not None and not getattr(first, "only_cross_attention", False) \
+            and not getattr(attn1, "is_cross_attention", True):
+        mods.append(attn1)
     return mods
 
 
@@ -82,22 +79,30 @@ class _Groups:
     """One batch's rows grouped by a key: ``rep`` [G] the first row of each group, ``inv`` [n] each
     row's group (both on the device)."""
 
-    def __init__(self, key: torch.Tensor, device: torch.device) -> None:
-        n = len(key)
-        _, inv = torch.unique(key, return_inverse=True)
-        g = int(inv.max()) + 1
-        rep = torch.full((g,), n, dtype=torch.long).scatter_reduce(0, inv, torch.arange(n), "amin")
-        self.n, self.g = n, g
+    def __init__(self, n: int, rep: torch.Tensor, inv: torch.Tensor, device: torch.device) -> None:
+        self.n, self.g = n, len(rep)
         both = to_device(torch.cat([rep, inv]), device)  # one copy, without waiting for the device
-        self.rep, self.inv = both[:g], both[g:]
+        self.rep, self.inv = both[: self.g], both[self.g :]
+
+
+def _groups(key: torch.Tensor, device: torch.device) -> _Groups | None:
+    """The rows of ``key`` [n] (CPU) grouped, or None when every row is its own group (a gather would
+    only add a copy)."""
+    n = len(key)
+    _, inv = torch.unique(key, return_inverse=True)
+    g = int(inv.max()) + 1
+    if g == n:
+        return None
+    rep = torch.full((g,), n, dtype=torch.long).scatter_reduce(0, inv, torch.arange(n), "amin")
+    return _Groups(n, rep, inv, device)
 
 
 class RowSharing:
     """Hooks on a UNet that share the prefix per cell and the cross-attention K/V per text.
 
     ``with RowSharing(unet) as share:`` installs the hooks (removed on exit); before each denoiser
-    call, ``share.batch(cells [n], texts [n])`` gives each row's cell and text keys (CPU int64; rows
-    with equal keys have equal inputs to the shared parts). A call of another batch size, or before
+    call, ``share.batch(cells [n], texts [n], device)`` gives each row's cell and text keys (CPU int64;
+    rows with equal keys have equal inputs to the shared parts). A call of another batch size, or before
     :meth:`batch`, runs unshared. ``rows`` counts the rows the shared parts ran: ``{"prefix": .,
     "kv": .}`` against ``rows["all"]`` in all.
     """
@@ -113,13 +118,9 @@ class RowSharing:
     def batch(self, cells: torch.Tensor, texts: torch.Tensor, device: torch.device) -> None:
         n = len(cells)
         self.rows["all"] += n
-        self._cells = _Groups(cells, device) if self.prefix else None
-        self._texts = _Groups(texts, device) if self.kv else None
-        # a part whose rows are all distinct runs as is (a gather would only add a copy)
-        if self._cells is not None and self._cells.g == n:
-            self._cells = None
-        if self._texts is not None and self._texts.g == n:
-            self._texts = None
+        # a part whose rows are all distinct runs as is
+        self._cells = _groups(cells, device) if self.prefix else None
+        self._texts = _groups(texts, device) if self.kv else None
         self.rows["prefix"] += self._cells.g if self._cells is not None else n
         self.rows["kv"] += self._texts.g if self._texts is not None else n
 
