@@ -38,13 +38,12 @@ import argparse
 import copy
 import cProfile
 import os
-import platform
 import pstats
 import statistics
 import time
 
 import torch
-from benchutil import emit
+from benchutil import emit, machine
 
 
 def build(size: int):
@@ -250,7 +249,7 @@ def main(argv=None) -> int:
                 split[key] = split.get(key, 0.0) + ct
     total = sum(v for (_f, _l, fn), (_a, _b, _c, v, _d) in st.stats.items() if fn == "score_run")
     split["rest"] = total - sum(split.values())
-    out = {"machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+    out = {"machine": machine(),
            "shapes": f"SD 2.1-base architecture, {args.size} px, fp32, diffusion_classifier, 2 images x 3 texts x "
                      f"{len(plan)} timesteps = {rows} rows, batches {batches}",
            "engine_levers": model.levers or "none", "rounds": args.rounds,
