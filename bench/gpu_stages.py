@@ -37,6 +37,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -411,11 +412,9 @@ def stage_headline(ctx: Ctx) -> None:
             fns[f"engine_graphs_{'on' if graphs == '1' else 'off'}"] = eng
         if unshared:  # graphs off (the default) without row sharing: what fastitm.sharing saves here
             def eng_unshared(bs=bs, images=images):
-                os.environ["FASTITM_CUDA_GRAPHS"], os.environ["FASTITM_ROW_SHARING"] = "0", "0"
-                try:
+                os.environ["FASTITM_CUDA_GRAPHS"] = "0"
+                with mock.patch.dict(os.environ, {"FASTITM_ROW_SHARING": "0"}):  # restores what was set before
                     return fastitm.score(images, texts, model=model, plan=plan, batch_size=bs, progress=False)
-                finally:
-                    del os.environ["FASTITM_ROW_SHARING"]
             fns["engine_unshared"] = eng_unshared
         fns["bare_unet_loop"] = bare_loop(model, n_rows, bs)
         for fn in fns.values():  # warm-up: compilation, autotuning

@@ -41,6 +41,7 @@ import os
 import pstats
 import statistics
 import time
+from unittest import mock
 
 import torch
 from benchutil import emit, machine
@@ -213,11 +214,8 @@ def main(argv=None) -> int:
                              progress=False)
 
     def unshared():
-        os.environ["FASTITM_ROW_SHARING"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"FASTITM_ROW_SHARING": "0"}):  # restores what was set before
             return engine()
-        finally:
-            del os.environ["FASTITM_ROW_SHARING"]
 
     arms = {"engine": engine, "bare": bare(model, batches), "encoders": encoders(model, imgs, texts, plan)}
     if args.unshared:
