@@ -1,7 +1,8 @@
 """Packaging with an optional native extension built by CMake.
 
 `kernels/` is installed as `fastitm.kernels` (the top-level name `kernels` belongs to another PyPI
-package). The CMake build of `fastitm._C` is optional: without cmake, a compiler or pybind11 the
+package, which transformers imports; the folder has no __init__.py so that it never shadows that
+package, and fastitm/__init__.py maps it in a source checkout). The CMake build of `fastitm._C` is optional: without cmake, a compiler or pybind11 the
 install warns and goes on, and fastitm runs on its pure-PyTorch paths. Set FASTITM_NO_NATIVE=1 to
 skip the build.
 """

@@ -14,6 +14,10 @@ root = Path(fastitm.__file__).resolve().parent
 assert root.is_relative_to(Path(sys.prefix).resolve()), f"fastitm imported from {root}, not from the installed wheel"
 for mod in ("fastitm.ops", "fastitm.kernels", "fastitm.engine", "fastitm.presets", "fastitm.cli"):
     __import__(mod)
+import fastitm.kernels  # noqa: E402
+
+# the wheel holds kernels/ inside the package (no source-checkout mapping at work)
+assert [Path(p).resolve() for p in fastitm.kernels.__path__] == [root / "kernels"], fastitm.kernels.__path__
 from fastitm.ops._backend import native_status  # noqa: E402
 
 assert native_status() is None, native_status()

@@ -8,6 +8,36 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+
+def _map_source_kernels() -> None:
+    # The top-level kernels/ folder installs as fastitm.kernels (setup.py's package_dir). It has no
+    # __init__.py on purpose: `kernels` is also a PyPI package (transformers needs it), and a process
+    # started in the repository root has that root first on sys.path, where a regular package named
+    # kernels would shadow the installed one; a folder without __init__.py is only a namespace portion,
+    # which Python passes over for a regular package found later on sys.path. A wheel holds the folder
+    # inside this one (fastitm/kernels/), found as usual. A source checkout (the editable install, or
+    # any run from the repository root) holds it beside this folder, and setuptools' editable finder
+    # cannot map a namespace folder under a regular package, so that mapping is made here: a namespace
+    # package over ../kernels, importing nothing (Triton stays unimported until a kernel is used).
+    import importlib.machinery
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).absolute().parent  # not resolved: a linked install's own folder counts
+    beside = here.parent / "kernels"
+    # Only our own folder: a regular package there (the PyPI kernels, in site-packages) is not ours.
+    if (here / "kernels").is_dir() or not beside.is_dir() or (beside / "__init__.py").exists():
+        return
+    spec = importlib.machinery.ModuleSpec(__name__ + ".kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(beside)]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    globals()["kernels"] = module
+
+
+_map_source_kernels()
+
 from . import data, evaluate, reference, testing  # noqa: E402
 from .api import score  # noqa: E402
 from .engine import Interrupted  # noqa: E402
