@@ -224,7 +224,7 @@ class _State:
         return int(self.done.sum())
 
 
-def _checkpoint_lock(path: Path):
+def checkpoint_lock(path: Path):
     """Hold ``<path>.lock`` for the run: a second run on the same checkpoint is refused at once."""
     return held(path.with_name(path.name + ".lock"), lambda holder: CheckpointError(
         f"checkpoint {path} is in use by another run (process {holder}); wait for it to finish or pass another "
@@ -286,14 +286,13 @@ def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch
 
     req, live_v = races(requested), races(state.live)
     racing = req.sum(dim=1) > opts.keep  # races with something to decide
+    # A race with nothing to decide (no more candidates than `keep`: one text per image, a matched
+    # pair) has no test that could stop it: it runs the whole plan, as without racing.
+    stopped = torch.zeros_like(racing)
     start = 0
-    for r, stop in enumerate(opts.looks(T) + [T]):
-        # The first round runs every requested pair (each gets a mean, even where nothing is decided);
-        # later rounds only the live candidates of races still running.
-        if r == 0:
-            alive = state.live
-        else:
-            alive = state.live & (racing[:, None] if by_image else racing[None, :])
+    for stop in opts.looks(T) + [T]:
+        # Every round runs the live candidates of every race not stopped by a decision.
+        alive = state.live & (~stopped[:, None] if by_image else ~stopped[None, :])
         yield stage_chunks(alive, order[start:stop], run.spec.needs_uncond, **hook)
         start = stop
         if stop == T:
@@ -308,6 +307,7 @@ def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch
             live_v[g, cand] = live
             if int(live.sum()) <= opts.keep or futile(per_t[g, cand][:, seen], live, T, opts, w_seen, w_eval):
                 racing[g] = False
+                stopped[g] = True
 
 
 def racing_stats(run: Run, state: _State) -> dict:
@@ -384,7 +384,7 @@ def score_run(run: Run, *, backend: str = "auto", batch_size: int | None = None,
     ran = choose(backend, [torch.empty(0, device=device, dtype=run.model.dtype)], "fastitm.score")
     with ExitStack() as outer:
         if ckpt is not None:
-            outer.enter_context(_checkpoint_lock(ckpt))
+            outer.enter_context(checkpoint_lock(ckpt))
         key = fingerprint(run) if ckpt is not None else ""
         resumed = state.load(ckpt, key) if ckpt is not None and ckpt.exists() else 0
         return _score(run, state, ran, bs, progress, ckpt, key, resumed, checkpoint_every)

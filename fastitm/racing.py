@@ -8,6 +8,7 @@ round from ``min_timesteps`` on, every live candidate is compared with the item'
 highest mean so far) by a one-sided paired t-test on the per-timestep score differences and dropped
 when it is worse at the corrected level below. An item stops when ``keep`` candidates are left or
 the plan is exhausted; the survivors are then ranked by their means, as the fixed plan ranks them.
+An item that starts with no more than ``keep`` candidates has nothing to decide: it runs the whole plan.
 
 What ``alpha`` promises, per item: the candidate with the highest expected score is dropped with
 probability at most ``alpha``, to the extent that its per-timestep differences with each other
@@ -314,7 +315,8 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
         computed = torch.arange(n)[None, :] < used[:, None]  # as the engine computes: none after a drop
         seen_w = None if wo is None else wo[:n]
         live = step(scores[:, :n], live, T, opts, computed, seen_w)
-        if int(live.sum()) <= opts.keep or futile(scores[:, :n], live, T, opts, seen_w, wo):
+        # K <= keep: nothing to decide, so no test stops the item (the whole plan runs, as the engine's)
+        if K > opts.keep and (int(live.sum()) <= opts.keep or futile(scores[:, :n], live, T, opts, seen_w, wo)):
             break
     means = torch.stack([weighted_mean(scores[k, : used[k]].double(), None if wo is None else wo[: used[k]])
                          for k in range(K)])

@@ -272,8 +272,32 @@ def test_racing_respects_pairs_and_keep(tiny):
     assert res.matrix[~pairs].isnan().all()  # never asked for
     survivors = res.matrix.isfinite()
     assert (survivors.sum(dim=1) >= torch.tensor([2, 2, 1])).all()
-    # image 2 has one candidate: scored on the first round only, nothing to decide
-    assert res.stats["racing"]["timesteps_per_image"][2] == LOOSE["min_timesteps"] and survivors[2, 0]
+    # image 2 has one candidate: nothing to decide, so no test stops it: the whole plan, as without racing
+    assert res.stats["racing"]["timesteps_per_image"][2] == 12 and survivors[2, 0]
+    full = fastitm.score(imgs, texts, model=tiny, timesteps=12, seed=3, pairs=pairs)
+    assert_close(res.matrix[2, 0], full.matrix[2, 0], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["one text per image", "keep covers every text", "matched pairs"])
+def test_racing_with_nothing_to_race_runs_the_whole_plan(tiny, case):
+    imgs, texts = _race_inputs()
+    opts = dict(model=tiny, timesteps=12, seed=3)
+    if case == "one text per image":
+        got = fastitm.score(imgs, texts[:1], adaptive=LOOSE, **opts)
+        want = fastitm.score(imgs, texts[:1], **opts)
+    elif case == "keep covers every text":
+        got = fastitm.score(imgs, texts[:3], adaptive={**LOOSE, "keep": 3}, **opts)
+        want = fastitm.score(imgs, texts[:3], **opts)
+    else:  # DiffusionScore's call: each image against its own text only
+        pairs = torch.eye(3, dtype=torch.bool)
+        got = fastitm.score(imgs, texts[:3], adaptive=True, pairs=pairs, **opts)
+        want = fastitm.score(imgs, texts[:3], pairs=pairs, **opts)
+    assert got.stats["unet_rows"] == want.stats["unet_rows"] and all(got.stats["racing"]["plan_end"])
+    assert set(got.stats["racing"]["timesteps_per_image"]) == {12}
+    assert_close(got.matrix, want.matrix, rtol=1e-5, atol=2e-5, name=case)
+    # the simulation agrees: K <= keep runs every timestep
+    race = simulate(torch.randn(2, 12, generator=torch.Generator().manual_seed(0)), RaceOptions(**LOOSE, keep=2))
+    assert race.stopped == 12 and race.rows == 24
 
 
 def test_racing_resumes_to_the_uninterrupted_result(tiny, tmp_path):
