@@ -200,32 +200,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))
     # Under torchrun: one process per GPU (or CPU process with gloo); rank 0 reports.
     dist.init_from_env(args.device)
+    evaluation = _evaluation(args, options, adaptive)
     with ExitStack() as stack:
         if dist.rank() == 0:  # the one that writes: --out is its alone for the run
-            _check_report_folder(out, args.task, args.data, args.overwrite)
+            _check_report_folder(out, evaluation, args.overwrite)
             stack.enter_context(held(out / ".fastitm-eval.lock", lambda holder: ValueError(
                 f"--out {out} is in use by another fastitm eval (process {holder}); wait for it to finish or give "
                 "another --out")))
-        return _eval(args, out, options, adaptive)
+        return _eval(args, out, options, adaptive, evaluation)
 
 
-def _check_report_folder(out: Path, task: str, data: str | None, overwrite: bool) -> None:
-    """Refuse an ``--out`` holding the report of another evaluation (task or data) unless ``overwrite``:
-    the same evaluation's report is replaced (a rerun), another one is never lost silently."""
+def _evaluation(args: argparse.Namespace, options: dict, adaptive) -> dict:
+    """What makes a ``fastitm eval`` run another evaluation (report.json's ``evaluation``): the task,
+    data and model, the method with its options, the plan, the weights, racing and the item selection;
+    defaults filled in as the run fills them, so an explicit default is the same evaluation."""
+    from .evaluate.runner import task_defaults
+
+    timesteps = 10 if args.timesteps is None else args.timesteps
+    method = args.method or task_defaults(args.task, timesteps).get("method", "diffusion_itm")
+    record = {"task": args.task, "data": str(args.data), "model": args.model or "embedded", "dtype": args.dtype,
+              "method": method, "options": dict(sorted(options.items())), "timesteps": timesteps,
+              "seed": 0 if args.seed is None else args.seed, "split": args.split, "limit": args.limit,
+              "weights": args.weights or "uniform", "adaptive": None if adaptive is None else vars(adaptive)}
+    return json.loads(json.dumps(record, default=str))  # as report.json will hold it
+
+
+def _check_report_folder(out: Path, evaluation: dict, overwrite: bool) -> None:
+    """Refuse an ``--out`` holding the report of another evaluation unless ``overwrite``, naming what
+    differs: the same evaluation's report is replaced (a rerun), another one is never lost silently."""
     f = out / "report.json"
     if overwrite or not f.is_file():
         return
     try:
         old = json.loads(f.read_text())
-        prev = (old.get("task"), old.get("data"))
+        theirs = old.get("evaluation") or {"task": old.get("task"), "data": old.get("data")}  # older reports
     except (OSError, ValueError, AttributeError):
-        prev = ("unreadable", None)
-    if prev != (task, str(data)):
-        raise ValueError(f"--out {out} holds the report of another evaluation (task {prev[0]}, data {prev[1]}); "
-                         "give another --out, or --overwrite to replace it")
+        raise ValueError(f"--out {out} holds a report.json that is not a fastitm report; give another --out, or "
+                         "--overwrite to replace it") from None
+    differ = [k for k in evaluation if k in theirs and theirs[k] != evaluation[k]]
+    if differ:
+        said = "; ".join(f"{k} {json.dumps(theirs[k])} there, {json.dumps(evaluation[k])} here" for k in differ)
+        raise ValueError(f"--out {out} holds the report of another evaluation ({said}); give another --out, or "
+                         "--overwrite to replace it")
 
 
-def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive) -> int:
+def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive, evaluation: dict) -> int:
     from . import distributed as dist
     from .evaluate import run
 
@@ -239,6 +258,7 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive) -> int:
                  image_cache=args.image_cache, **options)
     if dist.rank() != 0:
         return 0
+    report.evaluation = evaluation
     written = report.save(out)
     print(report.to_markdown())
     for path in written.values():

@@ -307,7 +307,8 @@ def test_cli_eval_errors_exit_2(tmp_path, capsys):
     argv = ["eval", "jsonl", "--data", str(tmp_path / "none.jsonl"), "--model", "tiny", "--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "holds the report of another evaluation (task winoground, data /data/winoground)" in err
+    assert ('holds the report of another evaluation (task "winoground" there, "jsonl" here; data "/data/winoground" '
+            f'there, "{tmp_path / "none.jsonl"}" here)') in err
     assert main([*argv, "--overwrite"]) == 2  # now past --out, to the missing data
     assert "none.jsonl: file not found" in capsys.readouterr().err
 

@@ -36,6 +36,10 @@ class EvalReport:
     racing: list[dict] = field(default_factory=list)
     timesteps: list[dict] = field(default_factory=list)
     model: dict = field(default_factory=dict)
+    # What the command asked for (fastitm eval sets it): task, data, model, dtype, method, options,
+    # timesteps, seed, split, limit, weights, adaptive. Another --out of the same evaluation is replaced;
+    # one holding another evaluation is refused, naming what differs.
+    evaluation: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         from .. import __version__
@@ -46,7 +50,7 @@ class EvalReport:
                 "preset": self.preset, "options": self.options, "choices": self.choices, "metrics": self.metrics,
                 "accuracy_vs_timesteps": self.curve, "racing_simulated": self.racing,
                 "per_timestep": self.timesteps, "plan": self.plan, "skipped": self.skipped,
-                "stats": self.stats, "items": self.items, "fastitm": __version__}
+                "stats": self.stats, "evaluation": self.evaluation, "items": self.items, "fastitm": __version__}
 
     def to_markdown(self) -> str:
         lines = [f"# fastitm eval: {self.task}", "",
@@ -252,7 +256,8 @@ class EvalReport:
                        items=d["items"], curve=d["accuracy_vs_timesteps"], plan=d["plan"], data=d["data"],
                        preset=d.get("preset"), choices=d.get("choices", {}), skipped=d.get("skipped", []),
                        stats=d.get("stats", {}), racing=d.get("racing_simulated", []),
-                       timesteps=d.get("per_timestep", []), model=d.get("model", {}))
+                       timesteps=d.get("per_timestep", []), model=d.get("model", {}),
+                       evaluation=d.get("evaluation", {}))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is not a fastitm evaluation report ({type(e).__name__}: {e})") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -279,10 +280,17 @@ def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALP
 
 class _Progress:
     """Per-item results of this rank, saved atomically to its checkpoint file and reloaded on resume.
-    A file made for another task, data, options, plan or model is refused."""
+    A file made for another task, data, options, plan or model is refused, naming what differs.
 
-    def __init__(self, path: Path | None, key: str) -> None:
-        self.path, self.key = path, key
+    ``fields``: the run's identity, one digest per named part (:func:`_run_fields`). ``weights`` [T] or
+    None: the timestep weights the stored matrices were combined with; a resume with other weights
+    recombines them from the stored per-timestep scores (what a fresh run computes, bit for bit), so
+    ``--weights`` alone does not block a resume (racing and elimination put the weights in ``fields``:
+    there they decided which rows ran)."""
+
+    def __init__(self, path: Path | None, fields: dict[str, str], weights: torch.Tensor | None = None,
+                 items: list | None = None) -> None:
+        self.path, self.fields, self.weights = path, fields, weights
         self.done: dict[int, tuple[torch.Tensor, torch.Tensor, dict]] = {}
         self.skipped: dict[int, dict] = {}
         self.no_negative: dict[int, dict] = {}  # items whose every candidate is identical to the true one
@@ -294,10 +302,26 @@ class _Progress:
             except Exception as e:
                 raise CheckpointError(f"{path} is not a fastitm eval checkpoint ({type(e).__name__}); pass "
                                       "another --checkpoint") from None
-            if not isinstance(data, dict) or data.get("key") != key:
-                raise CheckpointError(f"eval checkpoint {path} belongs to another run (task, data, options, plan "
-                                      "or model); pass another --checkpoint")
+            if not isinstance(data, dict) or not isinstance(data.get("fields"), dict):
+                raise CheckpointError(f"{path} is not a fastitm eval checkpoint of this version (no run identity "
+                                      "in it); pass another --checkpoint")
+            theirs = data["fields"]
+            differ = [k for k in sorted(set(fields) | set(theirs)) if fields.get(k) != theirs.get(k)]
+            if differ:
+                raise CheckpointError(f"eval checkpoint {path} belongs to another run: its {', '.join(differ)} "
+                                      f"differ{'s' if len(differ) == 1 else ''} from this one's; pass another "
+                                      "--checkpoint, or rerun with the options it was made with")
             self.done, self.skipped, self.no_negative = data["done"], data["skipped"], data["no_negative"]
+            if not _same_weights(data.get("weights"), weights):
+                self._recombine(items)
+
+    def _recombine(self, items) -> None:
+        """The stored items' scores under this run's weights, from their per-timestep scores."""
+        from ..weights import weighted_mean
+
+        for idx, (_, per_t, record) in list(self.done.items()):
+            matrix = weighted_mean(per_t, self.weights)
+            self.done[idx] = (matrix, per_t, {**record, "scores": record_scores(items[idx], matrix)})
 
     def save(self) -> None:
         if self.path is None:
@@ -307,22 +331,36 @@ class _Progress:
 
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save({"key": self.key, "done": self.done, "skipped": self.skipped,
+            torch.save({"fields": self.fields, "weights": self.weights, "done": self.done, "skipped": self.skipped,
                         "no_negative": self.no_negative}, f)
         os.replace(tmp, self.path)
 
 
-def _run_key(task, data, method, options, plan, digest: str, items) -> str:
+def _same_weights(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def _run_fields(task, data, method, options, plan, digest: str, items) -> dict[str, str]:
+    """The identity of an eval run, one digest per part, so that a refusal can name what differs:
+    task, data (the resolved path), method, options (method options, preset and plan choices, racing,
+    and the weights where they decide which rows run), plan (timesteps, seed, scheme, latents, the
+    noise), items (ids and candidates: split, limit, selection) and model (every weight)."""
     import hashlib
 
     from ..engine import hash_tensor
 
-    h = hashlib.sha256()
-    for part in (task, str(Path(data).resolve()), method, sorted((k, repr(v)) for k, v in options.items()),
-                 plan.describe(), [(i.id, i.candidates, i.kept) for i in items], digest):
-        h.update(repr(part).encode() + b"\0")
-    hash_tensor(h, plan.noise)
-    return h.hexdigest()
+    def digest_of(*parts) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(repr(part).encode() + b"\0")
+        return h.hexdigest()
+
+    noise = hashlib.sha256()
+    hash_tensor(noise, plan.noise)
+    return {"task": digest_of(task), "data": digest_of(str(Path(data).resolve())), "method": digest_of(method),
+            "options": digest_of(sorted((k, repr(v)) for k, v in options.items())),
+            "plan": digest_of(plan.describe(), noise.hexdigest()),
+            "items": digest_of([(i.id, i.candidates, i.kept) for i in items]), "model": digest}
 
 
 def run(task: str, data: str | Path, *, model: Any = None, method: str | None = None, timesteps: int = 10,
@@ -437,65 +475,73 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         if not ckpt.parent.is_dir():
             raise FileNotFoundError(f"checkpoint folder {ckpt.parent} does not exist")
     check_not_with_elimination(race, plan_options.get("elimination"))  # before any model work
+    # Weights decide which rows run only under racing or elimination; otherwise a resume recombines.
+    decides = race is not None or bool(plan_options.get("elimination"))
     key_options = {**plan_options, **({"adaptive": vars(race)} if race is not None else {}),
-                   **({"weights": describe(weights)} if w is not None else {})}
+                   **({"weights": describe(weights)} if w is not None and decides else {})}
     digest = model_digest(model)  # every weight hashed once: the checkpoint's key and the report's record
-    state = _Progress(ckpt, _run_key(task, data, method, key_options, plan, digest, items) if ckpt else "")
-    last_save = time.monotonic()
-    show = progress_disabled(progress) if dist.rank() == 0 else True
-    bs = batch_size if batch_size is not None else default_batch_size(model)
-    per_call = 1 if plan.latent != "mean" else stream * bs  # rows per engine call (sampled latents: per item)
-    # Windows of consecutive items, about per_call rows each, fixed by the item list alone: each is one
-    # engine call whatever the number of ranks (ranks get whole windows), and a resumed run recomputes
-    # whole windows, so the floats do not depend on how the run was split or interrupted.
-    _, my_windows = dist.shard_items(_windows(items, len(plan), spec.needs_uncond, per_call))
-    window_of = {i: w for w, (a, b) in enumerate(my_windows) for i in range(a, b)}
-    todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
-            and i not in state.no_negative]
-    work = {"unet_rows": 0, "batches": 0, "calls": 0, "vae_images": 0, "unet_rows_reused": 0}
-    cache = None
-    if image_cache:
-        from ..image_cache import ImageCache
+    with ExitStack() as held_checkpoint:
+        if ckpt is not None:  # one run per checkpoint file: a second is refused, naming the holder
+            from ..engine import checkpoint_lock
 
-        cache = ImageCache()
-    # the resolved table, so a weights file is read once, not at every engine call
-    call_options = {**plan_options, **({"weights": dict(zip(plan.timesteps.tolist(), w.tolist(), strict=True))}
-                                       if w is not None else {})}
-    window: list = []
+            held_checkpoint.enter_context(checkpoint_lock(ckpt))
+        state = _Progress(ckpt, _run_fields(task, data, method, key_options, plan, digest, items) if ckpt else {},
+                          weights=w, items=items)
+        last_save = time.monotonic()
+        show = progress_disabled(progress) if dist.rank() == 0 else True
+        bs = batch_size if batch_size is not None else default_batch_size(model)
+        per_call = 1 if plan.latent != "mean" else stream * bs  # rows per engine call (sampled latents: per item)
+        # Windows of consecutive items, about per_call rows each, fixed by the item list alone: each is one
+        # engine call whatever the number of ranks (ranks get whole windows), and a resumed run recomputes
+        # whole windows, so the floats do not depend on how the run was split or interrupted.
+        _, my_windows = dist.shard_items(_windows(items, len(plan), spec.needs_uncond, per_call))
+        window_of = {i: w for w, (a, b) in enumerate(my_windows) for i in range(a, b)}
+        todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
+                and i not in state.no_negative]
+        work = {"unet_rows": 0, "batches": 0, "calls": 0, "vae_images": 0, "unet_rows_reused": 0}
+        cache = None
+        if image_cache:
+            from ..image_cache import ImageCache
 
-    def flush():
-        if window:
-            _score_window(window, state, work, score, model=model, method=method, plan=plan, backend=backend,
-                          batch_size=bs, race=race, options=call_options, image_cache=cache)
-            bar.update(dist.world_size() * len(window))
-            window.clear()
+            cache = ImageCache()
+        # the resolved table, so a weights file is read once, not at every engine call
+        call_options = {**plan_options, **({"weights": dict(zip(plan.timesteps.tolist(), w.tolist(), strict=True))}
+                                           if w is not None else {})}
+        window: list = []
 
-    try:
-        with terminate_as_interrupt(), ThreadPoolExecutor(max_workers=2) as pool, \
-                tqdm(total=len(items), initial=max(0, len(items) - len(todo) * dist.world_size()),
-                     desc=f"fastitm eval {task}", unit="item", disable=show, dynamic_ncols=True) as bar:
-            for (idx, item), fut in zip(todo, _prefetch([it for _, it in todo], pool), strict=True):
-                try:
-                    item, images = fut.result()
-                except BadImage as e:
-                    if not skip_bad:
-                        raise BadImage(f"{e} (pass --skip-bad / skip_bad=True to skip such items)") from None
-                    state.skipped[idx] = {"id": item.id, "error": str(e)}
-                    bar.update(dist.world_size())
-                    continue
-                if not item.has_negative:  # left out of the metrics, counted
-                    state.no_negative[idx] = {"id": item.id, "dropped": item.dropped}
-                    bar.update(dist.world_size())
-                    continue
-                if window and window_of[window[0][0]] != window_of[idx]:
-                    flush()
-                    if time.monotonic() - last_save >= checkpoint_every:
-                        state.save()
-                        last_save = time.monotonic()
-                window.append((idx, item, images))
-            flush()
-    finally:  # finished work is kept on errors, Ctrl-C and SIGTERM alike
-        state.save()
+        def flush():
+            if window:
+                _score_window(window, state, work, score, model=model, method=method, plan=plan, backend=backend,
+                              batch_size=bs, race=race, options=call_options, image_cache=cache)
+                bar.update(dist.world_size() * len(window))
+                window.clear()
+
+        try:
+            with terminate_as_interrupt(), ThreadPoolExecutor(max_workers=2) as pool, \
+                    tqdm(total=len(items), initial=max(0, len(items) - len(todo) * dist.world_size()),
+                         desc=f"fastitm eval {task}", unit="item", disable=show, dynamic_ncols=True) as bar:
+                for (idx, item), fut in zip(todo, _prefetch([it for _, it in todo], pool), strict=True):
+                    try:
+                        item, images = fut.result()
+                    except BadImage as e:
+                        if not skip_bad:
+                            raise BadImage(f"{e} (pass --skip-bad / skip_bad=True to skip such items)") from None
+                        state.skipped[idx] = {"id": item.id, "error": str(e)}
+                        bar.update(dist.world_size())
+                        continue
+                    if not item.has_negative:  # left out of the metrics, counted
+                        state.no_negative[idx] = {"id": item.id, "dropped": item.dropped}
+                        bar.update(dist.world_size())
+                        continue
+                    if window and window_of[window[0][0]] != window_of[idx]:
+                        flush()
+                        if time.monotonic() - last_save >= checkpoint_every:
+                            state.save()
+                            last_save = time.monotonic()
+                    window.append((idx, item, images))
+                flush()
+        finally:  # finished work is kept on errors, Ctrl-C and SIGTERM alike
+            state.save()
     parts = dist.gather((state.done, state.skipped, state.no_negative, work))
     done: dict = {}
     skipped_all: dict = {}
