@@ -190,3 +190,16 @@ def test_an_evaluation_runs_each_images_rows_once(tiny, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["stats"]["image_cache"] and rep["stats"]["unet_rows_reused"] == 7 * T
     assert [r["scores"] for r in rep["items"]] == [r["scores"] for r in cached.items]
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--preset", "published"], "latent='sample_per_timestep' (the published preset's)"),
+    (["--latent", "sample"], "latent='sample')"),
+])
+def test_eval_image_cache_with_sampled_latents_is_refused(tmp_path, capsys, extra, named):
+    f = tmp_path / "set.jsonl"
+    f.write_text(json.dumps({"image": "none.png", "texts": ["a", "b"], "label": 0}))
+    assert main(["eval", "jsonl", "--data", str(f), "--model", "tiny", "--image-cache", "--out", str(tmp_path / "o"),
+                 "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "image_cache shares posterior-mean latents only" in err and named in err, err

@@ -442,6 +442,11 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                     options={k: v for k, v in options.items()
                              if k not in ("resize", "latent", "scheme", "noise", "preset")},
                     backend=backend)
+    if image_cache and choices["latent"] != "mean":
+        why = " (the published preset's)" if preset == "published" and options.get("latent") is None else ""
+        raise ValueError(f"image_cache shares posterior-mean latents only; this run samples its latents "
+                         f"(latent={choices['latent']!r}{why}), seeded by each image's position, so nothing could "
+                         "be reused: drop the image cache, or pass latent='mean' (--latent mean)")
     items = load_task(task, data, split)
     if limit:
         items = items[:limit]
