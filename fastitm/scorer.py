@@ -18,8 +18,8 @@ from .model import Model, keep_vae_fp32, load_model
 class Scorer(torch.nn.Module):
     """``scorer = fastitm.Scorer(model, method="diffusion_itm", timesteps=10, seed=0, **options)``.
 
-    ``model``: a :class:`fastitm.Model`, a folder, a hub id, a loaded pipeline, or None (the embedded
-    model); ``dtype``/``device`` as in :func:`fastitm.load_model` when it is loaded here. Every other
+    ``model``: a :class:`fastitm.Model`, a folder, a hub id, a loaded pipeline, another Scorer (its
+    model, shared), or None (the embedded model); ``dtype``/``device`` as in :func:`fastitm.load_model` when it is loaded here. Every other
     keyword is a :func:`fastitm.score` argument fixed for every call (method options, ``preset``,
     ``batch_size``, ``adaptive``, ...). ``scorer(images, texts)`` returns the [N, M] float32 matrix (CPU);
     ``scorer.score(images, texts, **overrides)`` the whole :class:`~fastitm.ScoreResult`."""
@@ -27,6 +27,8 @@ class Scorer(torch.nn.Module):
     def __init__(self, model: Any = None, *, method: str = "diffusion_itm", timesteps: int | None = 10,
                  seed: int | None = 0, dtype: Any = None, device: Any = None, **score_kwargs: Any) -> None:
         super().__init__()
+        if isinstance(model, Scorer):  # another scorer's model, shared (its options are not taken)
+            model = model.model
         if not isinstance(model, Model):
             model = load_model(model, dtype=dtype, device=device if device is not None else "cpu")
         elif dtype is not None or device is not None:
@@ -43,16 +45,22 @@ class Scorer(torch.nn.Module):
         self._check()
 
     def _check(self) -> None:
-        """Bad options fail at construction, not at the first call (fastitm.score's own checks)."""
-        from .common import check_arguments
+        """Bad options fail at construction, not at the first call: every check :func:`fastitm.score`
+        makes before any model work (the plan, the method and its options, racing, the weights against
+        the plan's timesteps), run on a one-pixel image with this model."""
+        from .common import prepare_run
+        from .image_cache import ImageCache
 
         opts = dict(self.options)
-        named = {k: opts.pop(k, None) for k in ("preset", "resize", "latent", "scheme", "noise")}
-        for k in ("batch_size", "adaptive", "progress", "pairs", "checkpoint", "checkpoint_every", "distributed"):
+        cache = opts.pop("image_cache", None)
+        if cache is not None and not isinstance(cache, ImageCache):
+            raise TypeError(f"image_cache must be a fastitm.ImageCache, got {type(cache).__name__}")
+        for k in ("batch_size", "progress", "pairs", "checkpoint", "checkpoint_every", "distributed"):
             opts.pop(k, None)
-        check_arguments([torch.zeros(3, 8, 8)], ["a"], method=opts.pop("method"), timesteps=opts.pop("timesteps"),
-                        seed=opts.pop("seed"), plan=opts.pop("plan", None), backend=opts.pop("backend", "auto"),
-                        options=opts, **named)
+        named = {k: opts.pop(k, None) for k in ("timesteps", "seed", "plan", "preset", "resize", "latent", "scheme",
+                                                "noise", "adaptive", "weights")}
+        prepare_run([torch.zeros(3, 1, 1)], ["a"], model=self.model, method=opts.pop("method"),
+                    backend=opts.pop("backend", "auto"), options=opts, **named)
 
     def _named_networks(self):
         m = self.model

@@ -56,3 +56,33 @@ def test_metric_is_the_mean_of_the_matched_pairs(tiny):
     metric.reset()
     with pytest.raises(ValueError, match="before any update"):
         metric.compute()
+
+
+def test_scorer_fixes_weights_and_image_cache_and_checks_them_at_construction(tiny):
+    w = {"kind": "exp", "rate": 7}
+    scorer = fastitm.Scorer(tiny, timesteps=3, seed=0, weights=w, image_cache=fastitm.ImageCache())
+    want = fastitm.score(IMGS, TEXTS, model=tiny, timesteps=3, seed=0, weights=w)
+    got = scorer.score(IMGS, TEXTS)
+    assert_close(got.matrix, want.matrix, rtol=1e-5, atol=2e-5)
+    assert got.stats["vae_images"] == len(IMGS)
+    assert scorer.score(IMGS, TEXTS).stats["vae_images"] == 0  # the cache it holds: every image held
+    uniform = fastitm.score(IMGS, TEXTS, model=tiny, timesteps=3, seed=0).matrix
+    assert not torch.allclose(got.matrix, uniform)  # the weights were applied
+    # bad options fail here, not at the first call
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        fastitm.Scorer(tiny, weights="no-such-weights.json")
+    with pytest.raises(TypeError, match="image_cache must be a fastitm.ImageCache"):
+        fastitm.Scorer(tiny, image_cache=True)
+    with pytest.raises(ValueError, match="timesteps"):
+        fastitm.Scorer(tiny, timesteps=0)
+    with pytest.raises(ValueError, match="alpha"):
+        fastitm.Scorer(tiny, adaptive={"alpha": 2})
+
+
+def test_adaptive_metric_of_matched_pairs_is_the_full_plan(tiny):
+    from fastitm.scorer import DiffusionScore
+
+    plain, raced = DiffusionScore(tiny, timesteps=4, seed=0), DiffusionScore(tiny, timesteps=4, seed=0, adaptive=True)
+    plain.update(IMGS, TEXTS)
+    raced.update(IMGS, TEXTS)
+    torch.testing.assert_close(raced.compute(), plain.compute(), rtol=1e-5, atol=2e-5)
