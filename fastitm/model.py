@@ -226,8 +226,9 @@ def load_model(
     (:func:`fastitm.hub.resolve`: ``revision``, ``variant`` such as "fp16", ``cache_dir``; fetched
     where the hub is reachable, from the cache alone with ``HF_HUB_OFFLINE=1`` or
     ``local_files_only``); a path that exists is the folder itself. A loaded diffusers pipeline object
-    is taken as it is (:meth:`Model.from_pipeline`: its modules shared, its device and dtype kept unless
-    ``dtype`` or ``device`` are given).
+    is taken as it is (:meth:`Model.from_pipeline`: its modules shared, on their device and in their
+    dtype; another ``dtype`` or ``device`` is refused, and ``lora`` or a lever works on a copy of its
+    denoiser, so the caller's pipeline is left as it was).
 
     The family is recognised from ``model_index.json`` (see :mod:`fastitm.families`): SD 1.x/2.x
     (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), SDXL (plus
@@ -244,15 +245,9 @@ def load_model(
     from .speed import check_cpu_dtype
 
     if path is not None and not isinstance(path, (str, os.PathLike)) and hasattr(path, "components"):
-        # A loaded diffusers pipeline: its modules are shared, on their device and in their dtype
-        # unless dtype= or device= ask otherwise (which moves the pipeline's modules too).
-        model = Model.from_pipeline(path)
-        if dtype is not None or str(device) != "cpu":
-            target = check_device(device)
-            want = resolve_dtype(dtype, target) if dtype is not None else model.dtype
-            check_cpu_dtype(want, target)
-            model.to(device=target, dtype=want)
-        return _finish(model, lora, channels_last, fuse_qkv, compile)
+        return _from_pipeline(path, dtype, device, lora, channels_last, fuse_qkv, compile)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        _refuse_model_argument(path)
     device = check_device(device)
     dtype = resolve_dtype(dtype, device)
     check_cpu_dtype(dtype, device)
@@ -271,6 +266,39 @@ def load_model(
     if device != model.device:
         model.to(device=device)
     return _finish(model, lora, channels_last, fuse_qkv, compile)
+
+
+def _refuse_model_argument(obj: Any) -> None:
+    """What load_model cannot load, named with what it takes (and where the model of a fastitm object is)."""
+    takes = ("load_model takes a model folder (a str or path), a hub id ('org/name'), a loaded diffusers "
+             "pipeline, or None (the embedded model)")
+    if isinstance(obj, Model):
+        raise TypeError(f"{takes}; this is a fastitm Model, already loaded: pass it as model= as it is")
+    if isinstance(getattr(obj, "model", None), Model):  # a Scorer, a DiffusionScore's scorer
+        raise TypeError(f"{takes}; got a {type(obj).__name__}: its model is {type(obj).__name__.lower()}.model")
+    raise TypeError(f"{takes}; got {type(obj).__name__} {obj!r:.60}")
+
+
+def _from_pipeline(pipe: Any, dtype, device, lora, channels_last: bool | None, fuse_qkv: bool,
+                   compile: bool | str) -> Model:
+    """A loaded diffusers pipeline: its modules are shared (no copy of the weights), and nothing here
+    changes the caller's objects. A dtype or device other than the pipeline's is refused (the cast
+    would move the caller's modules too); a LoRA adapter and the UNet levers (asked for explicitly:
+    none is on by default here) go on a copy of the denoiser, leaving the pipeline's as it was."""
+    import copy
+
+    model = Model.from_pipeline(pipe)
+    target = model.device if str(device) == "cpu" else check_device(device)  # "cpu", the default: where it is
+    want = resolve_dtype(dtype, target) if dtype is not None else model.dtype
+    same_device = target.type == model.device.type and target.index in (None, model.device.index)
+    if not same_device or want != model.dtype:
+        raise ModelError(
+            f"load_model(pipeline, dtype={dtype!r}, device={str(device)!r}) would cast or move the pipeline's own "
+            f"modules ({model.dtype}, {model.device}): fastitm shares them, it does not copy them. Move the "
+            f"pipeline first (pipe.to({str(target)!r}, {want})) and pass it, or pass its folder or hub id")
+    if lora is not None or fuse_qkv or compile or channels_last:
+        model.unet = copy.deepcopy(model.unet)
+    return _finish(model, lora, bool(channels_last), fuse_qkv, compile)
 
 
 def _finish(model: Model, lora, channels_last: bool | None, fuse_qkv: bool, compile: bool | str) -> Model:

@@ -125,3 +125,35 @@ def test_hub_refusals_say_what_to_do(error, match, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     with pytest.raises((PermissionError, FileNotFoundError), match=match):
         fastitm.load_model("org/gated")
+
+
+def test_a_pipeline_is_left_as_it_was(tmp_path):
+    """load_model(pipe, lora=...) puts the adapter on a copy of the denoiser (the caller's UNet keeps its
+    layers and weights) and scores as the folder with the adapter; another dtype or device is refused,
+    naming what to do, instead of casting the caller's modules."""
+    from importlib.resources import files
+
+    from diffusers import StableDiffusionPipeline
+
+    base = fastitm.load_model()
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    modules = [type(m).__name__ for m in pipe.unet.modules()]
+    adapter = files("fastitm") / "assets" / "adapters" / "hardneg"
+    tuned = fastitm.load_model(pipe, lora=adapter)
+    assert tuned.unet is not pipe.unet and tuned.vae is pipe.vae
+    assert [type(m).__name__ for m in pipe.unet.modules()] == modules  # no LoRA layers on the caller's UNet
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    imgs = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    texts = ["a red circle", "a blue square"]
+    got = fastitm.score(imgs, texts, model=tuned, timesteps=2, seed=0).matrix
+    want = fastitm.score(imgs, texts, model=fastitm.load_model(lora=adapter), timesteps=2, seed=0).matrix
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    plain = fastitm.score(imgs, texts, model=fastitm.load_model(pipe), timesteps=2, seed=0).matrix
+    assert not torch.allclose(plain, got)  # the adapter did change the scores, and only the copy's
+    with pytest.raises(fastitm.model.ModelError, match=r"would cast or move the pipeline's own modules .*pipe\.to\("):
+        fastitm.load_model(pipe, dtype="bf16")
+    assert pipe.unet.dtype == torch.float32
