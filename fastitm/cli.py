@@ -296,7 +296,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from .evaluate.results import read, table
 
-    print(table(read(args.file), "csv" if args.csv else "markdown"), end="")
+    records = read(args.file, on_bad=lambda why: print(f"fastitm: warning: {why}", file=sys.stderr))
+    print(table(records, "csv" if args.csv else "markdown"), end="")
     return 0
 
 

@@ -43,14 +43,53 @@ def test_two_runs_line_up_in_one_table(jsonl, tmp_path, capsys):
     assert reports[0]["model"]["digest"] == reports[1]["model"]["digest"]  # the same weights
     assert main(["results", str(results)]) == 0
     md = capsys.readouterr().out.splitlines()
-    assert md[0].startswith("| recorded | task | model | method |") and len(md) == 4
-    assert "| diffusion_classifier |" in md[3]
+    # settings every run shares are said once; the method and its options, which differ, are columns
+    assert md[0].startswith("every run: data ") and "; timesteps 2; seed 0; weights uniform" in md[0]
+    assert md[2].startswith("| recorded | task | method | options | accuracy |") and len(md) == 6
+    assert "| diffusion_classifier |" in md[5]
     assert main(["results", str(results), "--csv"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["method"] for r in table] == ["diffusion_itm", "diffusion_classifier"]
     for row, rep in zip(table, reports, strict=True):
         assert float(row["accuracy"]) == pytest.approx(rep["metrics"]["accuracy"])
         assert int(row["timesteps"]) == 2 and int(row["unet_rows"]) == rep["stats"]["unet_rows"]
-    results.write_text(results.read_text() + "not json\n")
+        assert row["data"] == str(jsonl) and row["dtype"] == "float32" and row["scheme"] == "grid"
+        assert row["latent"] == "mean" and row["weights"] == "uniform" and row["split"] == row["limit"] == ""
+    # a truncated line and a foreign one: the good records still print, each bad line is named
+    good = results.read_text()
+    results.write_text(good + good.splitlines()[0][:80] + "\n" + json.dumps({"other": 1}) + "\n")
+    assert main(["results", str(results)]) == 0
+    got = capsys.readouterr()
+    assert len(got.out.splitlines()) == 6
+    assert f"{results}:3: not a JSON record" in got.err and f"{results}:4: not a fastitm eval record" in got.err
+    results.write_text("not json\n")
     assert main(["results", str(results)]) == 2
-    assert f"{results}:3: not a JSON record" in capsys.readouterr().err
+    assert f"{results}:1: not a JSON record" in capsys.readouterr().err
+
+
+def test_results_tell_apart_what_makes_runs_differ(jsonl, tmp_path, capsys):
+    results = tmp_path / "runs.jsonl"
+    runs = [[], ["--weights", "exp:7"], ["--limit", "2"], ["--option", "err=mse"], ["--latent", "sample"],
+            ["--image-cache"], ["--split", "x", "--dtype", "fp32"]]
+    for n, extra in enumerate(runs):
+        assert main(["eval", "jsonl", "--data", str(jsonl), "--model", "tiny", "--timesteps", "2", "--no-progress",
+                     "--out", str(tmp_path / f"o{n}"), "--results", str(results), *extra]) == 0
+    capsys.readouterr()
+    assert main(["results", str(results), "--csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["weights"] for r in table] == ["uniform", '{"kind": "exp", "rate": 7.0}', *["uniform"] * 5]
+    assert [r["limit"] for r in table] == ["", "", "2", "", "", "", ""]
+    assert [json.loads(r["options"])["err"] for r in table] == ["l2"] * 3 + ["mse"] + ["l2"] * 3
+    assert [r["latent"] for r in table] == ["mean"] * 4 + ["sample", "mean", "mean"]
+    assert [r["image_cache"] for r in table] == [""] * 5 + ["yes", ""]
+    assert [r["split"] for r in table] == [""] * 6 + ["x"]
+    # no two runs print the same settings in the markdown table
+    assert main(["results", str(results)]) == 0
+    from fastitm.evaluate.results import COLUMNS
+
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if line.startswith("| recorded"))
+    names = [c.strip() for c in head.split("|")[1:-1]]
+    shown = [n for n, c in enumerate(names) if c in COLUMNS and c not in ("recorded", "task")]
+    body = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| 20")]
+    assert len(body) == 7 and len({tuple(r[n] for n in shown) for r in body}) == 7
