@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,21 +39,32 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def _parse_weights(text: str):
-    """``--weights``: uniform, exp, exp:RATE, or a JSON file (see fastitm.weights)."""
-    if text == "uniform":
+    """``--weights``: uniform, exp, exp:RATE (the words in any case), or a JSON file (see fastitm.weights)."""
+    word = text.strip().lower()
+    if word == "uniform":
         return None
-    if text == "exp" or text.startswith("exp:"):
-        rate = text.partition(":")[2] or "7"
+    if word == "exp" or word.startswith("exp:"):
+        rate = word.partition(":")[2] or "7"
         try:
-            return {"kind": "exp", "rate": float(rate)}
+            value = float(rate)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--weights exp:RATE needs a number, got {rate!r}") from None
+            raise argparse.ArgumentTypeError(f"exp:RATE needs a number, got {rate!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"exp:RATE needs a finite rate, got {rate!r}")
+        return {"kind": "exp", "rate": value}
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a weights file (JSON, as fastitm calibrate "
+                                         "writes), uniform, exp or exp:RATE")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such weights file; give uniform, exp, exp:RATE or a JSON "
+                                         "weights file (as fastitm calibrate writes)")
     return text
 
 
 def _parse_adaptive(text: str | None):
     """``--adaptive`` alone: racing with its defaults; ``--adaptive alpha=0.01,min_timesteps=5``: those
-    options (see fastitm.racing.RaceOptions)."""
+    options (see fastitm.racing.RaceOptions), each named once."""
     if text is None:
         return None
     if text == "on":
@@ -58,9 +72,11 @@ def _parse_adaptive(text: str | None):
     out: dict = {}
     for part in text.split(","):
         key, eq, value = part.partition("=")
-        if not eq:
-            raise ValueError(f"--adaptive expects KEY=VALUE[,KEY=VALUE...], got {text!r}")
         key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ValueError(f"--adaptive expects KEY=VALUE[,KEY=VALUE...] (e.g. alpha=0.01,keep=5), got {text!r}")
+        if key in out:
+            raise ValueError(f"--adaptive names {key} twice ({text!r}); give each option once")
         if key == "over":  # the one option that is a word: texts or images
             out[key] = value
             continue
@@ -68,6 +84,18 @@ def _parse_adaptive(text: str | None):
             out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
             raise ValueError(f"--adaptive {key}={value!r}: expected a number") from None
+    return out
+
+
+def _adaptive_alone(argv: list[str]) -> list[str]:
+    """``--adaptive`` takes an optional value; a following word that is not KEY=VALUE (the task of
+    ``fastitm eval --adaptive jsonl ...``) is not its value but the next argument."""
+    out = []
+    for n, tok in enumerate(argv):
+        out.append(tok)
+        if (tok == "--adaptive" and n + 1 < len(argv) and argv[n + 1] != "on" and "=" not in argv[n + 1]
+                and not argv[n + 1].startswith("-")):
+            out.append("on")
     return out
 
 
@@ -277,9 +305,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .evaluate.calibrate import calibrate
 
     options = _run_options(args)
-    if args.adaptive or args.weights is not None:
-        raise ValueError("calibrate scores every timestep of every candidate and fits the weights itself: "
-                         "--adaptive and --weights do not apply")
     check_output_path(args.out, "--out")
     model = _load(args.model, args.dtype, args.device, args.method, _levers(args))
     cal = calibrate(args.task, args.data, model=model, method=args.method,
@@ -330,7 +355,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .model import describe_folder, embedded_model_path
 
     if args.model is not None:
-        d = describe_folder(args.model)
+        if not args.model.strip():
+            raise ValueError("--model is empty: give a model folder, a hub id or 'tiny' (or leave --model out for "
+                             "this installation)")
+        if args.model == "tiny":  # what score and eval load for --model tiny
+            from . import testing
+
+            d = testing.tiny_model(0).describe()
+            d["source"] = "tiny (fastitm.testing.tiny_model, random weights)"
+        else:
+            d = describe_folder(args.model)
         if args.json:
             print(json.dumps(d, indent=2))
             return 0
@@ -342,15 +376,24 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {name:<15} {cls:<30} {_count(d['parameters'][name])} parameters")
         print(f"methods: {', '.join(d['methods'])}")
         return 0
-    print(f"fastitm {__version__}  python {platform.python_version()}  torch {torch.__version__}")
-    print(f"cuda available: {torch.cuda.is_available()}")
-    print(f"embedded model: {embedded_model_path() or 'none shipped'}")
     try:
         from . import _C  # noqa: F401
 
-        print(f"native extension: built (openmp={_C.has_openmp()})")
+        native = {"built": True, "openmp": bool(_C.has_openmp())}
     except ImportError as e:
-        print(f"native extension: not available ({e})")
+        native = {"built": False, "why": str(e)}
+    embedded = embedded_model_path()
+    env = {"fastitm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "cuda_available": torch.cuda.is_available(), "embedded_model": str(embedded) if embedded else None,
+           "native_extension": native}
+    if args.json:
+        print(json.dumps(env, indent=2))
+        return 0
+    print(f"fastitm {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"cuda available: {torch.cuda.is_available()}")
+    print(f"embedded model: {embedded or 'none shipped'}")
+    print(f"native extension: built (openmp={native['openmp']})" if native["built"]
+          else f"native extension: not available ({native['why']})")
     return 0
 
 
@@ -411,6 +454,13 @@ def _scoring_arguments() -> argparse.ArgumentParser:
                    help="denoiser rows per forward pass (default: from the device: on CUDA what fits half the free "
                         "memory, on the CPU 32 for small latents)")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return c
+
+
+def _racing_arguments() -> argparse.ArgumentParser:
+    """What ``score`` and ``eval`` take beyond the scoring choices (``calibrate`` scores every timestep
+    of every candidate and fits the weights itself): racing and timestep weights."""
+    c = argparse.ArgumentParser(add_help=False)
     c.add_argument("--adaptive", nargs="?", const="on", default=None, metavar="KEY=VALUE,...",
                    help="paired racing: drop a text once a paired test says it is worse than the image's best "
                    "(fewer denoiser rows); alone for the defaults (alpha=0.05,min_timesteps=5,round_size=5,keep=1,"
@@ -424,9 +474,9 @@ def _scoring_arguments() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastitm", description="Diffusion models as image-text matchers.")
     sub = p.add_subparsers(dest="command", required=True)
-    scoring = _scoring_arguments()
+    scoring, racing = _scoring_arguments(), _racing_arguments()
 
-    s = sub.add_parser("score", parents=[scoring], help="score images against texts and print the table",
+    s = sub.add_parser("score", parents=[scoring, racing], help="score images against texts and print the table",
                        description="Score every image against every text (higher = better match); prints the "
                        "table with each image's best text marked '*'.")
     s.add_argument("--images", nargs="+", required=True, help="image files")
@@ -436,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None, help="write the matrix, plan, method and versions here")
     s.set_defaults(func=cmd_score)
 
-    e = sub.add_parser("eval", parents=[scoring],
+    e = sub.add_parser("eval", parents=[scoring, racing],
                        help="evaluate on a benchmark task (published metrics, accuracy vs timesteps)",
                        description="Score a benchmark task read from its published on-disk format and write "
                        "report.json, report.md, accuracy_vs_timesteps.png and accuracy_vs_rows.png "
@@ -515,9 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions and available backends; with --model, what a model folder holds")
     i.add_argument("--model", default=None,
-                   help="a diffusers model folder or hub id: print its family, components, parameter counts and the "
-                        "methods it supports (read from the configs; no weights are loaded)")
-    i.add_argument("--json", action="store_true", help="with --model: print the description as JSON")
+                   help="a diffusers model folder, a hub id or 'tiny': print its family, components, parameter counts "
+                        "and the methods it supports (read from the configs; no weights are loaded)")
+    i.add_argument("--json", action="store_true", help="print as JSON (the model's description, or the installation's)")
     i.set_defaults(func=cmd_info)
     return p
 
@@ -559,17 +609,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .ops._backend import BackendUnavailable
 
     parser = build_parser()
-    args = parser.parse_args(_negative_values(list(sys.argv[1:] if argv is None else argv), _valued_options(parser)))
+    argv = _adaptive_alone(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(_negative_values(argv, _valued_options(parser)))
     interrupts.received.clear()
+    # A command line speaks to a user, not a developer: a warning is one line, without fastitm's source
+    # file and line (restored after, for callers of main() in a Python process).
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"fastitm: warning: {message}\n"
     try:
         with interrupts.terminate_as_interrupt():  # SIGTERM (SLURM, torchrun) saves like Ctrl-C
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"fastitm: {'stopped by SIGTERM' if interrupts.exit_code() == 143 else 'interrupted'}", file=sys.stderr)
         return interrupts.exit_code()
+    except BrokenPipeError:
+        # The reader stopped early (`fastitm results runs.jsonl | head`): not an error. What is left in
+        # stdout's buffer goes to /dev/null, so the interpreter's flush at exit cannot fail either.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor (captured): nothing to flush
+            pass
+        return 0
     except (ValueError, TypeError, FileNotFoundError, OSError, BackendUnavailable) as e:
         print(f"fastitm: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ def resolve(weights: Any, timesteps: list[int] | torch.Tensor, num_train: int) -
     source = "weights"
     if isinstance(weights, (str, os.PathLike)):
         path = Path(weights)
+        if path.is_dir():
+            raise IsADirectoryError(f"weights {path} is a folder; give a weights file (JSON with a 'weights' table, as "
+                                    "fastitm calibrate writes)")
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path} (or give 'uniform', {{'kind': 'exp', "
                                     f"'rate': 7}} or a {{timestep: weight}} table)")
@@ -57,6 +60,9 @@ def resolve(weights: Any, timesteps: list[int] | torch.Tensor, num_train: int) -
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
             raise ValueError(f"weights rate must be a finite number, got {rate!r}")
         w = torch.tensor([math.exp(-rate * t / num_train) for t in ts], dtype=torch.float64)
+        if rate >= 0 and ts and not w.sum() > 0:  # the rate, not the weights, is what to change
+            raise ValueError(f"weights exp rate {rate:g}: exp(-rate * t / {num_train}) underflows to 0 at every "
+                             f"timestep of the plan (the smallest is {min(ts)}); use a smaller rate")
     else:
         try:
             table = {int(k): v for k, v in weights.items()}

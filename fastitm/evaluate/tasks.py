@@ -154,6 +154,9 @@ def load_jsonl(path: str | Path, split: str | None = None) -> list[Item]:
             raise DataError(f"{where}: not valid JSON ({e}); expected {JSONL_FORMAT}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; {JSONL_FORMAT}")
+        if {"image", "texts"} <= obj.keys() and {"images", "text"} <= obj.keys():
+            raise DataError(f"{where}: has both layouts, image + texts (pick the text) and images + text (pick the "
+                            f"image); keep the one meant; {JSONL_FORMAT}")
         if "image" in obj and "texts" in obj:
             kind, images, texts = "text", [obj["image"]], obj["texts"]
             n_cand = len(texts) if isinstance(texts, list) else 0
@@ -543,7 +546,8 @@ def load_sugarcrepe(data_dir: str | Path, split: str | None = None) -> list[Item
     swap) the mean of its subsets' accuracies, as the paper's tables average them. ``split``: one subset
     or a comma-separated list (default: all seven)."""
     root = Path(data_dir)
-    subsets = SUGARCREPE_SUBSETS if split is None else tuple(s.strip() for s in split.split(","))
+    # each subset once, in the order given (a subset named twice is not scored twice)
+    subsets = SUGARCREPE_SUBSETS if split is None else tuple(dict.fromkeys(s.strip() for s in split.split(",")))
     unknown = [s for s in subsets if s not in SUGARCREPE_SUBSETS]
     if unknown:
         raise DataError(f"unknown SugarCrepe subset(s) {unknown}; choose from {list(SUGARCREPE_SUBSETS)}")
