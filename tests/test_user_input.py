@@ -144,10 +144,10 @@ def test_checkpoint_messages(tiny, tmp_path):
 def test_a_checkpoint_in_use_is_refused_naming_the_holder(tiny, tmp_path):
     import os
 
-    from fastitm.engine import CheckpointError, _checkpoint_lock
+    from fastitm.engine import CheckpointError, checkpoint_lock
 
     ckpt = tmp_path / "shared.pt"
-    with _checkpoint_lock(ckpt):  # another run holds it (a lock is per open file, so this stands in)
+    with checkpoint_lock(ckpt):  # another run holds it (a lock is per open file, so this stands in)
         with pytest.raises(CheckpointError, match=f"in use by another run \\(process {os.getpid()}\\)"):
             fastitm.score(torch.rand(1, 3, 16, 16), ["a"], model=tiny, timesteps=1, checkpoint=str(ckpt))
     res = fastitm.score(torch.rand(1, 3, 16, 16), ["a"], model=tiny, timesteps=1, checkpoint=str(ckpt))

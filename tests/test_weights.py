@@ -79,4 +79,4 @@ def test_eval_with_weights(tmp_path, capsys):
     torch.testing.assert_close(torch.tensor(item["scores"], dtype=torch.float64), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(SystemExit):
         main(["eval", "jsonl", "--data", "x.jsonl", "--model", "tiny", "--weights", "exp:fast"])
-    assert "--weights exp:RATE needs a number, got 'fast'" in capsys.readouterr().err
+    assert "argument --weights: exp:RATE needs a number, got 'fast'" in capsys.readouterr().err
