@@ -143,6 +143,17 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
     return load_model(model_arg, dtype=dtype, device=device, **(levers or {}))
 
 
+def _auto_compile(model, rows: list[int], batch_size: int | None, *, rounds: bool) -> str:
+    """The default ``--compile`` decision for a run of engine calls of ``rows`` rows (fastitm.speed): the
+    denoiser is compiled in place when that repays itself; said on stderr when it is."""
+    from .speed import auto_compile, default_batch_size
+
+    why = auto_compile(model, rows, batch_size or default_batch_size(model), rounds=rounds)
+    if why.startswith("on"):
+        print(f"fastitm: compile {why}", file=sys.stderr)
+    return why
+
+
 def check_output_path(path: str, what: str) -> None:
     """An output file's folder must exist and the path must not be a folder: checked before any work,
     so a run is never lost at the end to a typo."""
@@ -167,12 +178,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     # Every argument is checked before the model loads (_load checks the device first), so bad input
     # fails at once.
     args.method = args.method or "diffusion_itm"
-    check_arguments(args.images, args.texts, method=args.method, timesteps=args.timesteps, seed=args.seed,
-                    plan=None, resize=args.resize, latent=args.latent, scheme=args.scheme, noise=args.noise,
-                    preset=args.preset, options=options, backend=args.backend)
+    _, _, spec, _ = check_arguments(args.images, args.texts, method=args.method, timesteps=args.timesteps,
+                                    seed=args.seed, plan=None, resize=args.resize, latent=args.latent,
+                                    scheme=args.scheme, noise=args.noise, preset=args.preset, options=options,
+                                    backend=args.backend)
 
     adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))
     model = _load(args.model, args.dtype, args.device, args.method, _levers(args))
+    if args.compile is None:  # one engine call: every (image, text, timestep) row, and the empty prompt's
+        n, t = len(args.images), 10 if args.timesteps is None else args.timesteps
+        rows = n * len(args.texts) * t + (n * t if spec.needs_uncond else 0)
+        _auto_compile(model, [rows], args.batch_size, rounds=adaptive is not None or bool(spec.options.get("elimination")))
     try:
         res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
                     seed=args.seed, preset=args.preset, resize=args.resize, scheme=args.scheme, latent=args.latent,
@@ -283,7 +299,7 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive, evaluati
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
                  batch_size=args.batch_size, progress=None if not args.no_progress else False,
                  checkpoint=args.checkpoint, adaptive=adaptive, stream=args.stream, weights=args.weights,
-                 image_cache=args.image_cache, **options)
+                 image_cache=args.image_cache, compile=None if args.compile is None else False, **options)
     if dist.rank() != 0:
         return 0
     report.evaluation = evaluation
@@ -398,7 +414,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _levers(args: argparse.Namespace) -> dict:
-    return {"channels_last": args.channels_last, "fuse_qkv": args.fuse_qkv, "compile": args.compile}
+    # compile: None (the default) is decided per run from its rows, once the model is loaded (_auto_compile)
+    return {"channels_last": args.channels_last, "fuse_qkv": args.fuse_qkv, "compile": bool(args.compile)}
 
 
 def _count(n: int) -> str:
@@ -446,7 +463,9 @@ def _scoring_arguments() -> argparse.ArgumentParser:
                    help="UNet and VAE-encoder convolutions in channels-last layout (default: on for fp32 on the "
                    "CPU, where it is faster; off on CUDA)")
     c.add_argument("--fuse-qkv", action="store_true", help="fused self-attention QKV projections (GPU lever)")
-    c.add_argument("--compile", action="store_true", help="torch.compile the denoiser (GPU lever; first batch slow)")
+    c.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the denoiser (the first batch compiles: minutes on a CPU). Default: on the "
+                        "CPU when the run is long enough to repay it (the reason is printed), off on a GPU")
     c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's GPU)")
     c.add_argument("--backend", default="auto", choices=("auto", "triton", "native", "reference"),
                    help="fused ops: auto (Triton on CUDA, C++ on CPU), or one by name")

@@ -64,6 +64,16 @@ class UNetRunner:
         self.fallback: str | None = None  # why capture failed, when it did
         self._captured: _Captured | None = None
         self.replays = 0
+        # A compiled denoiser (torch.compile with fixed shapes, fastitm.speed.apply) is specialised to its
+        # batch shape: a smaller batch (a call's last, a racing round's) would compile it again, minutes
+        # on a CPU. Eager calls are then padded to the bucket, as graph replays are.
+        # Its guards also check strides: every call gets the latents in one layout, its convolutions'.
+        self.pad = getattr(unet, "_compiled_call_impl", None) is not None
+        self.padded_rows = 0
+        w = getattr(getattr(unet, "conv_in", None), "weight", None)
+        nhwc = w is not None and w.dim() == 4 and not w.is_contiguous() \
+            and w.is_contiguous(memory_format=torch.channels_last)
+        self.layout = torch.channels_last if nhwc else torch.contiguous_format
 
     def _forward(self, x, t, cond):
         if self.sink is not None:
@@ -79,7 +89,14 @@ class UNetRunner:
         if n > self.bucket:
             raise ValueError(f"{n} rows exceed the runner's batch bucket {self.bucket}")
         if not self.use_graph:
-            return self._forward(x, t, cond)
+            if not self.pad:
+                return self._forward(x, t, cond)
+            if n < self.bucket:
+                fill = torch.arange(self.bucket, device=x.device) % n  # real rows repeated: no garbage
+                x, t, cond = x[fill], t[fill], {key: value[fill] for key, value in cond.items()}
+                self.padded_rows += self.bucket - n
+            pred, pooled = self._forward(x.contiguous(memory_format=self.layout), t, cond)
+            return pred[:n], (None if pooled is None else pooled[:n])
         if self._captured is None:
             try:
                 self._captured = self._capture(x, t, cond)

@@ -13,9 +13,13 @@ has a ``gpu``-marked benchmark (``bench/test_levers_bench.py``). What is on by d
   the CPU (oneDNN's NHWC convolutions: SD 2.1-base at 256 px, the VAE encode 0.70x the time and a
   UNet batch of 8 0.95x; the embedded model no slower), off on CUDA (0.89x the rows/s on an H200,
   SD 2.1-base, bf16, batch 64). :func:`default_channels_last` decides it.
-- off, until a GPU run measures them, ``fuse_qkv`` (diffusers' fused QKV projections of self-attention) and
-  ``compile`` (``torch.compile`` of the denoiser; composes with the CUDA graph runner, which captures
-  the compiled forward).
+- off, until a GPU run measures them, ``fuse_qkv`` (diffusers' fused QKV projections of self-attention) and,
+  on CUDA, ``compile`` (``torch.compile`` of the denoiser; composes with the CUDA graph runner, which
+  captures the compiled forward).
+- ``compile`` on the CPU: the command line's runs (``fastitm score``, ``fastitm eval``) compile the
+  denoiser when the run is long enough to repay it (:func:`compile_pays`, from the plan's rows before
+  the run, the reason printed); ``--compile`` / ``--no-compile`` decide it instead. Python calls compile
+  only when asked (``load_model(..., compile=True)``): a library call cannot know how many follow.
 """
 
 from __future__ import annotations
@@ -107,6 +111,57 @@ def default_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
+# The compile lever on the CPU, measured by bench/compile_bench.py (bench/RESULTS.md): SD 2.1-base
+# architecture at 256 px, fp32, 2 threads, batches of 8, whole fastitm.score calls alternating, medians of
+# 3: the compiled denoiser's calls took 0.922 of the eager ones' time (inductor with frozen weights; row
+# sharing off under compile, on in eager), and compiling cost 104 s, 9.3 eager batches' time. A run
+# compiles when it saves at least twice that.
+CPU_COMPILE_SAVING = 0.078  # of each full batch's eager time
+CPU_COMPILE_COST_BATCHES = 9.3  # compiling, in eager batches' time
+CPU_COMPILE_PAYBACK = 2.0
+AUTO_COMPILE_BACKEND: bool | str = True  # what auto_compile passes to apply(compile=...): inductor
+
+
+def compile_pays(device: torch.device, batches: int, padded: int) -> tuple[bool, str]:
+    """Whether compiling the denoiser repays itself on a run of ``batches`` denoiser batches, ``padded`` of
+    them short ones (a compiled denoiser is specialised to one batch shape, so a short batch is padded to
+    full and its padding rows are lost time); and why, in one line. CPU only (unmeasured on GPUs)."""
+    if device.type != "cpu":
+        return False, "off (decided on the CPU only; --compile turns it on)"
+    saved = batches * CPU_COMPILE_SAVING - padded  # in eager batches' time
+    cost = CPU_COMPILE_COST_BATCHES
+    if saved >= CPU_COMPILE_PAYBACK * cost:
+        return True, (f"on: {batches} denoiser batches should save about {saved:.0f} batches' time, against about "
+                      f"{cost:.0f} to compile (--no-compile turns it off)")
+    return False, (f"off: {batches} denoiser batches would save about {max(saved, 0.0):.1f} batches' time, less than "
+                   f"twice the {cost:.0f} compiling costs (--compile turns it on)")
+
+
+def auto_compile(model, rows: list[int], batch_size: int, *, rounds: bool = False) -> str:
+    """The command line's ``compile`` decision for a run of engine calls of ``rows`` rows each (before any
+    is scored): compile the denoiser in place when :func:`compile_pays`; returns the reason. ``rounds``:
+    the run races or eliminates candidates, so its calls run in rounds of unknown sizes (each short
+    batch padded): left off."""
+    if model.levers.get("compile"):
+        return "on (asked for)"
+    if not hasattr(model.unet, "conv_in"):
+        return "off (measured for UNet denoisers only; --compile turns it on)"
+    if rounds:
+        return "off: racing and elimination run rounds of varying sizes, each short batch padded (--compile turns it on)"
+    batches, padded = batches_of(rows, batch_size)
+    pays, why = compile_pays(model.device, batches, padded)
+    if pays:
+        levers = dict(model.levers)
+        apply(model, compile=AUTO_COMPILE_BACKEND)
+        model.levers = {**levers, "compile": True}  # the levers applied before stay as they are
+    return why
+
+
+def batches_of(rows: list[int], batch_size: int) -> tuple[int, int]:
+    """(denoiser batches, short ones) of engine calls of ``rows`` rows each, cut into ``batch_size``."""
+    return sum(-(-r // batch_size) for r in rows), sum(1 for r in rows if r % batch_size)
+
+
 def largest_fitting_batch(free_bytes: int, per_row_bytes: int, fraction: float, cap: int) -> int:
     """The largest power of two, at least 1 and at most ``cap``, whose rows of ``per_row_bytes`` fit
     ``fraction`` of ``free_bytes``."""
@@ -141,7 +196,13 @@ def apply(model, *, channels_last: bool = False, fuse_qkv: bool = False, compile
             raise ValueError(f"{type(unet).__name__} has no fuse_qkv_projections")
         unet.fuse_qkv_projections()
     if compile:
-        backend = "inductor" if compile is True else str(compile)
+        backend = "inductor" if compile is True else compile if callable(compile) else str(compile)
+        if backend == "inductor" and unet.device.type == "cpu":
+            from torch._inductor import config as inductor
+
+            # the weights folded into the graph as constants: what bench/compile_bench.py measured (inductor's
+            # setting is global and read when the denoiser first runs, so it stays on)
+            inductor.freezing = True
         unet.compile(backend=backend, dynamic=False)
     model.levers = {"channels_last": bool(channels_last), "fuse_qkv": bool(fuse_qkv),
                     "compile": compile if isinstance(compile, str) else bool(compile)}

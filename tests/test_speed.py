@@ -191,3 +191,67 @@ def test_cpu_bf16_keeps_the_demo_choices_that_bf16_can_resolve():
     assert decided > 0.6 * total  # most choices are clear enough to be checked
     for kind in ("colour", "shape", "swap_attributes"):
         assert reports["bf16"].accuracy(kind) == reports["fp32"].accuracy(kind)
+
+
+def test_compile_pays_from_the_measured_cpu_figures():
+    cpu = torch.device("cpu")
+    # saved = batches x 7.8% of a batch, less the padded short batches; on at twice the 9.3 batches compiling costs
+    need = speed.CPU_COMPILE_PAYBACK * speed.CPU_COMPILE_COST_BATCHES
+    on = next(b for b in range(1, 10_000) if b * speed.CPU_COMPILE_SAVING - 1 >= need)
+    assert on == 252
+    assert speed.compile_pays(cpu, on, 1)[0] and not speed.compile_pays(cpu, on - 1, 1)[0]
+    assert not speed.compile_pays(cpu, on, 5)[0]  # more padding, less saved
+    pays, why = speed.compile_pays(torch.device("cuda"), 10**6, 0)
+    assert not pays and "CPU only" in why
+    assert speed.batches_of([24, 20, 7], 10) == (3 + 2 + 1, 2)
+
+
+def test_auto_compile_decides_from_the_rows_and_pads_short_batches(tiny, monkeypatch):
+    """Off for a short run, the reason recorded; on when it pays (the figures patched here), and then a
+    compiled denoiser, specialised to one batch shape, gets short batches padded: one compiled graph for
+    calls of any row count, the same scores as the eager model."""
+    model = copy.deepcopy(tiny)
+    assert speed.auto_compile(model, [24], 10).startswith("off: 3 denoiser batches")
+    assert not model.levers.get("compile")
+    graphs = []
+
+    def counting(gm, example_inputs):  # a dynamo backend: counts each graph compiled, runs it eagerly
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(speed, "CPU_COMPILE_COST_BATCHES", 0.0)
+    monkeypatch.setattr(speed, "CPU_COMPILE_SAVING", 1.0)
+    monkeypatch.setattr(speed, "AUTO_COMPILE_BACKEND", counting)
+    model.levers = {"channels_last": False}
+    assert speed.auto_compile(model, [24], 10).startswith("on: 3 denoiser batches")
+    assert model.levers == {"channels_last": False, "compile": True}
+    imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(timesteps=3, seed=1, batch_size=10)
+    got = fastitm.score(imgs, TEXTS, model=model, **kw)  # 2 x (3 texts + the empty prompt) x 3 = 24 rows: 10, 10, 4
+    assert got.stats["padded_rows"] == 6 and got.stats["row_sharing"].startswith("off under torch.compile")
+    compiled = len(graphs)
+    assert compiled >= 1
+    want = fastitm.score(imgs, TEXTS, model=tiny, **kw)
+    assert_close(got.matrix, want.matrix, rtol=1e-5, atol=2e-5)
+    again = fastitm.score(imgs[:1], TEXTS[:2], model=model, **kw)  # 9 rows: one short batch
+    assert again.stats["padded_rows"] == 1 and len(graphs) == compiled  # nothing compiled again
+    assert_close(again.matrix, fastitm.score(imgs[:1], TEXTS[:2], model=tiny, **kw).matrix, rtol=1e-5, atol=2e-5)
+
+
+def test_eval_records_the_compile_decision(tiny, tmp_path):
+    import json
+
+    from fastitm import data
+    from fastitm.evaluate import runner
+
+    lines = []
+    for n, e in enumerate(data.make_dataset(2, "heldout", seed=3, size=16)):
+        e.image.save(tmp_path / f"{n}.png")
+        lines.append({"image": f"{n}.png", "texts": [e.caption, next(iter(e.negatives.values()))], "label": 0})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    rep = runner.run("jsonl", tmp_path / "d.jsonl", model=copy.deepcopy(tiny), timesteps=2, progress=False,
+                     compile=None)
+    assert rep.stats["compile"].startswith("off: 1 denoiser batches")  # 2 items x 3 rows x 2 timesteps
+    rep = runner.run("jsonl", tmp_path / "d.jsonl", model=tiny, timesteps=2, progress=False, adaptive=True,
+                     compile=None)
+    assert rep.stats["compile"].startswith("off: racing and elimination")

@@ -8,6 +8,7 @@ thread a few items ahead, so reading and decoding overlap with scoring.
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -368,7 +369,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
         checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, adaptive: Any = None,
         stream: int = STREAM_BATCHES, weights: Any = None, select: Any = None, image_cache: bool = False,
-        **options: Any) -> EvalReport:
+        compile: bool | None = False, **options: Any) -> EvalReport:
     """Evaluate ``model`` on a benchmark task read from ``data`` (see :data:`fastitm.evaluate.TASKS`).
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
@@ -401,6 +402,10 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     image-choice items (Flickr30k image retrieval, ...); Winoground items (both directions) run the full
     plan. Each item record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
     racing dropped scores -inf in the metrics and ``null`` in the record's ``scores``.
+
+    ``compile``: None decides the compile lever from this rank's rows before the first is scored
+    (:func:`fastitm.speed.auto_compile`: the command line's default; said on stderr when on, recorded in
+    ``report.stats["compile"]``); False leaves the model as it is (compile it with ``load_model`` to force).
 
     ``image_cache``: share each image's latent and unconditional rows across the run's engine calls
     (:class:`fastitm.ImageCache`), for tasks whose items share images (Flickr30k image retrieval:
@@ -501,6 +506,14 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         # whole windows, so the floats do not depend on how the run was split or interrupted.
         _, my_windows = dist.shard_items(_windows(items, len(plan), spec.needs_uncond, per_call))
         window_of = {i: w for w, (a, b) in enumerate(my_windows) for i in range(a, b)}
+        compiled = model.levers.get("compile") or None
+        if compile is None:  # from the rows of this rank's engine calls, before any is scored
+            from ..speed import auto_compile
+
+            compiled = auto_compile(model, [sum(len(i.images) * (len(i.texts) + int(spec.needs_uncond)) * len(plan)
+                                                for i in items[a:b]) for a, b in my_windows], bs, rounds=decides)
+            if compiled.startswith("on") and dist.rank() == 0:
+                print(f"fastitm: compile {compiled}", file=sys.stderr)
         todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
                 and i not in state.no_negative]
         work = {"unet_rows": 0, "batches": 0, "calls": 0, "vae_images": 0, "unet_rows_reused": 0}
@@ -596,5 +609,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                              "repeated_images": repeated_images(scored),
                              **({"unet_rows_reused": work["unet_rows_reused"]} if image_cache else {}),
                              "batch_fill": None if fill is None else round(fill, 4),
+                             **({"compile": compiled} if compiled else {}),
                              "wall_s": round(time.perf_counter() - started, 2)},
                       model=_model_record(model, digest))
