@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from ..weights import resolve, weighted_mean
+from .items import Item
 from .metrics import headline, task_metrics
-from .tasks import Item
 
 EXP_RATES = (1.0, -1.0, 2.0, -2.0, 4.0, -4.0, 7.0, 10.0, 15.0)  # nearest uniform first
 PENALTIES = (100.0, 10.0, 1.0, 0.1, 0.01)  # strongest (nearest uniform) first: the simpler fit

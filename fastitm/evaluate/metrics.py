@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .tasks import Item
+from .items import Item
 
 
 def candidate_scores(item: Item, matrix: torch.Tensor) -> torch.Tensor:

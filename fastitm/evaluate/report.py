@@ -267,7 +267,7 @@ class EvalReport:
         and elimination runs score only some timesteps of some candidates)."""
         import torch
 
-        from .tasks import Item
+        from .items import Item
 
         if not self.items or "per_timestep" not in self.items[0]:
             why = ("its run raced or eliminated candidates, so it has no full per-timestep scores"
