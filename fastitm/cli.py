@@ -118,7 +118,8 @@ def format_table(matrix, row_names: Sequence[str], col_names: Sequence[str], wid
     return "\n".join(lines)
 
 
-def _load(model_arg: str | None, dtype: str, device: str, method: str | None = None, levers: dict | None = None):
+def _load(model_arg: str | None, dtype: str, device: str, method: str | None = None, levers: dict | None = None,
+          lora: str | None = None):
     """The model the command asked for; the device, and (from the folder's model_index.json alone)
     whether its family supports ``method``, are checked before any weight is read."""
     import torch
@@ -139,8 +140,12 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
         want = resolve_dtype(dtype, torch.device(device))
         if want != model.dtype or torch.device(device) != model.device:
             model.to(device=device, dtype=want)
+        if lora is not None:
+            from .finetune.lora import load_adapter
+
+            load_adapter(model, lora)
         return apply(model, **levers) if levers else model
-    return load_model(model_arg, dtype=dtype, device=device, **(levers or {}))
+    return load_model(model_arg, dtype=dtype, device=device, lora=lora, **(levers or {}))
 
 
 def _auto_compile(model, rows: list[int], batch_size: int | None, *, rounds: bool) -> str:
@@ -184,7 +189,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                                     backend=args.backend)
 
     adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))
-    model = _load(args.model, args.dtype, args.device, args.method, _levers(args))
+    model = _load(args.model, args.dtype, args.device, args.method, _levers(args), lora=args.lora)
     if args.compile is None:  # one engine call: every (image, text, timestep) row, and the empty prompt's
         n, t = len(args.images), 10 if args.timesteps is None else args.timesteps
         rows = n * len(args.texts) * t + (n * t if spec.needs_uncond else 0)
@@ -265,7 +270,8 @@ def _evaluation(args: argparse.Namespace, options: dict, adaptive) -> dict:
     record = {"task": args.task, "data": str(args.data), "model": args.model or "embedded", "dtype": args.dtype,
               "method": method, "options": dict(sorted(options.items())), "timesteps": timesteps,
               "seed": 0 if args.seed is None else args.seed, "split": args.split, "limit": args.limit,
-              "weights": args.weights or "uniform", "adaptive": None if adaptive is None else vars(adaptive)}
+              "weights": args.weights or "uniform", "adaptive": None if adaptive is None else vars(adaptive),
+              "lora": args.lora, "fewshot": args.fewshot}
     return json.loads(json.dumps(record, default=str))  # as report.json will hold it
 
 
@@ -293,13 +299,14 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive, evaluati
     from .evaluate import run
 
     device = dist.local_device(args.device)
-    model = _load(args.model, args.dtype, device, args.method, _levers(args))
+    model = _load(args.model, args.dtype, device, args.method, _levers(args), lora=args.lora)
     report = run(args.task, args.data, model=model, method=args.method,
                  timesteps=10 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                  split=args.split, limit=args.limit, skip_bad=args.skip_bad, backend=args.backend,
                  batch_size=args.batch_size, progress=None if not args.no_progress else False,
                  checkpoint=args.checkpoint, adaptive=adaptive, stream=args.stream, weights=args.weights,
-                 image_cache=args.image_cache, compile=None if args.compile is None else False, **options)
+                 image_cache=args.image_cache, compile=None if args.compile is None else False,
+                 fewshot=args.fewshot, **options)
     if dist.rank() != 0:
         return 0
     report.evaluation = evaluation
@@ -322,7 +329,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     options = _run_options(args)
     check_output_path(args.out, "--out")
-    model = _load(args.model, args.dtype, args.device, args.method, _levers(args))
+    model = _load(args.model, args.dtype, args.device, args.method, _levers(args), lora=args.lora)
     cal = calibrate(args.task, args.data, model=model, method=args.method,
                     timesteps=20 if args.timesteps is None else args.timesteps, seed=0 if args.seed is None else args.seed,
                     split=args.split, fraction=args.fraction, limit=args.limit, folds=args.folds,
@@ -349,7 +356,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     command = "fastitm finetune " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
     out = finetune(args.recipe, args.data, out=args.out, model=model, rank=args.rank, steps=args.steps, lr=args.lr,
                    batch_size=args.batch_size, examples=args.examples, seed=args.seed,
-                   progress=None if not args.no_progress else False, command=command, overwrite=args.overwrite)
+                   progress=None if not args.no_progress else False, command=command, overwrite=args.overwrite,
+                   task=args.task, fewshot=args.fewshot, split=args.split)
     print(f"the adapter and its card are in {out}; load it with fastitm.load_model(..., lora={str(out)!r})")
     return 0
 
@@ -433,6 +441,8 @@ def _scoring_arguments() -> argparse.ArgumentParser:
                    help="diffusers model folder or Hugging Face hub id, e.g. stabilityai/stable-diffusion-2-1-base "
                         "(cached; HF_HUB_OFFLINE=1: from the cache only) (default: the embedded model; 'tiny': "
                         "random-weight tiny model)")
+    c.add_argument("--lora", default=None, metavar="ADAPTER",
+                   help="a LoRA adapter folder for the model (fastitm finetune --out; SD 1.x/2.x)")
     c.add_argument("--method", default=None, choices=METHODS,
                    help="diffusion_itm (Krojer et al.: text-conditioned error minus the empty prompt's; the default), "
                    "diffusion_classifier (Li et al.: MSE only; eval pets' default, with adaptive elimination), "
@@ -514,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="the dataset folder (jsonl: the .jsonl file)")
     e.add_argument("--split", default=None, help="dataset split where the task has several (default: the published one)")
     e.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    e.add_argument("--fewshot", type=float, default=None, metavar="FRACTION",
+                   help="score only the task's few-shot test part: what fastitm finetune --task TASK --fewshot "
+                        "FRACTION leaves out of training (Discffusion's protocol: 0.05)")
     e.add_argument("--stream", type=int, default=16, metavar="BATCHES",
                    help="denoiser batches' worth of items per engine call (default 16): batches stay full across items")
     e.add_argument("--skip-bad", action="store_true", help="skip items whose images cannot be read (listed in the report)")
@@ -555,7 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="train a LoRA adapter (HardNeg-DiffusionITM or Discffusion few-shot)",
                        description="Fine-tune the UNet with a LoRA adapter; rerun the same command to resume.")
     f.add_argument("--recipe", required=True, choices=("hardneg", "discffusion"), help="the training recipe")
-    f.add_argument("--data", default="synthetic", help="'synthetic' (fastitm.data's training split) or a .jsonl file")
+    f.add_argument("--data", default="synthetic",
+                   help="'synthetic' (fastitm.data's training split), a .jsonl file, or with --task that task's data folder")
+    f.add_argument("--task", default=None, choices=sorted(TASKS),
+                   help="train on this benchmark task's few-shot training part (--fewshot; then fastitm eval TASK "
+                        "--fewshot scores exactly the rest)")
+    f.add_argument("--fewshot", type=float, default=None, metavar="FRACTION",
+                   help="with --task: the training part, a fraction of the task (default 0.05, the Discffusion paper's)")
+    f.add_argument("--split", default=None, help="with --task: the task's split or subsets")
     f.add_argument("--out", required=True, help="folder for the adapter, its card and the checkpoint")
     f.add_argument("--model", default=None,
                    help="diffusers model folder or Hugging Face hub id (default: the embedded model)")

@@ -126,7 +126,25 @@ def task_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> dic
             for cat in sorted({i.tags["category"] for i in items}):
                 accs = [m["accuracy"] for k, m in by_tag.items() if k.startswith(f"subset={cat}_")]
                 main[f"{cat}_mean"] = sum(accs) / len(accs)
+        if {"file", "axis", "aspect"} <= set(items[0].tags):
+            main.update(vlchecklist_axes(items, by_tag))
     return main
+
+
+def vlchecklist_axes(items: Sequence[Item], by_tag: dict) -> dict:
+    """VL-CheckList's radar: an axis (``Attribute/color``, ``Object/Location/center``, ...) is the mean
+    accuracy of its corpus files (each dataset counts once, whatever its size), an aspect (Object,
+    Attribute, Relation) the mean of its axes: ``axes`` {axis: accuracy} and ``<Aspect>_mean``."""
+    files_of: dict[str, set[str]] = {}
+    for i in items:
+        files_of.setdefault(i.tags["axis"], set()).add(i.tags["file"])
+    axes = {axis: sum(by_tag[f"file={f}"]["accuracy"] for f in files) / len(files)
+            for axis, files in sorted(files_of.items())}
+    out: dict = {"axes": axes}
+    for aspect in sorted({a.split("/")[0] for a in axes}):
+        accs = [v for a, v in axes.items() if a.split("/")[0] == aspect]
+        out[f"{aspect}_mean"] = sum(accs) / len(accs)
+    return out
 
 
 def tag_values(item: Item, key: str) -> list[str]:

@@ -369,7 +369,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
         checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, adaptive: Any = None,
         stream: int = STREAM_BATCHES, weights: Any = None, select: Any = None, image_cache: bool = False,
-        compile: bool | None = False, **options: Any) -> EvalReport:
+        compile: bool | None = False, fewshot: float | None = None, **options: Any) -> EvalReport:
     """Evaluate ``model`` on a benchmark task read from ``data`` (see :data:`fastitm.evaluate.TASKS`).
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
@@ -402,6 +402,10 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     image-choice items (Flickr30k image retrieval, ...); Winoground items (both directions) run the full
     plan. Each item record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
     racing dropped scores -inf in the metrics and ``null`` in the record's ``scores``.
+
+    ``fewshot``: a fraction (0.05 in the Discffusion paper): score only the task's few-shot test part,
+    the items :func:`fastitm.evaluate.fewshot.fewshot` leaves out of training (``fastitm finetune
+    --fewshot`` trains on the others); ``report.stats["fewshot"]`` records the split.
 
     ``compile``: None decides the compile lever from this rank's rows before the first is scored
     (:func:`fastitm.speed.auto_compile`: the command line's default; said on stderr when on, recorded in
@@ -452,7 +456,13 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         raise ValueError(f"image_cache shares posterior-mean latents only; this run samples its latents "
                          f"(latent={choices['latent']!r}{why}), seeded by each image's position, so nothing could "
                          "be reused: drop the image cache, or pass latent='mean' (--latent mean)")
-    items = load_task(task, data, split)
+    if fewshot is not None:  # the protocol's test part: never an item its training part holds
+        from .fewshot import fewshot as fewshot_split
+
+        part = fewshot_split(task, data, fewshot, split, preset=options.get("preset"))
+        items, fewshot_record = part.test, part.record
+    else:
+        items, fewshot_record = load_task(task, data, split, preset=options.get("preset")), None
     if limit:
         items = items[:limit]
     if callable(select):
@@ -610,5 +620,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                              **({"unet_rows_reused": work["unet_rows_reused"]} if image_cache else {}),
                              "batch_fill": None if fill is None else round(fill, 4),
                              **({"compile": compiled} if compiled else {}),
+                             **({"fewshot": fewshot_record} if fewshot_record else {}),
                              "wall_s": round(time.perf_counter() - started, 2)},
                       model=_model_record(model, digest))

@@ -15,6 +15,7 @@ from typing import Any
 # the item types, re-exported: fastitm.evaluate.tasks is where the loaders' users have found them
 from .items import ITEM_KINDS, DataError, Item, _read_json, _resolve, _utf8, drop_identical  # noqa: F401
 from .metrics import BIAS_PAIRS
+from .tasks_discffusion import LOADERS as DISCFFUSION_LOADERS
 
 # ---- jsonl: our generic format --------------------------------------------------------------------
 
@@ -481,14 +482,18 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
     "bias": load_bias,
     "bias_gender": load_bias_gender,
     "sugarcrepe": load_sugarcrepe,
+    **DISCFFUSION_LOADERS,
 }
 
 
-def load_task(task: str, data: str | Path, split: str | None = None) -> list[Item]:
-    """The task's items, each without the candidates identical to its true one (:func:`drop_identical`)."""
+def load_task(task: str, data: str | Path, split: str | None = None, preset: str | None = None) -> list[Item]:
+    """The task's items, each without the candidates identical to its true one (:func:`drop_identical`).
+    ``preset="published"``: the item list the published code builds, where it differs (the
+    Discffusion tasks: :mod:`fastitm.evaluate.tasks_discffusion`); other tasks read the same either way."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    return [drop_identical(item) for item in TASKS[task](data, split)]
+    loaded = TASKS[task](data, split, preset=preset) if task in DISCFFUSION_LOADERS else TASKS[task](data, split)
+    return [drop_identical(item) for item in loaded]
 
 
 def iter_items(items: list[Item], limit: int | None) -> Iterator[Item]:

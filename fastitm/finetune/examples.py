@@ -35,14 +35,28 @@ def load_examples(data: str, n: int, seed: int = 0, size: int = 32) -> list[Trai
         raise ValueError(f"--data must be 'synthetic' or a .jsonl file (fastitm eval's format), got {data!r}")
     from ..evaluate.tasks import load_jsonl
 
-    out = []
-    for item in load_jsonl(path)[:n]:
-        if item.kind == "text":
-            out.append(TrainExample(item.images[0], item.texts[item.label],
-                                    [t for j, t in enumerate(item.texts) if j != item.label]))
-        else:
-            out.append(TrainExample(item.images[item.label], item.texts[0], [],
-                                    [p for j, p in enumerate(item.images) if j != item.label]))
+    out = item_examples(load_jsonl(path)[:n])
     if len(out) < 2:
         raise ValueError(f"{path} has {len(out)} item(s); fine-tuning needs at least 2")
+    return out
+
+
+def item_examples(items) -> list[TrainExample]:
+    """Evaluation items (:class:`fastitm.evaluate.items.Item`) as training examples: a text choice gives
+    its true text and negative texts, an image choice its true image and negative images (a path, or
+    the first existing of alternative paths)."""
+
+    def first_existing(ref):  # a tuple names alternative layouts: the one on disk (else the first, named on load)
+        return next((p for p in ref if Path(p).is_file()), ref[0]) if isinstance(ref, tuple) else ref
+
+    out = []
+    for item in items:
+        if item.kind == "text":
+            out.append(TrainExample(first_existing(item.images[0]), item.texts[item.label],
+                                    [t for j, t in enumerate(item.texts) if j != item.label]))
+        elif item.kind == "image":
+            out.append(TrainExample(first_existing(item.images[item.label]), item.texts[0], [],
+                                    [first_existing(p) for j, p in enumerate(item.images) if j != item.label]))
+        else:
+            raise ValueError(f"item {item.id}: a {item.kind} item has no single true pair to train on")
     return out

@@ -138,10 +138,14 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: Any = None, rank: int = 4,
              steps: int | None = None, lr: float | None = None, batch_size: int | None = None,
              examples: int | None = None, seed: int = 0, checkpoint_every: float = 120.0,
-             progress: bool | None = None, command: str | None = None, overwrite: bool = False) -> Path:
+             progress: bool | None = None, command: str | None = None, overwrite: bool = False,
+             task: str | None = None, fewshot: float | None = None, split: str | None = None) -> Path:
     """Train a LoRA adapter with ``recipe`` ("hardneg" or "discffusion") and save it in ``out``.
 
-    data: "synthetic" (``fastitm.data``'s training split) or a .jsonl file; examples: how many
+    data: "synthetic" (``fastitm.data``'s training split) or a .jsonl file; or, with ``task``, that
+    benchmark task's data folder, trained on its few-shot training part (:func:`fastitm.evaluate.fewshot.fewshot`
+    with ``fewshot``, 0.05 by default: Discffusion's protocol; ``fastitm eval TASK --fewshot`` then scores
+    exactly the rest; the card records the split). examples: how many
     (default 4000 for hardneg, 1200 = 5% of the embedded model's 24000 training images for
     Discffusion's few-shot setting). model: a :class:`fastitm.Model` or a folder (default: the
     embedded model). A checkpoint (``out/checkpoint.pt``) is written every ``checkpoint_every``
@@ -160,7 +164,7 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     steps = d["steps"] if steps is None else steps
     lr = d["lr"] if lr is None else lr
     batch_size = d["batch_size"] if batch_size is None else batch_size
-    examples = d["examples"] if examples is None else examples
+    asked_examples, examples = examples, d["examples"] if examples is None else examples
     for name, v in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -179,13 +183,28 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     if model.family != "sd":
         # The recipes follow the published SD 1.x/2.x code (one text encoder, UNet cross-attention).
         raise ValueError(f"fine-tuning recipes are for SD 1.x/2.x models; {model.source} is {model.spec.label}")
-    exs = load_examples(data, examples, seed=seed, size=model.resolution)
+    split_record = None
+    if task is not None:
+        from ..evaluate.fewshot import fewshot as fewshot_split
+        from .examples import item_examples
+
+        part = fewshot_split(task, data, 0.05 if fewshot is None else fewshot, split)
+        exs = item_examples(part.train[:asked_examples] if asked_examples is not None else part.train)
+        split_record = part.record
+        if len(exs) < 2:
+            raise ValueError(f"the {part.record['fewshot']:g} few-shot training part of {task} in {data} has "
+                             f"{len(exs)} item(s); fine-tuning needs at least 2 (a larger --fewshot, or more data)")
+    elif fewshot is not None or split is not None:
+        raise ValueError("--fewshot and --split choose a benchmark task's training part: give --task too")
+    else:
+        exs = load_examples(data, examples, seed=seed, size=model.resolution)
     out.mkdir(parents=True, exist_ok=True)
     from ..model import embedded_model_path
 
     source = "the embedded default model" if model.source == str(embedded_model_path()) else model.source
     args = {"recipe": recipe, "data": str(data), "rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size,
-            "examples": len(exs), "seed": seed, "targets": d["targets"], "model": source}
+            "examples": len(exs), "seed": seed, "targets": d["targets"], "model": source,
+            **({"fewshot": split_record} if split_record else {})}
     ckpt = out / "checkpoint.pt"
     if _finished(out, args, overwrite):
         return out
