@@ -249,6 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     adaptive = RaceOptions.parse(_parse_adaptive(args.adaptive))
     # Under torchrun: one process per GPU (or CPU process with gloo); rank 0 reports.
     dist.init_from_env(args.device)
+    _published_run_choices(args, dist.local_device(args.device))
     evaluation = _evaluation(args, options, adaptive)
     with ExitStack() as stack:
         if dist.rank() == 0:  # the one that writes: --out is its alone for the run
@@ -257,6 +258,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"--out {out} is in use by another fastitm eval (process {holder}); wait for it to finish or give "
                 "another --out")))
         return _eval(args, out, options, adaptive, evaluation)
+
+
+def _published_run_choices(args: argparse.Namespace, device) -> None:
+    """``--preset published`` with the discffusion method: the timesteps dsd_infer.py runs for the task
+    (unless --timesteps is given) and its float16 on CUDA (unless --dtype is given); said on stderr."""
+    import torch
+
+    from .evaluate.tasks_discffusion import published_choices
+
+    choices = published_choices(args.task, args.method) if args.preset == "published" else {}
+    said = []
+    if choices and args.timesteps is None:
+        args.timesteps = choices["timesteps"]
+        said.append(f"{args.timesteps} timesteps")
+    if choices and args.dtype == "auto" and torch.device(device).type == "cuda":
+        args.dtype = choices["dtype"]
+        said.append(args.dtype)
+    if said:
+        print(f"fastitm: --preset published: {' and '.join(said)} for {args.task}, as dsd_infer.py runs it",
+              file=sys.stderr)
 
 
 def _evaluation(args: argparse.Namespace, options: dict, adaptive) -> dict:

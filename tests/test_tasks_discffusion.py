@@ -330,3 +330,26 @@ def test_fewshot_in_two_commands_never_scores_a_trained_item(refcocog, tmp_path)
     plain = json.loads((tmp_path / "ev0" / "report.json").read_text())
     assert [r["scores"] for r in plain["items"]] != [r["scores"] for r in rep["items"]]
     torch.testing.assert_close(torch.tensor(len(plain["items"])), torch.tensor(len(rep["items"])))
+
+
+def test_published_discffusion_runs_each_task_as_dsd_infer(comvg, tmp_path, capsys):
+    """dsd_infer.py per task: the README's --sampling_time_steps (ComVG 40, RefCOCOg 10, VQA 200; 30, its
+    default, elsewhere), float16 on CUDA, and the method's published preset (layers, mixed empty-prompt
+    batch, logits pooling, the use_bias term, latents, resizing, the scheme)."""
+    from fastitm.evaluate.tasks_discffusion import published_choices
+    from fastitm.presets import PUBLISHED
+
+    assert [published_choices(t, "discffusion")["timesteps"] for t in ("comvg", "refcocog", "vqa", "vlchecklist")] \
+        == [40, 10, 200, 30]
+    assert published_choices("comvg", "discffusion")["dtype"] == "fp16" and published_choices("comvg", "diffusion_itm") == {}
+    assert PUBLISHED["discffusion"]["options"] == {"layers": "published", "mix_uncond": True, "pool": "logits",
+                                                   "denoise": True, "err": "l2"}
+    rep = _eval("comvg", comvg, tmp_path, "--preset", "published", "--method", "discffusion", "--limit", "1",
+                out="pub")
+    assert len(rep["plan"]["timesteps"]) == 2  # _eval passes --timesteps 2: an explicit choice wins
+    assert main(["eval", "comvg", "--data", str(comvg), "--model", "tiny", "--no-progress", "--preset", "published",
+                 "--method", "discffusion", "--limit", "1", "--out", str(tmp_path / "pub40")]) == 0
+    assert "40 timesteps for comvg, as dsd_infer.py runs it" in capsys.readouterr().err
+    rep = json.loads((tmp_path / "pub40" / "report.json").read_text())
+    assert len(rep["plan"]["timesteps"]) == 40 and rep["evaluation"]["timesteps"] == 40
+    assert rep["choices"]["scheme"] == "discffusion" and rep["choices"]["latent"] == "sample_per_timestep"

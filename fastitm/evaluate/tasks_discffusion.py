@@ -436,3 +436,20 @@ def load_vlchecklist(data_dir: str | Path, split: str | None = None, preset: str
 
 
 LOADERS = {"comvg": load_comvg, "refcocog": load_refcocog, "vqa": load_vqa, "vlchecklist": load_vlchecklist}
+
+
+# What dsd_infer.py runs per task under preset="published" with the discffusion method: its timesteps
+# (``--sampling_time_steps`` in the Discffusion README's commands; its default 30 elsewhere) and its
+# precision (``DSD_Model`` loads SD 2.1-base in float16: on CUDA; a CPU keeps float32, where float16
+# convolutions have no fast path). Shared noise per timestep, the layers, the use_bias term and the
+# latents are the method's published preset (fastitm.presets).
+PUBLISHED_TIMESTEPS = {"comvg": 40, "refcocog": 10, "vqa": 200}
+PUBLISHED_DEFAULT_TIMESTEPS = 30
+PUBLISHED_DTYPE = "fp16"
+
+
+def published_choices(task: str, method: str | None) -> dict:
+    """The run choices dsd_infer.py makes for ``task`` ({} unless ``method`` is discffusion)."""
+    if method != "discffusion":
+        return {}
+    return {"timesteps": PUBLISHED_TIMESTEPS.get(task, PUBLISHED_DEFAULT_TIMESTEPS), "dtype": PUBLISHED_DTYPE}
