@@ -47,6 +47,10 @@ class Model:
     parts: dict = field(default_factory=dict)
     pipeline_config: dict = field(default_factory=dict)
     levers: dict = field(default_factory=dict)  # the speed levers applied (fastitm.speed.apply)
+    # A Latent Consistency Model's UNet (``time_cond_proj_dim`` set) takes a guidance-scale embedding
+    # as ``timestep_cond``: the w it embeds (``get_guidance_scale_embedding(w - 1)``), diffusers' 8.5 by
+    # default. A scoring choice, recorded with the model (describe(), reports).
+    guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         get_family(self.family)  # an unknown family name fails here
@@ -234,7 +238,10 @@ def load_model(
     (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), SDXL (plus
     ``text_encoder_2/``, ``tokenizer_2/``), SD 3 / 3.5 (``transformer/`` and up to three text
     encoders). With no path, the model embedded in the package is loaded. ``lora``: a folder
-    written by ``fastitm finetune``; its adapter is put on the UNet.
+    written by ``fastitm finetune``, or a LoRA in diffusers' file format (a ``.safetensors`` file or a
+    folder with ``pytorch_lora_weights.safetensors``: an LCM-LoRA, say); it is put on the UNet, merged.
+    A Latent Consistency Model's UNet (``time_cond_proj_dim``) gets the guidance embedding its
+    pipeline passes, for ``model.guidance_scale`` (8.5 by default; recorded in ``describe()``).
 
     ``dtype``: None or "auto" picks bfloat16 on CUDA and float32 on the CPU; "fp32", "fp16", "bf16"
     or a torch dtype. ``channels_last``, ``fuse_qkv``, ``compile``: the speed levers of

@@ -55,12 +55,13 @@ def tiny_tokenizer(words=_TINY_WORDS):
 
 
 def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int = 8,
-               prediction_type: str = "epsilon") -> Model:
+               prediction_type: str = "epsilon", time_cond_proj_dim: int | None = None) -> Model:
     """A random-weight model of the Stable Diffusion 1.x/2.x architecture, built in well under a second.
 
     UNet2DConditionModel (two resolutions, cross-attention in both), AutoencoderKL (scale factor 2,
     so images are ``2 * sample_size`` pixels), a 2-layer CLIPTextModel and a small CLIP tokenizer.
-    ``prediction_type="v_prediction"`` gives an SD 2.x-768-style v-prediction model.
+    ``prediction_type="v_prediction"`` gives an SD 2.x-768-style v-prediction model;
+    ``time_cond_proj_dim`` a Latent Consistency Model's UNet (it takes a guidance embedding).
     """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -80,6 +81,7 @@ def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int
             cross_attention_dim=cross_attention_dim,
             attention_head_dim=(2, 4),
             norm_num_groups=16,
+            time_cond_proj_dim=time_cond_proj_dim,
         )
         vae = _tiny_vae(4, sample_size)
         text_encoder = _tiny_clip(CLIPTextModel, tokenizer, cross_attention_dim, intermediate=64)

@@ -217,10 +217,11 @@ def _model_record(model, digest: str) -> dict:
     import platform
 
     from .. import __version__
+    from ..families.base import lcm_record
 
     return {"source": model.source, "digest": digest, "family": model.family,
             "num_train_timesteps": int(model.num_train_timesteps),
-            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device), **lcm_record(model),
             "versions": {"fastitm": __version__, "torch": torch.__version__, "python": platform.python_version()}}
 
 

@@ -201,6 +201,7 @@ class Family:
             "num_train_timesteps": model.num_train_timesteps,
             "dtype": str(model.dtype).replace("torch.", ""),
             "methods": list(self.methods),
+            **lcm_record(model),
         }
 
     def model_index(self, model) -> dict:
@@ -254,3 +255,13 @@ def take_cond(cond: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, to
     """The conditioning of ``rows`` (indices into its first dimension)."""
     return {k: v[rows] for k, v in cond.items()}
 
+
+
+LCM_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline's default guidance_scale
+
+
+def lcm_record(model) -> dict:
+    """For a Latent Consistency Model (its UNet takes ``timestep_cond``): the guidance scale embedded."""
+    if getattr(getattr(model.unet, "config", None), "time_cond_proj_dim", None) is None:
+        return {}
+    return {"lcm_guidance_scale": LCM_GUIDANCE_SCALE if model.guidance_scale is None else model.guidance_scale}

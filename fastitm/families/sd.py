@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._user import user_stacklevel
-from .base import Family, ModelError
+from .base import LCM_GUIDANCE_SCALE, Family, ModelError
 
 
 class StableDiffusion(Family):
@@ -77,13 +77,19 @@ class StableDiffusion(Family):
     # -- text -----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, model, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Texts -> {"hidden": CLIP last hidden states [M, 77, D]}, as StableDiffusionPipeline."""
+        """Texts -> {"hidden": CLIP last hidden states [M, 77, D]}, as StableDiffusionPipeline; for a
+        Latent Consistency Model also "timestep_cond" [M, time_cond_proj_dim], the guidance embedding
+        its pipeline passes (:func:`guidance_embedding`)."""
         ids = clip_ids(model.tokenizer, texts)
-        return {"hidden": model.text_encoder(ids.to(model.device))[0]}
+        cond = {"hidden": model.text_encoder(ids.to(model.device))[0]}
+        emb = guidance_embedding(model)
+        if emb is not None:
+            cond["timestep_cond"] = emb.expand(len(texts), -1)
+        return cond
 
     # -- denoising ------------------------------------------------------------------------------
     def forward(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return denoiser(x, t, encoder_hidden_states=cond["hidden"]).sample
+        return denoiser(x, t, encoder_hidden_states=cond["hidden"], timestep_cond=cond.get("timestep_cond")).sample
 
     def noisy(self, model, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) z + sqrt(1 - abar_t) noise, by the scheduler's own add_noise."""
@@ -109,3 +115,18 @@ def clip_ids(tokenizer, texts: list[str], max_length: int | None = None) -> torc
         warnings.warn(f"texts {long} exceed the text encoder's {n} tokens and were truncated to their first {n} "
                       "(as the diffusers pipelines do)", stacklevel=user_stacklevel())
     return ids
+
+
+def guidance_embedding(model) -> torch.Tensor | None:
+    """[1, time_cond_proj_dim]: the guidance-scale embedding a Latent Consistency Model's UNet takes as
+    ``timestep_cond``, as LatentConsistencyModelPipeline makes it (its ``get_guidance_scale_embedding``
+    of ``w - 1``, w = ``model.guidance_scale``, 8.5 by default); None for other UNets."""
+    dim = getattr(model.unet.config, "time_cond_proj_dim", None)
+    if dim is None:
+        return None
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = LCM_GUIDANCE_SCALE if model.guidance_scale is None else model.guidance_scale
+    # a method of the pipeline that reads nothing of it: called unbound, so the embedding is diffusers'
+    emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([w - 1.0]), embedding_dim=dim)
+    return emb.to(device=model.device, dtype=model.dtype)

@@ -66,16 +66,62 @@ def save_adapter(unet, out: str | Path, rank: int, targets: str) -> Path:
     return out
 
 
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights (LCM-LoRA's file)
+
+
+def diffusers_lora_file(path: str | Path) -> Path | None:
+    """The diffusers-format LoRA file ``path`` names (a ``.safetensors`` file, or a folder holding
+    ``pytorch_lora_weights.safetensors`` and no fastitm adapter config), or None."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if path.is_dir() and (path / DIFFUSERS_WEIGHTS).is_file() and not (path / CONFIG).is_file():
+        return path / DIFFUSERS_WEIGHTS
+    return None
+
+
+def load_diffusers_lora(model, file: Path) -> None:
+    """Put a LoRA in diffusers' file format (``save_lora_weights``, e.g. an LCM-LoRA) onto
+    ``model.unet`` through diffusers' own loader, merged for scoring. Its UNet layers only: text-encoder
+    layers are refused (fastitm's text encoders stay as they are)."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        state, alphas = StableDiffusionPipeline.lora_state_dict(str(file))[:2]
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: named with diffusers' reason
+        raise ValueError(f"{file} is not a LoRA file diffusers can read ({type(e).__name__}: {e})") from None
+    encoder = [k for k in state if k.startswith(("text_encoder", "lora_te"))]
+    if encoder:
+        raise ValueError(f"{file} holds text-encoder LoRA layers ({len(encoder)}, e.g. {encoder[0]}); fastitm "
+                         "loads the UNet's only: save the LoRA without them")
+    bad = nonfinite(state)
+    if bad:
+        raise ValueError(f"{file}: {len(bad)} LoRA tensors hold NaN or inf (e.g. {bad[0]})")
+    try:
+        model.unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"LoRA {file} does not fit {model.source} ({str(e).splitlines()[0][:300]})") from None
+    model.unet.requires_grad_(False)
+    model.unet.eval()
+    merge_adapter(model.unet)
+    model.source = f"{model.source} + lora:{file}"
+
+
 def load_adapter(model, folder: str | Path) -> None:
-    """Put the adapter saved in ``folder`` onto ``model.unet`` (frozen, for scoring)."""
+    """Put the adapter saved in ``folder`` onto ``model.unet`` (frozen, for scoring): fastitm's own
+    (``fastitm finetune``), or a LoRA in diffusers' file format (:func:`load_diffusers_lora`)."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    file = diffusers_lora_file(folder)
+    if file is not None:
+        return load_diffusers_lora(model, file)
     folder = Path(folder)
     for name in (WEIGHTS, CONFIG):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"LoRA adapter folder {folder} has no {name} (made by fastitm finetune)")
+            raise FileNotFoundError(f"LoRA adapter folder {folder} has no {name} (made by fastitm finetune), nor "
+                                    f"{DIFFUSERS_WEIGHTS} (diffusers' LoRA format)")
     cfg = json.loads((folder / CONFIG).read_text())
     if cfg.get("format") != "fastitm-lora-1":
         raise ValueError(f"{folder / CONFIG} is not a fastitm LoRA adapter config")
