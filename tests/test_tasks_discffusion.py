@@ -353,3 +353,18 @@ def test_published_discffusion_runs_each_task_as_dsd_infer(comvg, tmp_path, caps
     rep = json.loads((tmp_path / "pub40" / "report.json").read_text())
     assert len(rep["plan"]["timesteps"]) == 40 and rep["evaluation"]["timesteps"] == 40
     assert rep["choices"]["scheme"] == "discffusion" and rep["choices"]["latent"] == "sample_per_timestep"
+
+
+@pytest.mark.parametrize("task", ["comvg", "vqa", "refcocog", "vlchecklist"])
+def test_embedded_model_runs_each_task_on_a_generated_dataset(task, tmp_path):
+    """The embedded model, end to end through the command line, on held-out scenes written in the task's
+    released layout (fastitm.evaluate.generate)."""
+    from fastitm.evaluate.generate import write_dataset
+
+    root = write_dataset(task, tmp_path / task, n=10)
+    assert main(["eval", task, "--data", str(root), "--timesteps", "2", "--limit", "4", "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["stats"]["items"] == 4 and rep["model"]["source"].endswith("default_model")
+    key = "R@1" if "R@1" in rep["metrics"] else "accuracy"
+    assert rep["metrics"][key] == pytest.approx(_hand(rep["items"])[0])
