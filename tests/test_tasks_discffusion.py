@@ -273,6 +273,8 @@ def test_vlchecklist_items_missing_images_and_axes(vlc, tmp_path, capsys):
         files.setdefault(r["tags"]["file"], []).append(r)
     for f, recs in files.items():
         assert by[f"file={f}"]["accuracy"] == pytest.approx(_hand(recs)[0])
+    loc = [r for r in rep["items"] if r["tags"]["subtype"] == "Object/Location"]
+    assert by["subtype=Object/Location"]["accuracy"] == pytest.approx(_hand(loc)[0]) and len(loc) == 3
     # an axis is the mean of its files, an aspect the mean of its axes
     axes = rep["metrics"]["axes"]
     assert axes["Attribute/color"] == pytest.approx(_hand(files["Attribute/color/vg"])[0])

@@ -423,7 +423,7 @@ def load_vlchecklist(data_dir: str | Path, split: str | None = None, preset: str
             if not image.is_file():
                 missing.setdefault(key, []).append(str(image))
             items.append(Item(f"{key}/{n}", "text", [str(image)], [texts["POS"][0], texts["NEG"][0]], 0,
-                              {"file": key, "axis": axis, "aspect": aspect}))
+                              {"file": key, "axis": axis, "subtype": "/".join(key.split("/")[:2]), "aspect": aspect}))
     if prefixes is not None and not items:
         raise DataError(f"vlchecklist: no corpus file matches --split {split!r} (e.g. Attribute, Object/Size, "
                         "Relation/action/vg)")
