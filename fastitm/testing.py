@@ -254,3 +254,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
             f"{expected[idx].item()!r} (|diff|={diff[idx].item():.3e}); "
             f"NaN disagreements: {int(nan_mismatch.sum())}"
         )
+
+
+def write_jsonl_set(folder, n: int, *, seed: int = 0, negatives: int = 1, size: int = 16):
+    """``n`` held-out synthetic scenes written as a ``jsonl`` task under ``folder`` (``<k>.png`` and
+    ``set.jsonl``: each image against its true caption, first, and ``negatives`` hard negatives); returns
+    the .jsonl path. What the tests and examples evaluate when a small labelled set is needed."""
+    import json
+    from pathlib import Path
+
+    from . import data
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, e in enumerate(data.make_dataset(n, "heldout", seed=seed, size=size)):
+        e.image.save(folder / f"{k}.png")
+        lines.append({"image": f"{k}.png", "texts": [e.caption, *list(e.negatives.values())[:negatives]], "label": 0})
+    path = folder / "set.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    return path

@@ -7,22 +7,15 @@ import os
 import pytest
 import torch
 
-from fastitm import data
 from fastitm.cli import main
 from fastitm.engine import CheckpointError
 from fastitm.evaluate import runner
+from fastitm.testing import write_jsonl_set
 
 
 @pytest.fixture(scope="module")
 def jsonl(tmp_path_factory):
-    root = tmp_path_factory.mktemp("set")
-    lines = []
-    for n, e in enumerate(data.make_dataset(4, "heldout", seed=11, size=16)):
-        e.image.save(root / f"{n}.png")
-        lines.append({"image": f"{n}.png", "texts": [e.caption, *list(e.negatives.values())[:2]], "label": 0})
-    f = root / "set.jsonl"
-    f.write_text("\n".join(json.dumps(x) for x in lines))
-    return f
+    return write_jsonl_set(tmp_path_factory.mktemp("set"), 4, seed=11, negatives=2)
 
 
 def _eval(jsonl, out, *extra):

@@ -7,19 +7,13 @@ import json
 
 import pytest
 
-from fastitm import data
 from fastitm.cli import main
+from fastitm.testing import write_jsonl_set
 
 
 @pytest.fixture
 def jsonl(tmp_path):
-    lines = []
-    for n, e in enumerate(data.make_dataset(3, "heldout", seed=2, size=16)):
-        e.image.save(tmp_path / f"{n}.png")
-        lines.append({"image": f"{n}.png", "texts": [e.caption, next(iter(e.negatives.values()))], "label": 0})
-    f = tmp_path / "set.jsonl"
-    f.write_text("\n".join(json.dumps(x) for x in lines))
-    return f
+    return write_jsonl_set(tmp_path, 3, seed=2)
 
 
 def test_two_runs_line_up_in_one_table(jsonl, tmp_path, capsys):

@@ -239,19 +239,11 @@ def test_auto_compile_decides_from_the_rows_and_pads_short_batches(tiny, monkeyp
 
 
 def test_eval_records_the_compile_decision(tiny, tmp_path):
-    import json
-
-    from fastitm import data
     from fastitm.evaluate import runner
+    from fastitm.testing import write_jsonl_set
 
-    lines = []
-    for n, e in enumerate(data.make_dataset(2, "heldout", seed=3, size=16)):
-        e.image.save(tmp_path / f"{n}.png")
-        lines.append({"image": f"{n}.png", "texts": [e.caption, next(iter(e.negatives.values()))], "label": 0})
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
-    rep = runner.run("jsonl", tmp_path / "d.jsonl", model=copy.deepcopy(tiny), timesteps=2, progress=False,
-                     compile=None)
+    jsonl = write_jsonl_set(tmp_path, 2, seed=3)
+    rep = runner.run("jsonl", jsonl, model=copy.deepcopy(tiny), timesteps=2, progress=False, compile=None)
     assert rep.stats["compile"].startswith("off: 1 denoiser batches")  # 2 items x 3 rows x 2 timesteps
-    rep = runner.run("jsonl", tmp_path / "d.jsonl", model=tiny, timesteps=2, progress=False, adaptive=True,
-                     compile=None)
+    rep = runner.run("jsonl", jsonl, model=tiny, timesteps=2, progress=False, adaptive=True, compile=None)
     assert rep.stats["compile"].startswith("off: racing and elimination")
