@@ -370,3 +370,21 @@ def test_embedded_model_runs_each_task_on_a_generated_dataset(task, tmp_path):
     assert rep["stats"]["items"] == 4 and rep["model"]["source"].endswith("default_model")
     key = "R@1" if "R@1" in rep["metrics"] else "accuracy"
     assert rep["metrics"][key] == pytest.approx(_hand(rep["items"])[0])
+
+
+def test_score_takes_lora(tmp_path, tiny_dir):
+    """--lora on fastitm score: the adapter's model scores as load_model(lora=...) does."""
+    import fastitm
+    from fastitm.finetune import finetune
+
+    adapter = finetune("discffusion", "synthetic", out=tmp_path / "adapter", model=fastitm.load_model(tiny_dir), steps=1,
+                       batch_size=2, examples=2, progress=False)
+    image = tmp_path / "img.png"
+    released.image("score-lora").save(image)
+    argv = ["score", "--model", str(tiny_dir), "--images", str(image), "--texts", "a dog", "a cat", "--timesteps", "2",
+            "--no-progress", "--json"]
+    assert main([*argv, str(tmp_path / "a.json"), "--lora", str(adapter)]) == 0
+    got = json.loads((tmp_path / "a.json").read_text())["matrix"]
+    want = fastitm.score([image], ["a dog", "a cat"], model=fastitm.load_model(tiny_dir, lora=adapter), timesteps=2,
+                         seed=0).matrix
+    torch.testing.assert_close(torch.tensor(got), want, rtol=1e-5, atol=2e-5)
