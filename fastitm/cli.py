@@ -77,7 +77,7 @@ def _parse_adaptive(text: str | None):
             raise ValueError(f"--adaptive expects KEY=VALUE[,KEY=VALUE...] (e.g. alpha=0.01,keep=5), got {text!r}")
         if key in out:
             raise ValueError(f"--adaptive names {key} twice ({text!r}); give each option once")
-        if key == "over":  # the one option that is a word: texts or images
+        if key in ("over", "against"):  # the options that are words
             out[key] = value
             continue
         try:
@@ -514,7 +514,8 @@ def _racing_arguments() -> argparse.ArgumentParser:
     c.add_argument("--adaptive", nargs="?", const="on", default=None, metavar="KEY=VALUE,...",
                    help="paired racing: drop a text once a paired test says it is worse than the image's best "
                    "(fewer denoiser rows); alone for the defaults (alpha=0.05,min_timesteps=5,round_size=5,keep=1,"
-                   "futility=0.5,over=texts) or with those options (over=images: each text's images compete)")
+                   "futility=0.5,over=texts,against=strongest) or with those options (over=images: each text's images compete; "
+                   "against=leader: the previous rule)")
     c.add_argument("--weights", type=_parse_weights, default=None, metavar="uniform|exp[:RATE]|FILE",
                    help="how per-timestep scores average: uniform (default), exp[:RATE] (exp(-RATE t/1000), Clark & "
                         "Jaini's; RATE 7 by default) or a JSON file with a {timestep: weight} table under 'weights'")

@@ -22,7 +22,15 @@ corrections make it hold:
   a fixed-size test's error (optional stopping), by up to the number of looks.
 
 Both are handled by Bonferroni: each test runs at ``alpha / (looks * (K - 1))``, where ``looks`` is
-the number of rounds at which the plan can test. It is conservative (successive looks share most of
+the number of rounds at which the plan can test. What the ``K - 1`` pays for is who the best is tested
+against, not how many rivals are tested: only one candidate is the best, and it is dropped only when
+some other candidate c wins a test against it; whatever chose c (the highest mean, or the clearest
+win), that is one of ``K - 1`` tests each at the level, so a union bound gives ``alpha`` per item with
+no further factor for the rivals. So ``against="strongest"`` (the default) tests each rival against
+every one of the strongest live candidates and drops it on the clearest win, at the same level: a
+rival that the second-best beats plainly while the leader is noisy is dropped without waiting for
+the leader's test (Holm's step-down over the rivals would not help: the best's test is the one that
+must hold, and it is one test). ``against="leader"`` is the previous rule. It is conservative (successive looks share most of
 their samples), but it needs no assumption about the look schedule, and it makes the decisions a
 pure function of the per-timestep scores: the same scores give the same decisions, however the rows
 were batched, sharded or resumed.
@@ -74,7 +82,11 @@ import torch
 
 from .weights import weighted_mean
 
-ADAPTIVE_KEYS = ("alpha", "min_timesteps", "round_size", "keep", "futility", "over")
+ADAPTIVE_KEYS = ("alpha", "min_timesteps", "round_size", "keep", "futility", "over", "against")
+AGAINST = ("strongest", "leader")
+# How many of the best live candidates (by mean) each rival is tested against under against="strongest":
+# the tests run cost (live x this) per look, whatever the number of classes.
+COMPARATORS = 8
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,10 @@ class RaceOptions:
     whole plan could not separate its candidates stops early (0: never; see the module docstring);
     ``over``: what competes, ``"texts"`` (each image's texts: text retrieval, the default) or
     ``"images"`` (each text's images: image retrieval; with DiffusionITM only normalized scores make
-    images comparable). Defaults chosen on the benchmark in bench/RESULTS.md."""
+    images comparable); ``against``: what a rival is tested against, ``"strongest"`` (each of the best
+    live candidates, :data:`COMPARATORS` of them; the rival is dropped when any beats it: the one that
+    beats it most clearly decides) or ``"leader"`` (the highest mean only). Defaults chosen on the
+    benchmarks in bench/RESULTS.md."""
 
     alpha: float = 0.05
     min_timesteps: int = 5
@@ -94,6 +109,7 @@ class RaceOptions:
     keep: int = 1
     futility: float = 0.5
     over: str = "texts"
+    against: str = "strongest"
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha < 1.0:
@@ -107,6 +123,8 @@ class RaceOptions:
             raise ValueError(f"adaptive futility must be a number in [0, 1], got {self.futility!r}")
         if self.over not in ("texts", "images"):
             raise ValueError(f"adaptive over must be 'texts' or 'images', got {self.over!r}")
+        if self.against not in AGAINST:
+            raise ValueError(f"adaptive against must be one of {AGAINST}, got {self.against!r}")
         if self.min_timesteps < 2:
             raise ValueError(f"adaptive min_timesteps must be at least 2 (a paired t-test needs two samples), "
                              f"got {self.min_timesteps}")
@@ -234,7 +252,15 @@ def step(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions,
     rivals = idx[idx != best]
     z = standardized(scores, computed if computed is not None else torch.ones(K, n, dtype=torch.bool))
     base = z if z is not None else scores.double()
-    p = paired_pvalues(base[best][None, :] - base[rivals], w)
+    if opts.against == "leader":
+        p = paired_pvalues(base[best][None, :] - base[rivals], w)
+    else:  # each rival against each of the strongest live candidates; the clearest win decides
+        order = idx[torch.sort(-means[idx], stable=True).indices]
+        top = order[:COMPARATORS]
+        d = base[top][:, None, :] - base[rivals][None, :, :]  # [comparators, rivals, n]: comparator - rival
+        p = paired_pvalues(d.reshape(-1, n), w).reshape(len(top), len(rivals))
+        p[top[:, None] == rivals[None, :]] = 1.0  # a candidate is not tested against itself
+        p = p.min(dim=0).values
     drop = rivals[p < opts.level(T, K)]
     if int(live.sum()) - len(drop) < opts.keep:  # keep the `keep` best by mean among the live
         order = idx[torch.sort(-means[idx], stable=True).indices]

@@ -103,6 +103,45 @@ def test_the_best_is_dropped_no_more_often_than_alpha():
     assert dropped / n_items <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_items)
 
 
+def test_a_rival_the_second_best_beats_plainly_is_dropped_without_waiting_for_a_noisy_leader():
+    """Leader A (mean 1, noisy), B (0.9, quiet), C (0, as quiet, its noise shared with B's): against the
+    leader alone C survives the first look; against the strongest candidates B beats it plainly and it
+    is dropped, at the same level (p-values by hand with scipy's paired t-test)."""
+    from scipy.stats import ttest_rel
+
+    g = torch.Generator().manual_seed(1)
+    T, n = 30, 6
+    common = torch.randn(T, generator=g, dtype=torch.float64)
+    scores = torch.stack([1.0 + 3.0 * torch.randn(T, generator=g, dtype=torch.float64),
+                          0.9 + common + 0.05 * torch.randn(T, generator=g, dtype=torch.float64),
+                          common + 0.05 * torch.randn(T, generator=g, dtype=torch.float64)])
+    s = scores[:, :n]
+    assert int(s.mean(dim=1).argmax()) == 0  # A leads after the first look's timesteps
+    level = RaceOptions(alpha=0.05, min_timesteps=n).level(T, 3)
+    assert ttest_rel(s[0], s[2], alternative="greater").pvalue > level  # the leader cannot tell A from C yet
+    assert ttest_rel(s[1], s[2], alternative="greater").pvalue < level  # B beats C plainly
+    live = torch.ones(3, dtype=torch.bool)
+    leader = step(s, live, T, RaceOptions(alpha=0.05, min_timesteps=n, against="leader"))
+    strongest = step(s, live, T, RaceOptions(alpha=0.05, min_timesteps=n))
+    assert leader.tolist() == [True, True, True] and strongest.tolist() == [True, True, False]
+
+
+def test_the_best_is_dropped_no_more_often_than_alpha_against_the_strongest_with_uneven_noise():
+    """The best 0.1 sd ahead of five rivals whose noise ranges over a factor of 10 (quiet rivals are the
+    strongest comparators): over 400 items the best is dropped in at most alpha of them (plus three
+    binomial standard errors)."""
+    alpha, n_items, T = 0.1, 400, 30
+    opts = RaceOptions(alpha=alpha, min_timesteps=4, round_size=2)
+    sds = torch.tensor([1.0, 0.1, 0.3, 1.0, 2.0, 3.0], dtype=torch.float64)
+    dropped = 0
+    for i in range(n_items):
+        g = torch.Generator().manual_seed(1000 + i)
+        x = torch.tensor([0.1, 0, 0, 0, 0, 0], dtype=torch.float64)[:, None] + \
+            sds[:, None] * torch.randn(6, T, generator=g, dtype=torch.float64)
+        dropped += not simulate(x, opts).live[0]
+    assert dropped / n_items <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_items)
+
+
 def test_many_candidates_spend_fewer_rows_and_keep_the_best():
     """24 classes, one best by at least 1 sd: racing keeps it and spends under half the full plan's rows."""
     means = [1.0] + [0.0 - 0.1 * k for k in range(23)]
