@@ -38,8 +38,11 @@ def test_level_is_bonferroni_over_looks_and_rivals():
 
 def test_a_clear_winner_stops_early_and_keeps_the_winner():
     per_t = draw([1.5, 0.0, -0.5], 50, seed=1)
-    race = simulate(per_t, RaceOptions(alpha=0.05))
+    # the drop test alone drops both rivals; the settled rule (the default) stops no later, same choice
+    race = simulate(per_t, RaceOptions(alpha=0.05, settled=0.0))
     assert race.choice == 0 and race.live.tolist() == [True, False, False]
+    settled = simulate(per_t, RaceOptions(alpha=0.05))
+    assert settled.choice == 0 and settled.stopped <= race.stopped
     assert race.stopped < 50 and race.rows < 3 * 50
     # each candidate was scored on a prefix of the spread order: its partial mean by hand
     order = spread_order(50)
@@ -55,14 +58,14 @@ def test_exact_ties_run_to_the_plans_end_without_futility_and_stop_at_its_first_
     assert race.stopped == 30 and race.live.tolist() == [True, True, False]
     assert race.timesteps.tolist()[:2] == [30, 30] and race.choice == 0
     # futility looks from 2 x min_timesteps = 6 timesteps: the tie cannot be separated, so it stops there
-    race = simulate(per_t, RaceOptions(alpha=0.2, min_timesteps=3, round_size=1))
+    race = simulate(per_t, RaceOptions(alpha=0.2, min_timesteps=3, round_size=1, futility=0.5, settled=0.0))
     assert race.stopped == 6 and race.live.tolist() == [True, True, False] and race.choice == 0
 
 
 def test_futility_stops_near_ties_by_hand_and_spares_clear_items():
     from scipy.stats import t as student_t
 
-    opts = RaceOptions(alpha=0.05, min_timesteps=5, round_size=5)
+    opts = RaceOptions(alpha=0.05, min_timesteps=5, round_size=5, futility=0.5, settled=0.0)
     T = 40
     order = spread_order(T)
     # a difference the plan cannot resolve: +-1 around 0.01 in turn along the evaluation order
@@ -80,7 +83,7 @@ def test_futility_stops_near_ties_by_hand_and_spares_clear_items():
     critical = student_t.isf(opts.level(T, 2), T - 1)
     assert projected < 0.5 * critical and race.stopped == 10 and race.live.all()
     assert race.choice == best  # decided by the means so far
-    off = simulate(near, RaceOptions(alpha=0.05, min_timesteps=5, round_size=5, futility=0.0))
+    off = simulate(near, RaceOptions(alpha=0.05, min_timesteps=5, round_size=5, futility=0.0, settled=0.0))
     assert off.stopped == T
     # a clear difference is decided by the test, never by futility
     clear = simulate(draw([1.0, 0.0], T, seed=9), opts)
@@ -142,6 +145,46 @@ def test_the_best_is_dropped_no_more_often_than_alpha_against_the_strongest_with
     assert dropped / n_items <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_items)
 
 
+def test_settled_by_hand():
+    """The predictive probability that the leader stays ahead over the whole plan, by hand: the t
+    distribution's CDF at t_n sqrt(T / (T - n)); the item stops when every rival's is at least 1 - eps."""
+    from scipy.stats import t as student_t
+
+    from fastitm.racing import settled_item
+
+    T, n = 40, 8
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    outcomes = set()
+    for shift in (0.15, 0.3, 1.2):
+        rival = base - shift + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+        d = base - rival
+        prob = student_t.cdf(float(d.mean() / d.std() * n**0.5 * (T / (T - n)) ** 0.5), n - 1)
+        s = torch.stack([base, rival])
+        for eps in (0.01, 0.05, 0.2):
+            got = settled_item(s, torch.ones(2, dtype=torch.bool), T, RaceOptions(settled=eps, min_timesteps=5))
+            assert got == (prob >= 1 - eps)
+            outcomes.add(got)
+    assert outcomes == {True, False}  # both sides of the threshold were checked
+    assert not settled_item(s, torch.ones(2, dtype=torch.bool), T, RaceOptions(settled=0.0, min_timesteps=5))
+    assert not settled_item(s, torch.ones(2, dtype=torch.bool), T, RaceOptions(settled=0.05, keep=2, min_timesteps=5))
+
+
+def test_settled_items_keep_the_full_plans_choice_at_the_stated_rate():
+    """Items whose true difference is drawn around 0 (many near ties): racing with settled=eps and no
+    drop test changes the full plan's choice in at most eps of them (plus three standard errors)."""
+    eps, n_items, T = 0.05, 400, 40
+    opts = RaceOptions(alpha=0.0 + 1e-12, settled=eps, min_timesteps=4, round_size=2)
+    changed = 0
+    g = torch.Generator().manual_seed(77)
+    for i in range(n_items):
+        delta = 0.4 * float(torch.randn(1, generator=g))
+        s = draw([delta, 0.0], T, seed=5000 + i)
+        full = int(s.mean(dim=1).argmax())
+        changed += simulate(s, opts).choice != full
+    assert changed / n_items <= eps + 3 * math.sqrt(eps * (1 - eps) / n_items)
+
+
 def test_many_candidates_spend_fewer_rows_and_keep_the_best():
     """24 classes, one best by at least 1 sd: racing keeps it and spends under half the full plan's rows."""
     means = [1.0] + [0.0 - 0.1 * k for k in range(23)]
@@ -179,12 +222,13 @@ def test_standardizing_by_the_timesteps_spread_saves_rows():
     T = 50
     scales = torch.logspace(-2, 0, T)[torch.randperm(T, generator=torch.Generator().manual_seed(1))]
     items = [draw_scaled([1.0] + [0.0 - 0.05 * k for k in range(11)], T, scales, seed=500 + i) for i in range(10)]
-    std = [simulate(x, RaceOptions()) for x in items]
+    drop_only = RaceOptions(settled=0.0)  # the drop test's power, without the settled stop
+    std = [simulate(x, drop_only) for x in items]
     assert all(r.choice == 0 for r in std)
     old = racing.MIN_SPREAD
     racing.MIN_SPREAD = 13
     try:
-        raw = [simulate(x, RaceOptions()) for x in items]
+        raw = [simulate(x, drop_only) for x in items]
     finally:
         racing.MIN_SPREAD = old
     assert sum(r.rows for r in std) < 0.6 * sum(r.rows for r in raw)

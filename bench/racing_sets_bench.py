@@ -1,0 +1,230 @@
+"""Racing's rules on several sets, tuned on some seeds and reported on others (issue 36).
+
+    python bench/racing_sets_bench.py [--images 40] [--timesteps 50] [--out racing-sets] [--json out.json]
+
+The embedded model (DiffusionITM, the full plan of ``--timesteps``) scores held-out synthetic images
+(:func:`fastitm.data.make_dataset`) once per set, and racing is replayed on those per-timestep scores
+(:func:`fastitm.racing.simulate`, the decisions the engine takes on the rows it computes):
+
+- ``2-way``: each image against its caption and one hard negative, one item per negative kind;
+- ``3/6-way``: each image against its caption and all its hard negatives (2 for one-object scenes,
+  5 for two-object scenes).
+
+Each set is drawn twice: with the tuning seed (where a default may be chosen) and with a held-out seed
+(where it is reported). For each rule (``against``: leader, strongest) and level (``alpha``, with and
+without futility) it reports the conditional denoiser rows against the full plan's, accuracy, and how
+many of the items whose full-plan choice is significant (paired t-test of the choice against the
+runner-up over every timestep, p < 0.01) keep it. ``accuracy_vs_rows.png``: racing's points beside the
+fixed plan's curve over its number of timesteps (the first n of the spread order), per set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from benchutil import emit, machine
+
+SEEDS = {"tune": 7, "held-out": 23}
+GRID = [(against, alpha, fut, 0.0) for against in ("leader", "strongest") for alpha in (0.01, 0.05, 0.2)
+        for fut in (0.0, 0.5)] + [("strongest", alpha, 0.0, eps) for alpha in (0.01, 0.05, 0.2) for eps in (0.01, 0.05)]
+
+
+def items_of(examples, kind: str):
+    """[(image, [texts], truth 0)] for a set."""
+    out = []
+    for e in examples:
+        negs = list(e.negatives.values())
+        if kind == "2-way":
+            out += [(e.image, [e.caption, n]) for n in negs]
+        else:
+            out.append((e.image, [e.caption, *negs]))
+    return out
+
+
+def full_plan(model, items, T):
+    import fastitm
+
+    images, texts, spans = [], [], []
+    for image, cands in items:
+        images.append(image)
+        spans.append((len(texts), len(texts) + len(cands)))
+        texts += cands
+    pairs = torch.zeros(len(images), len(texts), dtype=torch.bool)
+    for i, (a, b) in enumerate(spans):
+        pairs[i, a:b] = True
+    plan = fastitm.make_plan(model, T, seed=0)
+    t0 = time.perf_counter()
+    res = fastitm.score(images, texts, model=model, plan=plan, pairs=pairs, progress=False)
+    return [res.per_timestep[i, a:b].double() for i, (a, b) in enumerate(spans)], time.perf_counter() - t0, res
+
+
+def significant(per_t: torch.Tensor) -> bool:
+    from scipy.stats import ttest_1samp
+
+    order = per_t.mean(dim=1).argsort(descending=True)
+    d = (per_t[order[0]] - per_t[order[1]]).numpy()
+    return bool(d.std() > 0 and ttest_1samp(d, 0.0).pvalue < 0.01)
+
+
+def replay(scores: list[torch.Tensor], opts) -> dict:
+    from fastitm.racing import simulate
+
+    rows = right = 0
+    choices = []
+    for s in scores:
+        race = simulate(s, opts)
+        rows += race.rows
+        right += race.choice == 0
+        choices.append(race.choice)
+    return {"rows": rows, "right": right, "choices": choices}
+
+
+def fixed_curve(scores: list[torch.Tensor], T: int) -> list[tuple[int, float]]:
+    """(conditional rows, accuracy) of the fixed plan with its first n timesteps of the spread order."""
+    from fastitm.methods import spread_order
+
+    order = spread_order(T)
+    out = []
+    for n in range(1, T + 1):
+        ks = order[:n]
+        acc = sum(int(s[:, ks].mean(dim=1).argmax()) == 0 for s in scores) / len(scores)
+        out.append((sum(s.shape[0] * n for s in scores), acc))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=40)
+    p.add_argument("--timesteps", type=int, default=50)
+    p.add_argument("--out", default="racing-sets")
+    p.add_argument("--json", default=None)
+    p.add_argument("--scores", default=None, help="a file of the full plans' per-timestep scores: read when it "
+                   "exists (the replay alone, no scoring), else written")
+    p.add_argument("--wall", type=int, default=0, metavar="ROUNDS",
+                   help="also time the engine on the held-out sets: the full plan against racing with its defaults, "
+                        "alternating, ROUNDS rounds (medians)")
+    args = p.parse_args(argv)
+
+    import fastitm
+    from fastitm import data
+    from fastitm.racing import RaceOptions
+
+    model = fastitm.load_model()
+    T = args.timesteps
+    out = {"machine": machine(), "model": model.source, "timesteps": T, "method": "diffusion_itm", "sets": {}}
+    curves = {}
+    saved = torch.load(args.scores) if args.scores and Path(args.scores).is_file() else {}
+    for role, seed in SEEDS.items():
+        examples = data.make_dataset(args.images, "heldout", seed=seed, size=model.resolution)
+        for kind in ("2-way", "3/6-way"):
+            items = items_of(examples, kind)
+            key = f"{kind}/{seed}/{args.images}/{T}"
+            if key not in saved:
+                scores, wall, res = full_plan(model, items, T)
+                saved[key] = (scores, wall, res.stats["unet_rows"])
+            scores, wall, unet_rows = saved[key]
+            out["timesteps"] = scores[0].shape[1]  # the plan's grid may hold fewer than asked (50 -> 49)
+            full_rows = sum(s.shape[0] * s.shape[1] for s in scores)
+            full_choice = [int(s.mean(dim=1).argmax()) for s in scores]
+            sig = [significant(s) for s in scores]
+            name = f"{kind} ({role}, seed {seed})"
+            entry = {"items": len(items), "candidates": sorted({s.shape[0] for s in scores}),
+                     "full": {"conditional_rows": full_rows, "accuracy": round(sum(c == 0 for c in full_choice) / len(items), 4),
+                              "significant_items": sum(sig), "wall_s": round(wall, 1),
+                              "unet_rows_with_empty_prompt": unet_rows},
+                     "racing": []}
+            points = []
+            for against, alpha, fut, eps in GRID:
+                r = replay(scores, RaceOptions(alpha=alpha, futility=fut, against=against, settled=eps))
+                kept = sum(c == f for c, f, s in zip(r["choices"], full_choice, sig, strict=True) if s)
+                acc = r["right"] / len(items)
+                same = sum(c == f for c, f in zip(r["choices"], full_choice, strict=True))
+                entry["racing"].append({"against": against, "alpha": alpha, "futility": fut, "settled": eps,
+                                        "rows_vs_full": round(full_rows / r["rows"], 3), "accuracy": round(acc, 4),
+                                        "significant_kept": f"{kept}/{sum(sig)}",
+                                        "same_choice_as_full": f"{same}/{len(items)}"})
+                points.append((against if not eps else f"settled {eps}", alpha, fut, r["rows"], acc))
+            out["sets"][name] = entry
+            curves[name] = (fixed_curve(scores, scores[0].shape[1]), points)
+    if args.wall:
+        out["wall"] = wall_times(model, data, args, T)
+    if args.scores and not Path(args.scores).is_file():
+        torch.save(saved, args.scores)
+    emit(out, args.json)
+    _plot(curves, Path(args.out))
+    return 0
+
+
+def wall_times(model, data, args, T) -> dict:
+    """The engine side by side on the held-out sets: the full plan and racing's defaults, the same inputs,
+    alternating rounds, medians; rows and choices of each."""
+    import statistics
+
+    import fastitm
+
+    out = {}
+    examples = data.make_dataset(args.images, "heldout", seed=SEEDS["held-out"], size=model.resolution)
+    for kind in ("2-way", "3/6-way"):
+        items = items_of(examples, kind)
+        images, texts, spans = [], [], []
+        for image, cands in items:
+            images.append(image)
+            spans.append((len(texts), len(texts) + len(cands)))
+            texts += cands
+        pairs = torch.zeros(len(images), len(texts), dtype=torch.bool)
+        for i, (a, b) in enumerate(spans):
+            pairs[i, a:b] = True
+        plan = fastitm.make_plan(model, T, seed=0)
+        times: dict[str, list[float]] = {"full": [], "racing": []}
+        res = {}
+        for _ in range(args.wall):
+            for arm, adaptive in (("full", None), ("racing", True)):
+                t0 = time.perf_counter()
+                res[arm] = fastitm.score(images, texts, model=model, plan=plan, pairs=pairs, adaptive=adaptive,
+                                         progress=False)
+                times[arm].append(time.perf_counter() - t0)
+        choice = {arm: [int(r.matrix[i, a:b].argmax()) for i, (a, b) in enumerate(spans)] for arm, r in res.items()}
+        med = {arm: statistics.median(v) for arm, v in times.items()}
+        out[kind] = {"items": len(items), "rounds": args.wall,
+                     "wall_s": {arm: [round(x, 2) for x in v] for arm, v in times.items()},
+                     "wall_vs_full": round(med["full"] / med["racing"], 3),
+                     "unet_rows": {arm: r.stats["unet_rows"] for arm, r in res.items()},
+                     "unet_rows_vs_full": round(res["full"].stats["unet_rows"] / res["racing"].stats["unet_rows"], 3),
+                     "accuracy": {arm: round(sum(c == 0 for c in v) / len(v), 4) for arm, v in choice.items()},
+                     "same_choice": f"{sum(a == b for a, b in zip(choice['full'], choice['racing'], strict=True))}"
+                                    f"/{len(items)}"}
+    return out
+
+
+def _plot(curves, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), dpi=100, squeeze=False)
+    for ax, (name, (fixed, points)) in zip(axes[0], curves.items(), strict=True):
+        ax.plot([r for r, _ in fixed], [a for _, a in fixed], color="black", label="fixed plan (over T)")
+        for against, marker in (("leader", "o"), ("strongest", "s"), ("settled 0.01", "^"), ("settled 0.05", "v")):
+            for fut, fill in ((0.0, "none"), (0.5, "full")):
+                pts = [(r, a) for g, _, f, r, a in points if g == against and f == fut]
+                ax.plot([r for r, _ in pts], [a for _, a in pts], marker=marker, linestyle="",
+                        fillstyle=fill, label=f"racing {against}, futility {fut}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("conditional denoiser rows")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_rows.png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
