@@ -70,6 +70,7 @@ class UNetRunner:
         # Its guards also check strides: every call gets the latents in one layout, its convolutions'.
         self.pad = getattr(unet, "_compiled_call_impl", None) is not None
         self.padded_rows = 0
+        self.compiled_ok = False  # a compiled call has succeeded: later errors are the run's own
         w = getattr(getattr(unet, "conv_in", None), "weight", None)
         nhwc = w is not None and w.dim() == 4 and not w.is_contiguous() \
             and w.is_contiguous(memory_format=torch.channels_last)
@@ -95,7 +96,20 @@ class UNetRunner:
                 fill = torch.arange(self.bucket, device=x.device) % n  # real rows repeated: no garbage
                 x, t, cond = x[fill], t[fill], {key: value[fill] for key, value in cond.items()}
                 self.padded_rows += self.bucket - n
-            pred, pooled = self._forward(x.contiguous(memory_format=self.layout), t, cond)
+            try:
+                pred, pooled = self._forward(x.contiguous(memory_format=self.layout), t, cond)
+            except Exception as e:  # noqa: BLE001 - a compiler that fails (no C++ toolchain, an op it lacks)
+                if self.compiled_ok:
+                    raise
+                # The first compiled call failed: the run goes on with the eager denoiser, slower, the same
+                # numbers, rather than being lost to the compiler.
+                self.unet._compiled_call_impl = None
+                cause = getattr(e, "inner_exception", None) or e.__cause__ or e  # dynamo wraps the compiler's error
+                self.pad, self.fallback = False, brief_error(cause)
+                warnings.warn(f"torch.compile of the denoiser failed ({self.fallback}); running it eagerly",
+                              RuntimeWarning, stacklevel=2)
+                return self._forward(x[:n], t[:n], {key: value[:n] for key, value in cond.items()})
+            self.compiled_ok = True
             return pred[:n], (None if pooled is None else pooled[:n])
         if self._captured is None:
             try:

@@ -529,8 +529,10 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     if share is not None:  # the rows the shared parts ran, of unet_rows
         stats["prefix_rows"], stats["kv_rows"] = share.rows["prefix"], share.rows["kv"]
     stats["unet_rows_saved"] = full_rows - int(state.done.sum())
-    if runner.pad:  # a compiled denoiser: the short batches' padding rows (computed, never read)
+    if runner.pad or runner.padded_rows:  # a compiled denoiser: the short batches' padding rows (never read)
         stats["padded_rows"] = runner.padded_rows
+    if runner.fallback and not use_graph:
+        stats["compile_fallback"] = runner.fallback
     if use_graph:
         stats["cuda_graphs"] = runner.use_graph
         stats["graph_replays"] = runner.replays

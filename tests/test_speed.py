@@ -247,3 +247,20 @@ def test_eval_records_the_compile_decision(tiny, tmp_path):
     assert rep.stats["compile"].startswith("off: 1 denoiser batches")  # 2 items x 3 rows x 2 timesteps
     rep = runner.run("jsonl", jsonl, model=tiny, timesteps=2, progress=False, adaptive=True, compile=None)
     assert rep.stats["compile"].startswith("off: racing and elimination")
+
+
+def test_a_compiler_that_fails_leaves_the_run_eager_with_a_warning(tiny):
+    """The first compiled call raising (no C++ toolchain, an op the compiler lacks) must not lose the run:
+    it goes on eagerly, warns naming the failure, and gives the eager scores."""
+    model = copy.deepcopy(tiny)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("simulated: no C++ compiler found")
+
+    speed.apply(model, compile=broken)
+    imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="torch.compile of the denoiser failed .*simulated: no C\\+\\+ compiler"):
+        got = fastitm.score(imgs, TEXTS, model=model, timesteps=3, seed=1, batch_size=10)
+    assert "simulated" in got.stats["compile_fallback"]
+    want = fastitm.score(imgs, TEXTS, model=tiny, timesteps=3, seed=1, batch_size=10)
+    assert_close(got.matrix, want.matrix, rtol=1e-5, atol=2e-5)
