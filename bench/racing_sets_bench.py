@@ -46,9 +46,8 @@ def items_of(examples, kind: str):
     return out
 
 
-def full_plan(model, items, T):
-    import fastitm
-
+def pack(items):
+    """(images, texts, spans, pairs): every item's image against its own candidates in one call."""
     images, texts, spans = [], [], []
     for image, cands in items:
         images.append(image)
@@ -57,6 +56,13 @@ def full_plan(model, items, T):
     pairs = torch.zeros(len(images), len(texts), dtype=torch.bool)
     for i, (a, b) in enumerate(spans):
         pairs[i, a:b] = True
+    return images, texts, spans, pairs
+
+
+def full_plan(model, items, T):
+    import fastitm
+
+    images, texts, spans, pairs = pack(items)
     plan = fastitm.make_plan(model, T, seed=0)
     t0 = time.perf_counter()
     res = fastitm.score(images, texts, model=model, plan=plan, pairs=pairs, progress=False)
@@ -196,14 +202,7 @@ def wall_times(model, data, args, T) -> dict:
     examples = data.make_dataset(args.images, "heldout", seed=SEEDS["held-out"], size=model.resolution)
     for kind in ("2-way", "3/6-way"):
         items = items_of(examples, kind)
-        images, texts, spans = [], [], []
-        for image, cands in items:
-            images.append(image)
-            spans.append((len(texts), len(texts) + len(cands)))
-            texts += cands
-        pairs = torch.zeros(len(images), len(texts), dtype=torch.bool)
-        for i, (a, b) in enumerate(spans):
-            pairs[i, a:b] = True
+        images, texts, spans, pairs = pack(items)
         plan = fastitm.make_plan(model, T, seed=0)
         times: dict[str, list[float]] = {"full": [], "racing": []}
         res = {}
