@@ -463,7 +463,8 @@ def _scoring_arguments() -> argparse.ArgumentParser:
                         "(cached; HF_HUB_OFFLINE=1: from the cache only) (default: the embedded model; 'tiny': "
                         "random-weight tiny model)")
     c.add_argument("--lora", default=None, metavar="ADAPTER",
-                   help="a LoRA adapter folder for the model (fastitm finetune --out; SD 1.x/2.x)")
+                   help="a LoRA for the model's UNet: a fastitm finetune --out folder, or a LoRA in diffusers' "
+                        "file format (a .safetensors file or its folder, e.g. an LCM-LoRA); SD 1.x/2.x")
     c.add_argument("--method", default=None, choices=METHODS,
                    help="diffusion_itm (Krojer et al.: text-conditioned error minus the empty prompt's; the default), "
                    "diffusion_classifier (Li et al.: MSE only; eval pets' default, with adaptive elimination), "
