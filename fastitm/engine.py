@@ -271,7 +271,7 @@ def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch
     alone, so batching, resuming and sharding take the same ones. ``state.live``: the survivors.
     ``hook``: :func:`stage_chunks`' ``order`` and ``before`` for every round (see :func:`_stages`)."""
     from .methods import spread_order
-    from .racing import futile, step
+    from .racing import step, stops_early
 
     opts, T = run.race, len(run.plan)
     order = spread_order(T)
@@ -305,7 +305,7 @@ def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch
             cand = req[g].nonzero().flatten()
             live = step(per_t[g, cand][:, seen], live_v[g, cand], T, opts, done[g, cand][:, seen], w_seen)
             live_v[g, cand] = live
-            if int(live.sum()) <= opts.keep or futile(per_t[g, cand][:, seen], live, T, opts, w_seen, w_eval):
+            if int(live.sum()) <= opts.keep or stops_early(per_t[g, cand][:, seen], live, T, opts, w_seen, w_eval):
                 racing[g] = False
                 stopped[g] = True
 

@@ -285,6 +285,16 @@ def step(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions,
     return live
 
 
+def _leader_gaps(scores: torch.Tensor, live: torch.Tensor, w: torch.Tensor | None = None):
+    """The live leader's (weighted) mean difference over each live rival and the differences' spread,
+    ``mean`` [R] and ``sd`` [R] (what both early stops judge), from ``scores`` [K, n]."""
+    idx = live.nonzero().flatten()
+    means = weighted_mean(scores.double(), w)
+    best = idx[torch.argmax(means[idx])]
+    d = scores[best][None, :].double() - scores[idx[idx != best]].double()
+    return weighted_mean(d, w), _wsd(d, w)
+
+
 def settled_item(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions) -> bool:
     """Whether the whole plan's choice is all but decided (``opts.settled`` = epsilon > 0, ``keep=1``):
     for every live rival r of the leader b, the predictive probability that b's mean over all T
@@ -300,18 +310,22 @@ def settled_item(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOpt
     K, n = scores.shape
     if opts.settled == 0.0 or opts.alpha == 0.0 or opts.keep != 1 or n < opts.min_timesteps or n >= T:
         return False  # alpha 0: racing off, the full plan
-    idx = live.nonzero().flatten()
-    if len(idx) <= 1:
+    if int(live.sum()) <= 1:
         return False
-    means = scores.double().mean(dim=1)
-    best = idx[torch.argmax(means[idx])]
-    d = scores[best][None, :].double() - scores[idx[idx != best]].double()
-    m, sd = d.mean(dim=1), d.std(dim=1, unbiased=True)
+    m, sd = _leader_gaps(scores, live)
     spread = sd > 0
     z = torch.where(spread, m * n**0.5 / sd.clamp_min(1e-300) * (T / (T - n)) ** 0.5, torch.zeros_like(m))
     prob = torch.from_numpy(student_t.cdf(z.numpy(), n - 1))
     prob = torch.where(spread, prob, (m > 0).double())  # no spread: the same difference at every timestep
     return bool((prob >= 1.0 - opts.settled).all())
+
+
+def stops_early(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, w: torch.Tensor | None = None,
+                w_plan: torch.Tensor | None = None) -> bool:
+    """Whether a race still running stops after this look: its answer is settled (:func:`settled_item`,
+    uniform weights) or it is futile (:func:`futile`). Arguments as :func:`futile`'s."""
+    return (w is None and w_plan is None and settled_item(scores, live, T, opts)) or \
+        futile(scores, live, T, opts, w, w_plan)
 
 
 def futile(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, w: torch.Tensor | None = None,
@@ -322,20 +336,14 @@ def futile(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, 
     from scipy.stats import t as student_t
 
     K, n = scores.shape
-    if w is None and w_plan is None and settled_item(scores, live, T, opts):
-        return True
     if opts.futility == 0.0 or opts.alpha == 0.0 or n < 2 * opts.min_timesteps or n >= T:
         return False
-    idx = live.nonzero().flatten()
-    if len(idx) <= opts.keep:
+    if int(live.sum()) <= opts.keep:
         return False  # already decided
     w = None if w is None else w.double()
     if w is not None and not float(w.sum()) > 0:
         return False
-    means = weighted_mean(scores.double(), w)
-    best = idx[torch.argmax(means[idx])]
-    d = scores[best][None, :].double() - scores[idx[idx != best]].double()
-    mean, sd = weighted_mean(d, w), _wsd(d, w)
+    mean, sd = _leader_gaps(scores, live, w)
     # The t statistic the whole plan would reach at this mean difference and spread (an exact tie: 0).
     factor, dof = _t_scale(None if w_plan is None else w_plan.double(), T)
     if dof <= 0:
@@ -389,7 +397,7 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
         seen_w = None if wo is None else wo[:n]
         live = step(scores[:, :n], live, T, opts, computed, seen_w)
         # K <= keep: nothing to decide, so no test stops the item (the whole plan runs, as the engine's)
-        if K > opts.keep and (int(live.sum()) <= opts.keep or futile(scores[:, :n], live, T, opts, seen_w, wo)):
+        if K > opts.keep and (int(live.sum()) <= opts.keep or stops_early(scores[:, :n], live, T, opts, seen_w, wo)):
             break
     means = torch.stack([weighted_mean(scores[k, : used[k]].double(), None if wo is None else wo[: used[k]])
                          for k in range(K)])
