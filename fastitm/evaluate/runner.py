@@ -113,12 +113,17 @@ def _prepare(item: Item) -> tuple[Item, list[Any] | None]:
 STREAM_BATCHES = 16  # denoiser batches per engine call in an evaluation: the last one of a call may be short
 
 
+def _item_rows(item: Item, T: int, needs_uncond: bool) -> int:
+    """The denoiser rows the full plan runs for an item: its images x (texts + the empty prompt's) x T."""
+    return len(item.images) * (len(item.texts) + int(needs_uncond)) * T
+
+
 def _windows(items: list[Item], T: int, needs_uncond: bool, per_call: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of consecutive items of at least ``per_call`` denoiser rows each (the last
     may hold fewer), counting each item's images x (texts + the unconditional row) x T."""
     out, start, rows = [], 0, 0
     for n, item in enumerate(items):
-        rows += len(item.images) * (len(item.texts) + int(needs_uncond)) * T
+        rows += _item_rows(item, T, needs_uncond)
         if rows >= per_call:
             out.append((start, n + 1))
             start, rows = n + 1, 0
@@ -521,8 +526,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         if compile is None:  # from the rows of this rank's engine calls, before any is scored
             from ..speed import auto_compile
 
-            compiled = auto_compile(model, [sum(len(i.images) * (len(i.texts) + int(spec.needs_uncond)) * len(plan)
-                                                for i in items[a:b]) for a, b in my_windows], bs, rounds=decides)
+            rows = [sum(_item_rows(i, len(plan), spec.needs_uncond) for i in items[a:b]) for a, b in my_windows]
+            compiled = auto_compile(model, rows, bs, rounds=decides)
             if compiled.startswith("on") and dist.rank() == 0:
                 print(f"fastitm: compile {compiled}", file=sys.stderr)
         todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
