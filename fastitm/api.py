@@ -35,6 +35,7 @@ def score(
     adaptive: Any = None,
     weights: Any = None,
     image_cache: Any = None,
+    text_cache: Any = None,
     **options: Any,
 ) -> ScoreResult:
     """Score every image against every text: ``res.matrix`` [len(images), len(texts)], higher = better.
@@ -83,6 +84,8 @@ def score(
     image_cache: a :class:`fastitm.ImageCache` shared by calls with the same model, method and plan:
         an image seen in an earlier call (the same pixels) reuses its VAE latent and its unconditional
         rows, with the same scores (:mod:`fastitm.image_cache`; posterior-mean latents only).
+    text_cache: a :class:`fastitm.text_cache.TextCache` shared by calls with the same model: each text is
+        encoded once across them (``stats["text_encodes"]`` counts the new ones).
 
     ``res.stats`` counts the work: UNet rows computed, VAE images, text encodes, rows saved by
     adaptive elimination (``diffusion_classifier``, ``elimination=[(T_1, keep_1), ...]``) or racing
@@ -90,14 +93,17 @@ def score(
     """
     from . import engine
     from .image_cache import ImageCache
+    from .text_cache import TextCache
 
     if image_cache is not None and not isinstance(image_cache, ImageCache):
         raise TypeError(f"image_cache must be a fastitm.ImageCache, got {type(image_cache).__name__}")
+    if text_cache is not None and not isinstance(text_cache, TextCache):
+        raise TypeError(f"text_cache must be a fastitm.text_cache.TextCache, got {type(text_cache).__name__}")
     run = prepare_run(images, texts, model=model, method=method, timesteps=timesteps, seed=seed, plan=plan,
                       resize=resize, latent=latent, scheme=scheme, noise=noise, preset=preset, options=options,
                       backend=backend, pairs=pairs, adaptive=adaptive, weights=weights)
-    if image_cache is not None:
-        run = replace(run, image_cache=image_cache)
+    if image_cache is not None or text_cache is not None:
+        run = replace(run, image_cache=image_cache, text_cache=text_cache)
     if distributed:
         from .distributed import is_distributed, score_sharded
 

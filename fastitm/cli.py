@@ -292,7 +292,7 @@ def _evaluation(args: argparse.Namespace, options: dict, adaptive) -> dict:
               "method": method, "options": dict(sorted(options.items())), "timesteps": timesteps,
               "seed": 0 if args.seed is None else args.seed, "split": args.split, "limit": args.limit,
               "weights": args.weights or "uniform", "adaptive": None if adaptive is None else vars(adaptive),
-              "lora": args.lora, "fewshot": args.fewshot}
+              "lora": args.lora, "fewshot": args.fewshot, "prompts": args.prompts}
     return json.loads(json.dumps(record, default=str))  # as report.json will hold it
 
 
@@ -327,7 +327,7 @@ def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive, evaluati
                  batch_size=args.batch_size, progress=None if not args.no_progress else False,
                  checkpoint=args.checkpoint, adaptive=adaptive, stream=args.stream, weights=args.weights,
                  image_cache=args.image_cache, compile=None if args.compile is None else False,
-                 fewshot=args.fewshot, **options)
+                 fewshot=args.fewshot, prompts=args.prompts, **options)
     if dist.rank() != 0:
         return 0
     report.evaluation = evaluation
@@ -547,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="the dataset folder (jsonl: the .jsonl file)")
     e.add_argument("--split", default=None, help="dataset split where the task has several (default: the published one)")
     e.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    e.add_argument("--prompts", default=None, metavar="CSV",
+                   help="classify: the class prompts, prompt,classname,classidx (the Diffusion Classifier's "
+                        "prompts/*.csv; a class scores as its best prompt); default 'a photo of a <class>.'")
     e.add_argument("--fewshot", type=float, default=None, metavar="FRACTION",
                    help="score only the task's few-shot test part: what fastitm finetune --task TASK --fewshot "
                         "FRACTION leaves out of training (Discffusion's protocol: 0.05)")

@@ -42,6 +42,8 @@ class Run:
     weights_spec: Any = "uniform"
     # Latents and unconditional rows shared with earlier calls (fastitm.image_cache.ImageCache), or None.
     image_cache: Any = None
+    # Texts' conditioning rows shared with earlier calls (fastitm.text_cache.TextCache), or None.
+    text_cache: Any = None
 
     def requested(self) -> torch.Tensor:
         """bool [N, M]: the pairs to score."""

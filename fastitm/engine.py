@@ -422,7 +422,10 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
         off = run.image_offset
         z = torch.cat([encode_images(model, run.pixels[a : a + bs], plan, first_index=off + a) for a in range(0, N, bs)])
         vae_images = N
-    emb = encode_conditioning(model, run.texts, empty=spec.needs_uncond)  # rows: the M texts (+ the empty prompt)
+    # rows: the M texts (+ the empty prompt); with a text cache only the texts it has not seen are encoded
+    encoded = run.text_cache.encoded if run.text_cache is not None else 0
+    emb = (run.text_cache.encode(model, run.texts, empty=spec.needs_uncond) if run.text_cache is not None
+           else encode_conditioning(model, run.texts, empty=spec.needs_uncond))
     noise = plan.noise.to(device=device, dtype=dtype)
     timesteps = plan.timesteps.to(device)
     noise_target = model.spec.target_is_noise(model)
@@ -434,7 +437,9 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
     computed = batches = 0
     use_graph = graphs_enabled(device)
     stats = {"unet_rows": 0, "unet_rows_full": full_rows, "resumed_cells": resumed, "vae_images": vae_images,
-             "text_encodes": M + (1 if spec.needs_uncond else 0), "batch_size": bs, "cuda_graphs": use_graph}
+             "text_encodes": (run.text_cache.encoded - encoded if run.text_cache is not None
+                              else M + (1 if spec.needs_uncond else 0)),
+             "batch_size": bs, "cuda_graphs": use_graph}
     if cache is not None:
         stats["image_cache"] = why_not or "on"
     same = None  # with an image cache: each image's first index in the call (its repeats run last in each stage)

@@ -38,7 +38,10 @@ class Item:
     strings; ``label``: the right candidate (None for groups and the bias tasks); ``tags``: what the
     metrics break down by (e.g. Winoground's tag), a string or a list of strings (the item counts
     under each); ``dropped``: candidates removed as identical to the true one; ``kept``: the original
-    indices of the candidates left (None when none was dropped)."""
+    indices of the candidates left (None when none was dropped); ``classes``: zero-shot classification
+    (the classify task), each candidate text's class, several prompts per class allowed: ``label`` is
+    then the true class, and a class scores as its best prompt (as the Diffusion Classifier's
+    ``eval_prob_adaptive.py`` predicts the class of its best prompt)."""
 
     id: str
     kind: str
@@ -49,6 +52,7 @@ class Item:
     crops: list[tuple[float, float, float, float] | None] | None = None  # per image (left, top, right, bottom)
     dropped: int = 0
     kept: list[int] | None = None
+    classes: list[int] | None = None
 
     @property
     def candidates(self) -> int:
@@ -81,7 +85,7 @@ def drop_identical(item: Item, same_image: Callable[[Any, Any], bool] = _same_pa
         if item.texts[0] == item.texts[1] or same_image(item.images[0], item.images[1]):
             return replace(item, texts=item.texts[:1], images=item.images[:1], dropped=item.dropped + 1)
         return item
-    if item.label is None:
+    if item.label is None or item.classes is not None:  # classify: its prompt file refuses repeated prompts
         return item
     cands = item.texts if item.kind == "text" else item.images
     truth = cands[item.label]

@@ -20,6 +20,18 @@ def candidate_scores(item: Item, matrix: torch.Tensor) -> torch.Tensor:
     return matrix[0] if item.kind == "text" else matrix[:, 0]
 
 
+def choice_scores(item: Item, matrix: torch.Tensor) -> torch.Tensor:
+    """The scores ``item.label`` indexes: the candidates' (:func:`candidate_scores`), or with several
+    prompts per class (``item.classes``) each class's best prompt's (a class with no finite prompt
+    score, e.g. every prompt dropped by racing, scores -inf)."""
+    s = candidate_scores(item, matrix)
+    if item.classes is None:
+        return s
+    idx = torch.as_tensor(item.classes, device=s.device)
+    out = torch.full((int(idx.max()) + 1,), float("-inf"), dtype=s.dtype, device=s.device)
+    return out.scatter_reduce(0, idx, s, "amax")
+
+
 def rank_of_truth(scores: torch.Tensor, label: int) -> tuple[int, bool]:
     """(how many other candidates score at least as high as the true one, whether any ties it)."""
     others = torch.cat([scores[:label], scores[label + 1 :]])
@@ -31,16 +43,47 @@ def choice_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> d
     items and of ties."""
     ranks, ties = [], 0
     for item, m in zip(items, matrices, strict=True):
-        r, tie = rank_of_truth(candidate_scores(item, m), item.label)
+        r, tie = rank_of_truth(choice_scores(item, m), item.label)
         ranks.append(r)
         ties += tie
     n = len(ranks)
     out = {"accuracy": sum(r < 1 for r in ranks) / n}
     # retrieval (R@1 = accuracy) where the task gives every item at least 5 candidates, counting those
     # dropped as identical to the true one, so the metrics a task reports do not depend on the drops
-    if all(len(candidate_scores(i, m)) + i.dropped >= 5 for i, m in zip(items, matrices, strict=True)):
+    if all(len(choice_scores(i, m)) + i.dropped >= 5 for i, m in zip(items, matrices, strict=True)):
         out.update({"R@1": out["accuracy"], "R@5": sum(r < 5 for r in ranks) / n})
     out.update({"items": n, "ties": ties})
+    return out
+
+
+def classify_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> dict:
+    """Zero-shot classification (items with ``classes``): ``accuracy`` (top-1), ``top5`` (with at least
+    5 classes), ``class_mean_accuracy`` (the mean over the classes present of their top-1 accuracy,
+    what Pets, Flowers, Aircraft and Caltech-101 usually report), ``items``, ``ties``; ``by_tag``
+    ``class=<name>``: each class's items and top-1 accuracy; ``confusion``: the non-zero cells of the
+    confusion matrix as ``[true, predicted, count]`` (predicted: the highest class score, the first on a
+    tie). Computed on all items at once: a thousand classes cost one sort, not a loop per class."""
+    scores = torch.stack([choice_scores(i, m).double() for i, m in zip(items, matrices, strict=True)])
+    labels = torch.tensor([i.label for i in items])
+    truth = scores.gather(1, labels[:, None])
+    ahead = (scores >= truth).sum(1) - 1  # other classes scoring at least as high as the true one
+    right = (ahead < 1).double()
+    C = scores.shape[1]
+    count = torch.bincount(labels, minlength=C)
+    hits = torch.bincount(labels, weights=right, minlength=C)
+    present = count > 0
+    out: dict = {"accuracy": right.mean().item()}
+    if C >= 5:
+        out["top5"] = (ahead < 5).double().mean().item()
+    out["class_mean_accuracy"] = (hits[present] / count[present]).mean().item()
+    out.update({"items": len(items), "ties": int(((scores == truth).sum(1) > 1).sum())})
+    names: dict[int, str] = {}
+    for i in items:
+        names.setdefault(i.label, str(i.tags.get("class", i.label)))
+    out["by_tag"] = {f"class={names[c]}": {"accuracy": hits[c].item() / int(count[c]), "items": int(count[c])}
+                     for c in sorted(names)}
+    tally = torch.bincount(labels * C + scores.argmax(1), minlength=C * C)
+    out["confusion"] = [[int(k) // C, int(k) % C, int(tally[k])] for k in tally.nonzero().flatten()]
     return out
 
 
@@ -107,6 +150,8 @@ def task_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> dic
         raise ValueError("no items were scored")
     if items[0].label is None and items[0].kind == "text":
         return bias_metrics(items, matrices) if "group" in items[0].tags else gender_bias_metrics(items, matrices)
+    if items[0].classes is not None:
+        return classify_metrics(items, matrices)
     kinds = {i.kind for i in items}
     if len(kinds) != 1:
         # jsonl may mix text and image choices: both are choices, scored the same way

@@ -61,7 +61,7 @@ class EvalReport:
                  + (f"; {len(self.skipped)} skipped (unreadable)" if self.skipped else ""), "",
                  "| metric | value |", "|---|---|"]
         for k, v in self.metrics.items():
-            if k != "by_tag":
+            if k not in ("by_tag", "confusion"):
                 lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
         if "ties" in self.metrics:
             lines += ["", "Ties never count for the ground truth (the published argmax credits them to it)."]
@@ -242,6 +242,45 @@ class EvalReport:
         plt.close(fig)
         return path
 
+    def plot_confusion(self, path: str | Path) -> Path | None:
+        """The classify task's confusion matrix as a PNG, rows normalized per true class (None without
+        matplotlib or a confusion matrix); class names on the axes up to 40 classes."""
+        cells = self.metrics.get("confusion")
+        if not cells:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            import numpy as np
+        except ImportError:
+            return None
+        names = {int(r["label"]): str(r.get("tags", {}).get("class", r["label"])) for r in self.items}
+        C = max(max(t, p) for t, p, _ in cells) + 1
+        C = max(C, max(names) + 1)
+        m = np.zeros((C, C))
+        for t, p, n in cells:
+            m[t, p] = n
+        m /= np.maximum(m.sum(1, keepdims=True), 1)
+        side = min(12.0, 4 + C * 0.2)
+        fig, ax = plt.subplots(figsize=(side, side * 0.85), dpi=100)
+        im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class's images")
+        if C <= 40:
+            labels = [names.get(c, str(c)) for c in range(C)]
+            ax.set_xticks(range(C), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(C), labels, fontsize=7)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        acc = self.metrics.get("accuracy")
+        ax.set_title(f"{self.task}, {self.method}: confusion" + (f" (top-1 {acc:.3f})" if acc is not None else ""))
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:
         """The report written by :meth:`save` (``path``: its report.json, or the folder holding it)."""
@@ -275,7 +314,7 @@ class EvalReport:
                    else "it was written by an older fastitm, which kept no per-item per-timestep scores")
             raise ValueError(f"this report of {self.task} cannot be reweighted: {why}")
         items = [Item(id=r["id"], kind=r["kind"], images=[], texts=[], label=r["label"], tags=r.get("tags", {}),
-                      dropped=r.get("dropped", 0), kept=r.get("kept")) for r in self.items]
+                      dropped=r.get("dropped", 0), kept=r.get("kept"), classes=r.get("classes")) for r in self.items]
         per_t = [torch.tensor(r["per_timestep"], dtype=torch.float32) for r in self.items]
         return items, per_t
 
@@ -303,8 +342,8 @@ class EvalReport:
                        racing=racing_curve(items, per_t, w=w))
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write report.json, report.md, accuracy_vs_timesteps.png, accuracy_vs_rows.png and
-        per_timestep.png into ``out_dir``."""
+        """Write report.json, report.md, accuracy_vs_timesteps.png, accuracy_vs_rows.png,
+        per_timestep.png and (classify) confusion.png into ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = {"json": out / "report.json", "markdown": out / "report.md"}
@@ -319,6 +358,9 @@ class EvalReport:
         png = self.plot_timesteps(out / "per_timestep.png")
         if png is not None:
             written["timesteps_plot"] = png
+        png = self.plot_confusion(out / "confusion.png")
+        if png is not None:
+            written["confusion_plot"] = png
         return written
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..interrupts import terminate_as_interrupt
-from .metrics import headline, identical_counts, rank_of_truth, task_metrics
+from ..text_cache import TextCache
+from .metrics import choice_scores, headline, identical_counts, rank_of_truth, task_metrics
 from .report import EvalReport, jsonable
 from .synthetic import shared_plan
 from .tasks import DataError, Item, drop_identical, load_task
@@ -28,13 +29,13 @@ PREFETCH = 4  # items decoded ahead of the one being scored
 
 
 def task_defaults(task: str, timesteps: int) -> dict:
-    """What a task uses unless told otherwise. Pets (37 classes) is zero-shot classification, which
-    Diffusion Classifier answers with adaptive elimination: after a fifth of the timesteps the best 5
-    classes go on, after half the best one."""
-    if task == "pets" and timesteps >= 3:
+    """What a task uses unless told otherwise. Pets (37 classes) and classify are zero-shot
+    classification, which Diffusion Classifier answers with adaptive elimination: after a fifth of the
+    timesteps the best 5 prompts go on, after half the best one."""
+    if task in ("pets", "classify") and timesteps >= 3:
         return {"method": "diffusion_classifier", "elimination": [(max(1, timesteps // 5), 5),
                                                                     (max(2, timesteps // 2), 1)]}
-    if task == "pets":
+    if task in ("pets", "classify"):
         return {"method": "diffusion_classifier"}
     return {}
 
@@ -133,7 +134,7 @@ def _windows(items: list[Item], T: int, needs_uncond: bool, per_call: int) -> li
 
 
 def _score_window(window: list, state, work: dict, score, *, model, method, plan, backend, batch_size, race,
-                  options, image_cache=None) -> None:
+                  options, image_cache=None, text_cache=None) -> None:
     """One engine call for the items of ``window`` [(index, item, images)]: images and texts side by side,
     each image scored against its own item's texts only (``pairs=``); each item's block into ``state``.
     With racing, text-choice items race their texts and image-choice items their images, each kind in
@@ -144,18 +145,22 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
     for kind, group in groups:
         if not group:
             continue
-        images, texts, spans = [], [], []
+        images, texts, spans, seen = [], [], [], {}
         for _, item, imgs in group:
-            spans.append((len(images), len(images) + len(imgs), len(texts), len(texts) + len(item.texts)))
+            # items with the same candidate texts (the classify task's prompts) share their columns
+            j0 = seen.setdefault(tuple(item.texts), len(texts))
+            if j0 == len(texts):
+                texts += list(item.texts)
+            spans.append((len(images), len(images) + len(imgs), j0, j0 + len(item.texts)))
             images += list(imgs)
-            texts += list(item.texts)
         pairs = torch.zeros(len(images), len(texts), dtype=torch.bool)
         for i0, i1, j0, j1 in spans:
             pairs[i0:i1, j0:j1] = True
         res = score(images, texts, model=model, method=method, plan=plan, backend=backend, batch_size=batch_size,
                     progress=False, pairs=pairs, adaptive=replace(race, over=over[kind]) if kind else None,
-                    image_cache=image_cache, **options)
+                    image_cache=image_cache, text_cache=text_cache, **options)
         work["unet_rows"] += res.stats["unet_rows"]
+        work["text_encodes"] += res.stats["text_encodes"]
         work["batches"] += res.stats["batches"]
         work["calls"] += 1
         work["vae_images"] += res.stats["vae_images"]
@@ -164,7 +169,8 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
         for (idx, item, _), (i0, i1, j0, j1) in zip(group, spans, strict=True):
             matrix, per_t = res.matrix[i0:i1, j0:j1].clone(), res.per_timestep[i0:i1, j0:j1].clone()
             record = {"id": item.id, "kind": item.kind, "scores": record_scores(item, matrix), "label": item.label,
-                      "tags": item.tags, "dropped": item.dropped, "kept": item.kept}
+                      "tags": item.tags, "dropped": item.dropped, "kept": item.kept,
+                      **({"classes": item.classes} if item.classes is not None else {})}
             if racing is not None:
                 record["rows"] = sum(racing["rows_per_image"][i0:i1])
                 record["plan_end"] = all(racing["plan_end"][i0:i1])
@@ -234,8 +240,6 @@ def per_timestep_diagnostics(items: list[Item], per_t: list[torch.Tensor], times
     """Where the signal is: for each timestep of the plan (in plan order), the headline metrics from
     that timestep alone and, over the choice items, the mean margin (the true candidate's score minus
     the best other's; positive: right) and the share of items it decides rightly."""
-    from .metrics import candidate_scores
-
     rows = []
     choice = [(i, p) for i, p in zip(items, per_t, strict=True) if i.kind in ("text", "image") and i.label is not None]
     for k, t in enumerate(timesteps):
@@ -243,7 +247,7 @@ def per_timestep_diagnostics(items: list[Item], per_t: list[torch.Tensor], times
         if choice:
             margins = []
             for item, p in choice:
-                s = candidate_scores(item, p[:, :, k]).double()
+                s = choice_scores(item, p[:, :, k]).double()
                 others = torch.cat([s[: item.label], s[item.label + 1 :]])
                 margins.append((s[item.label] - others.max()).item())
             row["margin"] = sum(margins) / len(margins)
@@ -269,17 +273,18 @@ def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALP
         return []
     T = choice[0][1].shape[1]
 
-    def right(means: torch.Tensor, live: torch.Tensor, label: int) -> bool:
-        """The metrics' rule among the survivors: no other survivor scores at least as high."""
-        survivors = live.nonzero().flatten()
-        return bool(live[label]) and rank_of_truth(means[survivors], int((survivors < label).sum()))[0] == 0
+    def right(item: Item, means: torch.Tensor, live: torch.Tensor) -> bool:
+        """The metrics' rule among the survivors: no other survivor (or class with one) scores at least
+        as high; a dropped candidate counts as -inf, as in the engine's result."""
+        s = torch.where(live, means, float("-inf"))
+        return rank_of_truth(choice_scores(item, s[None] if item.kind == "text" else s[:, None]), item.label)[0] == 0
 
-    rows = [{"alpha": None, "accuracy": sum(right(weighted_mean(s.double(), w), torch.ones(len(s), dtype=torch.bool), i.label)
+    rows = [{"alpha": None, "accuracy": sum(right(i, weighted_mean(s.double(), w), torch.ones(len(s), dtype=torch.bool))
                                             for i, s in choice) / len(choice),
              "rows_per_item": sum(s.numel() for _, s in choice) / len(choice), "plan_end": 1.0}]
     for a in alphas:
         races = [(i, simulate(s, RaceOptions(alpha=a), w=w)) for i, s in choice]
-        rows.append({"alpha": a, "accuracy": sum(right(r.means, r.live, i.label) for i, r in races) / len(races),
+        rows.append({"alpha": a, "accuracy": sum(right(i, r.means, r.live) for i, r in races) / len(races),
                      "rows_per_item": sum(r.rows for _, r in races) / len(races),
                      "plan_end": sum(r.stopped == T for _, r in races) / len(races)})
     return rows
@@ -351,7 +356,8 @@ def _run_fields(task, data, method, options, plan, digest: str, items) -> dict[s
     """The identity of an eval run, one digest per part, so that a refusal can name what differs:
     task, data (the resolved path), method, options (method options, preset and plan choices, racing,
     and the weights where they decide which rows run), plan (timesteps, seed, scheme, latents, the
-    noise), items (ids and candidates: split, limit, selection) and model (every weight)."""
+    noise), items (ids and candidates: split, limit, selection), the classify task's prompts and model
+    (every weight)."""
     import hashlib
 
     from ..engine import hash_tensor
@@ -367,7 +373,10 @@ def _run_fields(task, data, method, options, plan, digest: str, items) -> dict[s
     return {"task": digest_of(task), "data": digest_of(str(Path(data).resolve())), "method": digest_of(method),
             "options": digest_of(sorted((k, repr(v)) for k, v in options.items())),
             "plan": digest_of(plan.describe(), noise.hexdigest()),
-            "items": digest_of([(i.id, i.candidates, i.kept) for i in items]), "model": digest}
+            "items": digest_of([(i.id, i.candidates, i.kept) for i in items]), "model": digest,
+            # the classify task's prompts and classes (shared by every item): another prompt file differs
+            **({"prompts": digest_of(items[0].texts, items[0].classes, [i.label for i in items])}
+               if items and items[0].classes is not None else {})}
 
 
 def run(task: str, data: str | Path, *, model: Any = None, method: str | None = None, timesteps: int = 10,
@@ -375,7 +384,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         backend: str = "auto", batch_size: int | None = None, progress: bool | None = None,
         checkpoint: str | Path | None = None, checkpoint_every: float = 60.0, adaptive: Any = None,
         stream: int = STREAM_BATCHES, weights: Any = None, select: Any = None, image_cache: bool = False,
-        compile: bool | None = False, fewshot: float | None = None, **options: Any) -> EvalReport:
+        compile: bool | None = False, fewshot: float | None = None, prompts: str | Path | None = None,
+        **options: Any) -> EvalReport:
     """Evaluate ``model`` on a benchmark task read from ``data`` (see :data:`fastitm.evaluate.TASKS`).
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
@@ -408,6 +418,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     image-choice items (Flickr30k image retrieval, ...); Winoground items (both directions) run the full
     plan. Each item record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
     racing dropped scores -inf in the metrics and ``null`` in the record's ``scores``.
+
+    ``prompts``: the classify task's prompt CSV (``prompt,classname,classidx``; default: "a photo of a
+    <class>." from the dataset's class names; :mod:`fastitm.evaluate.tasks_classify`).
 
     ``fewshot``: a fraction (0.05 in the Discffusion paper): score only the task's few-shot test part,
     the items :func:`fastitm.evaluate.fewshot.fewshot` leaves out of training (``fastitm finetune
@@ -468,7 +481,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         part = fewshot_split(task, data, fewshot, split, preset=options.get("preset"))
         items, fewshot_record = part.test, part.record
     else:
-        items, fewshot_record = load_task(task, data, split, preset=options.get("preset")), None
+        items, fewshot_record = load_task(task, data, split, preset=options.get("preset"), prompts=prompts), None
     if limit:
         items = items[:limit]
     if callable(select):
@@ -532,7 +545,11 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                 print(f"fastitm: compile {compiled}", file=sys.stderr)
         todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
                 and i not in state.no_negative]
-        work = {"unet_rows": 0, "batches": 0, "calls": 0, "vae_images": 0, "unet_rows_reused": 0}
+        work = {"unet_rows": 0, "batches": 0, "calls": 0, "vae_images": 0, "unet_rows_reused": 0, "text_encodes": 0}
+        # Items that all share their texts (the classify task's prompts) encode them once per run. Only
+        # then: the first call encodes every text in the same batch on every rank and after a resume, so
+        # the report stays the same to the bit; texts repeated by some items only are encoded per call.
+        texts_once = TextCache() if len({tuple(i.texts) for i in items}) == 1 else None
         cache = None
         if image_cache:
             from ..image_cache import ImageCache
@@ -546,7 +563,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         def flush():
             if window:
                 _score_window(window, state, work, score, model=model, method=method, plan=plan, backend=backend,
-                              batch_size=bs, race=race, options=call_options, image_cache=cache)
+                              batch_size=bs, race=race, options=call_options, image_cache=cache,
+                              text_cache=texts_once)
                 bar.update(dist.world_size() * len(window))
                 window.clear()
 
@@ -621,7 +639,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                              "backend": choose(backend, [torch.empty(0, device=model.device)], "fastitm eval"),
                              "ranks": dist.world_size(), "batch_size": bs, "engine_calls": work["calls"],
                              "unet_rows": work["unet_rows"], "batches": work["batches"],
-                             "vae_images": work["vae_images"], "image_cache": bool(image_cache),
+                             "vae_images": work["vae_images"], "text_encodes": work["text_encodes"],
+                             "image_cache": bool(image_cache),
                              "repeated_images": repeated_images(scored),
                              **({"unet_rows_reused": work["unet_rows_reused"]} if image_cache else {}),
                              "batch_fill": None if fill is None else round(fill, 4),

@@ -15,6 +15,7 @@ from typing import Any
 # the item types, re-exported: fastitm.evaluate.tasks is where the loaders' users have found them
 from .items import ITEM_KINDS, DataError, Item, _read_json, _resolve, _utf8, drop_identical  # noqa: F401
 from .metrics import BIAS_PAIRS
+from .tasks_classify import load_classify
 from .tasks_discffusion import LOADERS as DISCFFUSION_LOADERS
 
 # ---- jsonl: our generic format --------------------------------------------------------------------
@@ -482,17 +483,27 @@ TASKS: dict[str, Callable[..., list[Item]]] = {
     "bias": load_bias,
     "bias_gender": load_bias_gender,
     "sugarcrepe": load_sugarcrepe,
+    "classify": load_classify,
     **DISCFFUSION_LOADERS,
 }
 
 
-def load_task(task: str, data: str | Path, split: str | None = None, preset: str | None = None) -> list[Item]:
+def load_task(task: str, data: str | Path, split: str | None = None, preset: str | None = None,
+              prompts: str | Path | None = None) -> list[Item]:
     """The task's items, each without the candidates identical to its true one (:func:`drop_identical`).
     ``preset="published"``: the item list the published code builds, where it differs (the
-    Discffusion tasks: :mod:`fastitm.evaluate.tasks_discffusion`); other tasks read the same either way."""
+    Discffusion tasks: :mod:`fastitm.evaluate.tasks_discffusion`); other tasks read the same either way.
+    ``prompts``: the classify task's prompt CSV (:mod:`fastitm.evaluate.tasks_classify`)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    loaded = TASKS[task](data, split, preset=preset) if task in DISCFFUSION_LOADERS else TASKS[task](data, split)
+    if prompts is not None and task != "classify":
+        raise ValueError(f"prompts= (--prompts) is the classify task's class prompts; {task} has its own texts")
+    if task == "classify":
+        loaded = load_classify(data, split, prompts)
+    elif task in DISCFFUSION_LOADERS:
+        loaded = TASKS[task](data, split, preset=preset)
+    else:
+        loaded = TASKS[task](data, split)
     return [drop_identical(item) for item in loaded]
 
 
