@@ -6,7 +6,7 @@ transformers are imported on first use.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 
 def _map_source_kernels() -> None:

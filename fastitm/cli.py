@@ -396,7 +396,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import __version__
+    from ._version import __version__
     from .model import describe_folder, embedded_model_path
 
     if args.model is not None:

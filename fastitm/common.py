@@ -329,3 +329,13 @@ def cross_attention_layers(unet, which: str) -> list[tuple[str, Any]]:
         if _block_of(n) in keep:
             per_attention[_attention_of(n)] = (n, m)  # the last transformer block's attn2 wins
     return list(per_attention.values())
+
+
+def hash_tensor(h, x: torch.Tensor) -> None:
+    """Feed a tensor's shape, dtype and every byte of its data into the hash ``h``."""
+    x = x.detach()
+    h.update(f"{tuple(x.shape)}{x.dtype}".encode())
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+        x = x.view(torch.int16)
+    x = x.to("cpu").contiguous().reshape(-1)
+    h.update(memoryview(x.numpy()).cast("B"))  # no copy: ~1 GB/s, a few seconds for SD 2.1

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .common import hash_tensor
+
 
 @dataclass
 class _Entry:
@@ -120,8 +122,6 @@ class ImageCache:
 
     def keys(self, pixels: torch.Tensor) -> list[str]:
         """pixels [N, 3, R, R] -> one digest per image."""
-        from .engine import hash_tensor  # (the engine imports this module)
-
         out = []
         for p in pixels:
             h = hashlib.sha1()
@@ -249,8 +249,6 @@ def _model_objects(model) -> tuple[list, tuple]:
 def _run_key(run) -> tuple:
     """(the method and its options, the plan): what an image's latent and unconditional rows depend
     on besides its pixels and the model (:class:`_Weights`)."""
-    from .engine import hash_tensor
-
     h = hashlib.sha1()
     for t in (run.plan.timesteps, run.plan.noise):
         hash_tensor(h, t)

@@ -139,7 +139,7 @@ class ScoreResult:
         import diffusers
         import transformers
 
-        from . import __version__
+        from ._version import __version__
 
         return {
             "method": self.method,
@@ -163,9 +163,7 @@ class ScoreResult:
 
 def _strict_accuracy(matrix: torch.Tensor, gt: torch.Tensor, k: int, query: str, candidate: str) -> float:
     """Rows are queries: the share whose true candidate ranks below k by the strict rule of
-    :func:`fastitm.evaluate.metrics.rank_of_truth`; a true pair that was not scored is an error."""
-    from .evaluate.metrics import rank_of_truth
-
+    :func:`rank_of_truth`; a true pair that was not scored is an error."""
     right = 0
     for q, label in enumerate(gt.tolist()):
         if torch.isnan(matrix[q, label]):
@@ -173,3 +171,9 @@ def _strict_accuracy(matrix: torch.Tensor, gt: torch.Tensor, k: int, query: str,
                              "or unfinished); score it, or leave that " + query + " out of the ground truth")
         right += rank_of_truth(matrix[q], label)[0] < k
     return right / len(gt)
+
+
+def rank_of_truth(scores: torch.Tensor, label: int) -> tuple[int, bool]:
+    """(how many other candidates score at least as high as the true one, whether any ties it)."""
+    others = torch.cat([scores[:label], scores[label + 1 :]])
+    return int((others >= scores[label]).sum()), bool((others == scores[label]).any())

@@ -70,7 +70,7 @@ class Calibration:
     metric: str = "accuracy"
 
     def to_json(self) -> dict:
-        from .. import __version__
+        from .._version import __version__
 
         return {"weights": {str(t): w for t, w in self.weights.items()},
                 "fitted": {**self.fitted, "metric": self.metric, "items": self.items, "task": self.task,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..result import rank_of_truth, winoground
 from .items import Item
 
 
@@ -30,12 +31,6 @@ def choice_scores(item: Item, matrix: torch.Tensor) -> torch.Tensor:
     idx = torch.as_tensor(item.classes, device=s.device)
     out = torch.full((int(idx.max()) + 1,), float("-inf"), dtype=s.dtype, device=s.device)
     return out.scatter_reduce(0, idx, s, "amax")
-
-
-def rank_of_truth(scores: torch.Tensor, label: int) -> tuple[int, bool]:
-    """(how many other candidates score at least as high as the true one, whether any ties it)."""
-    others = torch.cat([scores[:label], scores[label + 1 :]])
-    return int((others >= scores[label]).sum()), bool((others == scores[label]).any())
 
 
 def choice_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) -> dict:
@@ -89,8 +84,6 @@ def classify_metrics(items: Sequence[Item], matrices: Sequence[torch.Tensor]) ->
 
 def winoground_metrics(matrices: Sequence[torch.Tensor]) -> dict:
     """Text, image and group scores over 2x2 groups (strict inequalities, as the Winoground paper)."""
-    from ..result import winoground
-
     out = winoground(torch.stack([m.float() for m in matrices]))
     return {"text": out["text"], "image": out["image"], "group": out["group"], "items": out["groups"]}
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .curves import curve, jsonable, racing_curve, record_scores
 
 
 @dataclass
@@ -42,7 +43,7 @@ class EvalReport:
     evaluation: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        from .. import __version__
+        from .._version import __version__
 
         # The header (everything before the curves and items) is the record `fastitm eval --results`
         # appends to its results file: runs line up in one table (`fastitm results`).
@@ -327,7 +328,6 @@ class EvalReport:
 
         from ..weights import describe, resolve, weighted_mean
         from .metrics import IDENTICAL_COUNTS, task_metrics
-        from .runner import curve, racing_curve, record_scores
 
         items, per_t = self.per_timestep_scores()
         w = resolve(weights, self.plan["timesteps"], self.model.get("num_train_timesteps", 1000))
@@ -362,14 +362,3 @@ class EvalReport:
         if png is not None:
             written["confusion_plot"] = png
         return written
-
-
-def jsonable(x: Any) -> Any:
-    """Nested scores for JSON: -inf (eliminated) and NaN as null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    return x

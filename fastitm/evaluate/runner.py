@@ -20,8 +20,9 @@ import torch
 
 from ..interrupts import terminate_as_interrupt
 from ..text_cache import TextCache
-from .metrics import choice_scores, headline, identical_counts, rank_of_truth, task_metrics
-from .report import EvalReport, jsonable
+from .curves import curve, jsonable, per_timestep_diagnostics, racing_curve, record_scores  # noqa: F401
+from .metrics import identical_counts, task_metrics
+from .report import EvalReport
 from .synthetic import shared_plan
 from .tasks import DataError, Item, drop_identical, load_task
 
@@ -177,13 +178,6 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
             state.done[idx] = (matrix, per_t, record)
 
 
-def record_scores(item: Item, matrix: torch.Tensor) -> Any:
-    """What an item's record keeps of its score matrix: the candidates' scores in order (Winoground:
-    the 2x2 matrix [image][text]); JSON-able (a dropped candidate's -inf as null)."""
-    cands = matrix.tolist() if item.kind == "group" else (matrix[0] if item.kind == "text" else matrix[:, 0]).tolist()
-    return jsonable(cands)
-
-
 def _prefetch(items: list[Item], pool: ThreadPoolExecutor):
     """Yield futures of (item as scored, its decoded images), keeping PREFETCH decodes in flight."""
     futures: list[Future] = []
@@ -191,22 +185,6 @@ def _prefetch(items: list[Item], pool: ThreadPoolExecutor):
         while len(futures) < min(PREFETCH, len(items) - n):
             futures.append(pool.submit(_prepare, items[n + len(futures)]))
         yield futures.pop(0)
-
-
-def curve(items: list[Item], per_t: list[torch.Tensor], w: torch.Tensor | None = None) -> list[dict]:
-    """The headline metrics using the first n timesteps of :func:`fastitm.methods.spread_order`, for
-    every n from 1 to T, from the per-timestep scores of one run (weighted by ``w`` [T] if given)."""
-    from ..methods import spread_order
-    from ..weights import weighted_mean
-
-    T = per_t[0].shape[-1]
-    order = spread_order(T)
-    rows = []
-    for n in range(1, T + 1):
-        ks = order[:n]
-        mats = [weighted_mean(p[:, :, ks], None if w is None else w[ks]) for p in per_t]
-        rows.append({"timesteps": n, "metrics": headline(task_metrics(items, mats))})
-    return rows
 
 
 def repeated_images(items: list[Item]) -> int:
@@ -227,67 +205,13 @@ def _model_record(model, digest: str) -> dict:
     adapter or one changed weight changes it), family, dtype, device, and the versions."""
     import platform
 
-    from .. import __version__
+    from .._version import __version__
     from ..families.base import lcm_record
 
     return {"source": model.source, "digest": digest, "family": model.family,
             "num_train_timesteps": int(model.num_train_timesteps),
             "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device), **lcm_record(model),
             "versions": {"fastitm": __version__, "torch": torch.__version__, "python": platform.python_version()}}
-
-
-def per_timestep_diagnostics(items: list[Item], per_t: list[torch.Tensor], timesteps: list[int]) -> list[dict]:
-    """Where the signal is: for each timestep of the plan (in plan order), the headline metrics from
-    that timestep alone and, over the choice items, the mean margin (the true candidate's score minus
-    the best other's; positive: right) and the share of items it decides rightly."""
-    rows = []
-    choice = [(i, p) for i, p in zip(items, per_t, strict=True) if i.kind in ("text", "image") and i.label is not None]
-    for k, t in enumerate(timesteps):
-        row: dict = {"timestep": int(t), "metrics": headline(task_metrics(items, [p[:, :, k] for p in per_t]))}
-        if choice:
-            margins = []
-            for item, p in choice:
-                s = choice_scores(item, p[:, :, k]).double()
-                others = torch.cat([s[: item.label], s[item.label + 1 :]])
-                margins.append((s[item.label] - others.max()).item())
-            row["margin"] = sum(margins) / len(margins)
-        rows.append(row)
-    return rows
-
-
-RACING_ALPHAS = (0.01, 0.05, 0.2)
-
-
-def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALPHAS,
-                 w: torch.Tensor | None = None) -> list[dict]:
-    """What racing (:mod:`fastitm.racing`, default options but ``alpha``) would have decided and spent
-    on this run's per-timestep scores: per alpha, the accuracy (the true candidate survives with the
-    highest mean, strictly), the conditional denoiser rows per item (candidate x timestep) and the
-    share of items that ran to the plan's end; first the full plan's own. Choice items only."""
-    from ..racing import RaceOptions, simulate
-    from ..weights import weighted_mean
-
-    choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t, strict=True)
-              if i.kind in ("text", "image") and i.label is not None]
-    if not choice:
-        return []
-    T = choice[0][1].shape[1]
-
-    def right(item: Item, means: torch.Tensor, live: torch.Tensor) -> bool:
-        """The metrics' rule among the survivors: no other survivor (or class with one) scores at least
-        as high; a dropped candidate counts as -inf, as in the engine's result."""
-        s = torch.where(live, means, float("-inf"))
-        return rank_of_truth(choice_scores(item, s[None] if item.kind == "text" else s[:, None]), item.label)[0] == 0
-
-    rows = [{"alpha": None, "accuracy": sum(right(i, weighted_mean(s.double(), w), torch.ones(len(s), dtype=torch.bool))
-                                            for i, s in choice) / len(choice),
-             "rows_per_item": sum(s.numel() for _, s in choice) / len(choice), "plan_end": 1.0}]
-    for a in alphas:
-        races = [(i, simulate(s, RaceOptions(alpha=a), w=w)) for i, s in choice]
-        rows.append({"alpha": a, "accuracy": sum(right(i, r.means, r.live) for i, r in races) / len(races),
-                     "rows_per_item": sum(r.rows for _, r in races) / len(races),
-                     "plan_end": sum(r.stopped == T for _, r in races) / len(races)})
-    return rows
 
 
 class _Progress:
@@ -360,7 +284,7 @@ def _run_fields(task, data, method, options, plan, digest: str, items) -> dict[s
     (every weight)."""
     import hashlib
 
-    from ..engine import hash_tensor
+    from ..common import hash_tensor
 
     def digest_of(*parts) -> str:
         h = hashlib.sha256()
@@ -441,7 +365,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     """
     from tqdm.auto import tqdm
 
-    from .. import score
+    from ..api import score
     from ..common import check_arguments, progress_disabled
     from ..engine import model_digest
     from ..model import Model, load_model

@@ -68,7 +68,7 @@ def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_i
     ``group`` images share one scoring call (each only against its own captions)."""
     from tqdm.auto import tqdm
 
-    from .. import score
+    from ..api import score
     from ..common import progress_disabled
 
     _check_examples(examples)
@@ -117,7 +117,7 @@ def image_retrieval(model, examples: Sequence[Any], *, group: int = 10, method: 
     images x captions, and return (share of captions whose best image is their own, captions)."""
     from tqdm.auto import tqdm
 
-    from .. import score
+    from ..api import score
     from ..common import progress_disabled
 
     _check_examples(examples)
