@@ -12,7 +12,7 @@ from fastitm import data
 
 root = Path(fastitm.__file__).resolve().parent
 assert root.is_relative_to(Path(sys.prefix).resolve()), f"fastitm imported from {root}, not from the installed wheel"
-for mod in ("fastitm.ops", "fastitm.kernels", "fastitm.engine", "fastitm.presets", "fastitm.cli"):
+for mod in ("fastitm.ops", "fastitm.kernels", "fastitm.engine", "fastitm.core.presets", "fastitm.cli"):
     __import__(mod)
 import fastitm.kernels  # noqa: E402
 

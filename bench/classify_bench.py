@@ -65,7 +65,7 @@ def rounds(schedule: str) -> tuple[int, list[tuple[int, int]]]:
 
 def published_rows(n_classes: int, schedule: str) -> int:
     """Conditional rows per image of the published schedule, counted from its stages."""
-    from fastitm.methods import published_stages
+    from fastitm.core.methods import published_stages
 
     T, r = rounds(schedule)
     live, rows = n_classes, 0

@@ -6,7 +6,7 @@ The SD 2.1-base architecture (random weights) at 256 px (4x32x32 latents), fp32,
 on 2 images x 4 texts x 2 timesteps = 16 UNet rows in two full batches of 8 (full batches: a compiled
 denoiser is specialised to its batch shape, and a smaller batch compiles again). The first compiled call
 compiles (its time, less an eager call's, is the compile's cost); then rounds alternate the two arms and
-the medians are compared. Under compile the engine's row sharing is off (:mod:`fastitm.sharing`: the
+the medians are compared. Under compile the engine's row sharing is off (:mod:`fastitm.engine.sharing`: the
 shapes would vary by batch), so the eager arm runs fewer UNet rows' worth of work: the comparison is the
 lever as a run would use it.
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
 
     import fastitm
-    from fastitm.speed import apply
+    from fastitm.models.speed import apply
 
     model = fastitm.testing.sd21_base_architecture(seed=0)
     model.unet.register_to_config(sample_size=args.size // model.vae_scale_factor)

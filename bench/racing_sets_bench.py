@@ -4,7 +4,7 @@
 
 The embedded model (DiffusionITM, the full plan of ``--timesteps``) scores held-out synthetic images
 (:func:`fastitm.data.make_dataset`) once per set, and racing is replayed on those per-timestep scores
-(:func:`fastitm.racing.simulate`, the decisions the engine takes on the rows it computes):
+(:func:`fastitm.engine.racing.simulate`, the decisions the engine takes on the rows it computes):
 
 - ``2-way``: each image against its caption and one hard negative, one item per negative kind;
 - ``3/6-way``: each image against its caption and all its hard negatives (2 for one-object scenes,
@@ -100,7 +100,7 @@ def significant(per_t: torch.Tensor) -> bool:
 
 
 def replay(scores: list[torch.Tensor], opts) -> dict:
-    from fastitm.racing import simulate
+    from fastitm.engine.racing import simulate
 
     rows = right = 0
     choices = []
@@ -114,7 +114,7 @@ def replay(scores: list[torch.Tensor], opts) -> dict:
 
 def fixed_curve(scores: list[torch.Tensor], T: int) -> list[tuple[int, float]]:
     """(conditional rows, accuracy) of the fixed plan with its first n timesteps of the spread order."""
-    from fastitm.methods import spread_order
+    from fastitm.core.methods import spread_order
 
     order = spread_order(T)
     out = []
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
 
     import fastitm
     from fastitm import data
-    from fastitm.racing import RaceOptions
+    from fastitm.engine.racing import RaceOptions
 
     model = fastitm.load_model()
     T = args.timesteps

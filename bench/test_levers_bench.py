@@ -1,6 +1,6 @@
 """The GPU speed levers side by side on the SD 2.1-base architecture (random weights): engine rows/s
 with each lever against the same run without it, same inputs and plan, medians of interleaved rounds.
-These figures decide which levers are on by default on CUDA (:mod:`fastitm.speed`). All ``gpu``.
+These figures decide which levers are on by default on CUDA (:mod:`fastitm.models.speed`). All ``gpu``.
 """
 
 import pytest
@@ -31,7 +31,7 @@ def test_lever_gpu(lever, report, benchmark):
     base = fastitm.testing.sd21_base_architecture(device="cuda", dtype=base_dtype)
     other = fastitm.testing.sd21_base_architecture(device="cuda", dtype=torch.bfloat16)
     if lever in ("channels_last", "fuse_qkv", "compile"):
-        fastitm.speed.apply(other, **{lever: True})
+        fastitm.models.speed.apply(other, **{lever: True})
     imgs, texts = _inputs(base)
     plan = fastitm.make_plan(base, T, seed=0)
     kw_base = {"batch_size": 32} if lever == "batch_size" else {}

@@ -13,7 +13,7 @@ import torch
 from benchutil import context
 
 import fastitm
-from fastitm.attention import lse_pooling
+from fastitm.engine.attention import lse_pooling
 from fastitm.finetune.lora import add_lora
 from fastitm.reference import capture_attention_lse
 

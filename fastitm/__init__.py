@@ -38,18 +38,23 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
+from . import _moved  # noqa: E402
+
+_moved.install()  # the module paths from before the layers (fastitm.racing, fastitm.model, ...) still import
+
 from . import data, evaluate, reference, testing  # noqa: E402
 from .api import score  # noqa: E402
-from .engine import Interrupted  # noqa: E402
-from .image_cache import ImageCache  # noqa: E402
-from .methods import METHODS  # noqa: E402
-from .model import Model, ModelError, load_model  # noqa: E402
-from .plan import Plan, make_plan  # noqa: E402
-from .result import ScoreResult, winoground  # noqa: E402
+from .core.methods import METHODS  # noqa: E402
+from .core.plan import Plan, make_plan  # noqa: E402
+from .core.result import ScoreResult, winoground  # noqa: E402
+from .engine.engine import Interrupted  # noqa: E402
+from .engine.image_cache import ImageCache  # noqa: E402
+from .models.model import Model, ModelError, load_model  # noqa: E402
 
 # Subpackages with heavier dependencies, imported on first use: ``fastitm.finetune.finetune(...)``
 # works after a plain ``import fastitm``.
-_LAZY = ("finetune", "racing", "speed", "distributed", "scorer", "hub")
+_LAZY = {"finetune": ".finetune", "racing": ".engine.racing", "speed": ".models.speed",
+         "distributed": ".engine.distributed", "scorer": ".scorer", "hub": ".models.hub"}
 
 
 def __getattr__(name: str):
@@ -60,7 +65,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(_LAZY[name], __name__)
     raise AttributeError(f"module 'fastitm' has no attribute {name!r}")
 
 

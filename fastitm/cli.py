@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from . import interrupts
+from .core import interrupts
+from .core.inputs import RESIZE_MODES
+from .core.locks import held
+from .core.methods import METHODS
+from .core.plan import LATENT_MODES, NOISE_MODES, TIMESTEP_SCHEMES
 from .evaluate.tasks import TASKS
-from .inputs import RESIZE_MODES
-from .locks import held
-from .methods import METHODS
-from .plan import LATENT_MODES, NOISE_MODES, TIMESTEP_SCHEMES
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -39,7 +39,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def _parse_weights(text: str):
-    """``--weights``: uniform, exp, exp:RATE (the words in any case), or a JSON file (see fastitm.weights)."""
+    """``--weights``: uniform, exp, exp:RATE (the words in any case), or a JSON file (see fastitm.core.weights)."""
     word = text.strip().lower()
     if word == "uniform":
         return None
@@ -64,7 +64,7 @@ def _parse_weights(text: str):
 
 def _parse_adaptive(text: str | None):
     """``--adaptive`` alone: racing with its defaults; ``--adaptive alpha=0.01,min_timesteps=5``: those
-    options (see fastitm.racing.RaceOptions), each named once."""
+    options (see fastitm.engine.racing.RaceOptions), each named once."""
     if text is None:
         return None
     if text == "on":
@@ -125,12 +125,12 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
     import torch
 
     from . import load_model, testing
-    from .model import check_device, resolve_dtype
-    from .speed import apply
+    from .models.model import check_device, resolve_dtype
+    from .models.speed import apply
 
     check_device(device)
     if method is not None and model_arg not in (None, "tiny") and Path(model_arg).expanduser().is_dir():
-        from .families import detect
+        from .models.families import detect
 
         detect(Path(model_arg).expanduser())[0].check_method(method)
     if model_arg == "tiny":
@@ -149,9 +149,9 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
 
 
 def _auto_compile(model, rows: list[int], batch_size: int | None, *, rounds: bool) -> str:
-    """The default ``--compile`` decision for a run of engine calls of ``rows`` rows (fastitm.speed): the
+    """The default ``--compile`` decision for a run of engine calls of ``rows`` rows (fastitm.models.speed): the
     denoiser is compiled in place when that repays itself; said on stderr when it is."""
-    from .speed import auto_compile, default_batch_size
+    from .models.speed import auto_compile, default_batch_size
 
     why = auto_compile(model, rows, batch_size or default_batch_size(model), rounds=rounds)
     if why.startswith("on"):
@@ -171,9 +171,9 @@ def check_output_path(path: str, what: str) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from . import score
-    from .common import check_arguments
-    from .engine import Interrupted, check_checkpoint_path
-    from .racing import RaceOptions
+    from .engine.common import check_arguments
+    from .engine.engine import Interrupted, check_checkpoint_path
+    from .engine.racing import RaceOptions
 
     options = dict(args.option or [])
     if args.json:
@@ -230,8 +230,8 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import distributed as dist
-    from .racing import RaceOptions
+    from .engine import distributed as dist
+    from .engine.racing import RaceOptions
 
     options = _run_options(args)
     out = Path(args.out)
@@ -316,7 +316,7 @@ def _check_report_folder(out: Path, evaluation: dict, overwrite: bool) -> None:
 
 
 def _eval(args: argparse.Namespace, out: Path, options: dict, adaptive, evaluation: dict) -> int:
-    from . import distributed as dist
+    from .engine import distributed as dist
     from .evaluate import run
 
     device = dist.local_device(args.device)
@@ -397,7 +397,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from ._version import __version__
-    from .model import describe_folder, embedded_model_path
+    from .models.model import describe_folder, embedded_model_path
 
     if args.model is not None:
         if not args.model.strip():

@@ -68,7 +68,7 @@ def adapter_reports(model, model_path, examples, timesteps: int, seed: int) -> l
 
     from . import evaluate
     from .finetune.lora import load_adapter
-    from .model import embedded_model_path
+    from .models.model import embedded_model_path
 
     if model_path is not None or embedded_model_path() is None:  # the adapters fit the embedded model only
         return []
@@ -84,8 +84,8 @@ def adapter_reports(model, model_path, examples, timesteps: int, seed: int) -> l
 def run_demo(out_dir: str = "fastitm-demo", timesteps: int = 10, seed: int = 0, n: int = 48,
              model_path: str | None = None) -> int:
     from . import evaluate, load_model
-    from .methods import METHODS
-    from .model import embedded_model_path
+    from .core.methods import METHODS
+    from .models.model import embedded_model_path
 
     t_start = time.perf_counter()
     if model_path is None and embedded_model_path() is None:

@@ -14,7 +14,11 @@ from typing import Any
 
 import torch
 
-from .common import (
+from .core.methods import elimination_stages
+from .core.plan import Plan
+from .core.result import ScoreResult
+from .core.weights import weighted_mean
+from .engine.common import (
     Run,
     cross_attention_layers,
     denoise,
@@ -27,11 +31,7 @@ from .common import (
     target,
     timestep_latents,
 )
-from .methods import elimination_stages
 from .ops.error_reduce import row_errors_ref
-from .plan import Plan
-from .result import ScoreResult
-from .weights import weighted_mean
 
 
 def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, scale: float, pool: str, lam: float) -> torch.Tensor:
@@ -78,7 +78,7 @@ def capture_attention_lse(unet, layers: str, pool: str, lam: float):
 def eliminate_ref(per_t: torch.Tensor, rounds, order: str = "spread",
                   requested: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Adaptive elimination replayed on complete per-timestep scores [N, M, T]: after round r (its
-    timesteps from :func:`fastitm.methods.elimination_stages`), each image keeps its best keep_r
+    timesteps from :func:`fastitm.core.methods.elimination_stages`), each image keeps its best keep_r
     texts by the mean over every timestep evaluated so far (ties: lower index). Returns the matrix
     (-inf for eliminated texts) and the per-timestep scores with NaN where the engine would not
     have computed them. ``requested`` [N, M]: the pairs asked for (the others stay NaN)."""

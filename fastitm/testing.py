@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import Model
+from .models.model import Model
 
 
 # One character per byte, as CLIP's byte-level BPE sees it (GPT-2's printable mapping of bytes).
@@ -197,7 +197,7 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .families.architectures import build_denoiser
+    from .models.families.architectures import build_denoiser
 
     tokenizer = tiny_tokenizer()
     meta = torch.device(device).type == "meta"  # shapes and counts only: no memory, no time

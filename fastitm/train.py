@@ -39,7 +39,7 @@ def build_model(seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .model import Model
+    from .models.model import Model
     from .testing import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(data.vocabulary())
@@ -70,7 +70,7 @@ def build_model(seed: int = 0):
 def to_pixels(images) -> torch.Tensor:
     """PIL images -> [N, 3, H, W] in [-1, 1].
 
-    Not :func:`fastitm.inputs.prepare_images` (same mapping, x / 255 * 2 - 1): its rounding differs
+    Not :func:`fastitm.core.inputs.prepare_images` (same mapping, x / 255 * 2 - 1): its rounding differs
     in the last bit from x / 127.5 - 1, and the shipped weights were trained with this one, so the
     recorded command reproduces them only if it stays."""
     import numpy as np

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastitm
-from fastitm.attention import lse_pooling
+from fastitm.engine.attention import lse_pooling
 from fastitm.ops import native_status
 from fastitm.testing import assert_close
 
@@ -47,7 +47,7 @@ def test_sdxl_width_cross_attention(triton_interpret, backend):
     (both text encoders' states) with 77 keys; the fused processor against the stock one."""
     from diffusers.models.attention_processor import Attention
 
-    from fastitm.attention import LSEPoolingAttnProcessor, PooledScores
+    from fastitm.engine.attention import LSEPoolingAttnProcessor, PooledScores
 
     g = torch.Generator().manual_seed(3)
     with torch.random.fork_rng(devices=[]):
@@ -71,9 +71,9 @@ def test_sdxl_width_cross_attention(triton_interpret, backend):
 def test_masked_processors_capture_in_a_cuda_graph():
     """A key mask is checked eagerly (a host read) but not while a CUDA graph is being captured, so
     processors with one are captured like the others and replay the eager numbers."""
-    from fastitm.attention import LSEPoolingAttnProcessor, PooledScores
-    from fastitm.common import cross_attention_layers
-    from fastitm.cuda_graphs import UNetRunner
+    from fastitm.engine.attention import LSEPoolingAttnProcessor, PooledScores
+    from fastitm.engine.common import cross_attention_layers
+    from fastitm.engine.cuda_graphs import UNetRunner
 
     tiny = fastitm.testing.tiny_model(seed=0).to(device="cuda")
     x, t, emb = (a.cuda() for a in unet_inputs(tiny))  # the text encoder runs where the model is

@@ -7,7 +7,7 @@ import pytest
 
 import fastitm
 from fastitm import data, evaluate
-from fastitm.model import embedded_model_path
+from fastitm.models.model import embedded_model_path
 from fastitm.ops import native_status
 
 

@@ -119,7 +119,7 @@ def test_work_sharing_counts(tiny, method, opts, uncond):
 @pytest.mark.parametrize("rounds,T,M", [([(2, 3), (4, 1)], 6, 6), ([(1, 2)], 3, 5), ([(3, 9)], 4, 4)])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_adaptive_elimination(tiny, rounds, T, M, backend):
-    from fastitm.methods import spread_order
+    from fastitm.core.methods import spread_order
 
     N = 3
     texts = [f"a {w} shape" for w in ("red", "blue", "green", "tiny", "big", "odd")][:M]
@@ -150,7 +150,7 @@ def test_adaptive_elimination(tiny, rounds, T, M, backend):
 
 
 def test_spread_order_prefixes_cover_the_schedule():
-    from fastitm.methods import spread_order
+    from fastitm.core.methods import spread_order
 
     for T in (1, 2, 7, 10, 31):
         order = spread_order(T)
@@ -254,7 +254,7 @@ def test_checkpoint_of_another_run_is_refused(tiny, tmp_path):
 def test_unet_runner_eager_interface(tiny, monkeypatch):
     """The runner the engine calls: eager on CPU, same outputs as the UNet, bucket enforced; graphs
     only on CUDA and only when asked for (off by default: the H200 run in bench/RESULTS.md)."""
-    from fastitm.cuda_graphs import UNetRunner, graphs_enabled
+    from fastitm.engine.cuda_graphs import UNetRunner, graphs_enabled
 
     monkeypatch.delenv("FASTITM_CUDA_GRAPHS", raising=False)
     assert not graphs_enabled(torch.device("cpu")) and not graphs_enabled(torch.device("cuda"))
@@ -277,7 +277,7 @@ def test_unet_runner_eager_interface(tiny, monkeypatch):
 
 @pytest.mark.parametrize("bs", [1, 3, 8, 50])
 def test_pack_recuts_streamed_rows_in_order(bs):
-    from fastitm.engine import pack, stage_chunks
+    from fastitm.engine.engine import pack, stage_chunks
 
     alive = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
     chunks = list(stage_chunks(alive, [4, 1], needs_uncond=True))

@@ -62,7 +62,7 @@ def test_cuda_graphs_for_every_family(monkeypatch, family, method):
 def test_the_batch_loop_never_waits_for_the_gpu(tiny_cuda, monkeypatch, method, opts, cache):
     """From the second denoiser batch to the end of the loop no host sync happens (torch's sync debug
     mode makes one an error): the CPU queues each batch while the GPU still runs the previous one."""
-    from fastitm import engine, image_cache
+    from fastitm.engine import engine, image_cache
 
     calls, real_call, real_result = [0], engine.UNetRunner.__call__, engine._result
 

@@ -11,7 +11,7 @@ import torch
 
 import fastitm
 from fastitm import data
-from fastitm.distributed import shard_bounds
+from fastitm.engine.distributed import shard_bounds
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch, h
     import signal
 
     import fastitm.evaluate.runner as runner
-    from fastitm.interrupts import Terminated
+    from fastitm.core.interrupts import Terminated
 
     tiny = fastitm.testing.tiny_model(seed=0)
     full = fastitm.evaluate.run("jsonl", jsonl, model=tiny, timesteps=3, **ONE_PER_CALL)

@@ -9,7 +9,7 @@ import torch
 import fastitm
 from fastitm import data
 from fastitm.cli import main
-from fastitm.racing import RaceOptions, simulate
+from fastitm.engine.racing import RaceOptions, simulate
 
 LOOSE = {"alpha": 0.6, "min_timesteps": 3, "round_size": 2}
 

@@ -87,7 +87,7 @@ def test_flickr30k_image_retrieval_keeps_every_fifth_caption(tiny, tiny_dir, fli
 
 
 def test_first_timesteps_of_the_curve_by_hand(tiny, flickr_dir):
-    from fastitm.methods import spread_order
+    from fastitm.core.methods import spread_order
 
     rep = fastitm.evaluate.run("flickr30k_text", flickr_dir, model=tiny, timesteps=T)
     k0 = spread_order(T)[0]
@@ -207,7 +207,7 @@ def test_jsonl_both_item_kinds_ties_and_identical_candidates(tiny, tmp_path, exa
 def test_racing_simulated_on_the_runs_scores_by_hand(tiny, tmp_path, examples):
     """The report's racing table: each alpha's choices and rows equal racing each item's per-timestep
     scores (from a direct fastitm.score) by hand; the full plan's row is every candidate at every timestep."""
-    from fastitm.racing import RaceOptions, simulate
+    from fastitm.engine.racing import RaceOptions, simulate
 
     caps = [e.caption for e in examples]
     lines = [{"image": f"{n}.png", "texts": caps[n:] + caps[:n], "label": 0} for n in range(3)]
@@ -295,7 +295,7 @@ def test_cli_eval_errors_exit_2(tmp_path, capsys):
     assert f"--out {blocker / 'report'}: the folder cannot be created" in err and "no-model" not in err
     # an --out in use by another eval, or holding another evaluation's report, is refused before the
     # model loads (--overwrite replaces the report; the same evaluation's report is simply rewritten)
-    from fastitm.locks import held
+    from fastitm.core.locks import held
 
     out = tmp_path / "busy"
     out.mkdir()

@@ -5,7 +5,7 @@ import torch
 
 import fastitm
 from fastitm import data, evaluate
-from fastitm.plan import make_plan
+from fastitm.core.plan import make_plan
 
 
 def test_hard_negatives_counts_match_reference(tiny):

@@ -15,8 +15,8 @@ import fastitm
 import fastitm.cli
 import fastitm.finetune
 from fastitm import testing
-from fastitm.families import ModelError, detect
-from fastitm.families.architectures import build_denoiser, parameter_count
+from fastitm.models.families import ModelError, detect
+from fastitm.models.families.architectures import build_denoiser, parameter_count
 from fastitm.testing import assert_close
 
 TEXTS = ["a red dog", "a blue circle left of a cat", "green", "the small yellow square above a triangle"]
@@ -144,13 +144,13 @@ def test_flow_noising_is_the_schedulers_at_unshifted_sigma():
     model = model_of("sd3")
     z, eps = torch.randn(3, 8, 8, 8), torch.randn(3, 8, 8, 8)
     t = torch.tensor([100, 500, 900])
-    x = fastitm.common.noisy_latents(model, z, eps, t)
+    x = fastitm.engine.common.noisy_latents(model, z, eps, t)
     # With shift 1 the scheduler's training timesteps are 1..1000 with sigma = t / 1000.
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     for r in range(3):
         want = sched.scale_noise(z[r : r + 1], t[r : r + 1].float(), eps[r : r + 1])
         assert_close(x[r : r + 1], want, rtol=1e-6, atol=1e-6, name=f"t={int(t[r])}")
-    assert_close(fastitm.common.target(model, z, eps, t), eps - z, rtol=0, atol=0)
+    assert_close(fastitm.engine.common.target(model, z, eps, t), eps - z, rtol=0, atol=0)
 
 
 # -- one score rebuilt by hand from diffusers calls -------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_v_prediction_target_is_the_velocity():
     model = model_of("sd-v")
     z, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([50, 700])
     abar = model.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    assert_close(fastitm.common.target(model, z, eps, t), abar.sqrt() * eps - (1 - abar).sqrt() * z, rtol=1e-5,
+    assert_close(fastitm.engine.common.target(model, z, eps, t), abar.sqrt() * eps - (1 - abar).sqrt() * z, rtol=1e-5,
                  atol=1e-6)
     assert not model.spec.target_is_noise(model) and model_of("sd-eps").spec.target_is_noise(model_of("sd-eps"))
 
@@ -362,7 +362,7 @@ def test_checkpoint_of_one_family_is_refused_by_another(tmp_path):
 def test_sdxl_vae_stays_fp32_in_fp16(saved):
     model = fastitm.load_model(saved["sdxl"], dtype="fp16")
     assert model.dtype == torch.float16 and model.vae.dtype == torch.float32
-    mean, std = fastitm.common.encode_posterior(model, _images(1) * 2 - 1)
+    mean, std = fastitm.engine.common.encode_posterior(model, _images(1) * 2 - 1)
     assert mean.dtype == torch.float16 and torch.isfinite(mean).all()
 
 

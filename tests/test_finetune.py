@@ -202,7 +202,7 @@ def test_adapter_of_another_model_or_damaged_is_named(tiny_dir, tmp_path):
 
     out = tmp_path / "ad"
     finetune("hardneg", "synthetic", out=out, model=str(tiny_dir), steps=1, examples=2, batch_size=1, progress=False)
-    if fastitm.model.embedded_model_path() is not None:  # another architecture than the tiny model's
+    if fastitm.models.model.embedded_model_path() is not None:  # another architecture than the tiny model's
         with pytest.raises(ValueError, match=rf"LoRA adapter {out} does not fit .*another architecture \("):
             fastitm.load_model(lora=out)
     cut = tmp_path / "cut"

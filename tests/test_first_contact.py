@@ -92,7 +92,7 @@ def test_engine_runs_on_the_reference_when_a_kernel_fails(triton_first, monkeypa
 
 
 def test_failed_graph_capture_runs_eagerly(tiny, monkeypatch):
-    from fastitm.cuda_graphs import UNetRunner
+    from fastitm.engine.cuda_graphs import UNetRunner
 
     runner = UNetRunner(tiny.unet, None, bucket=4, use_graph=False)
     runner.use_graph = True  # as on CUDA
@@ -113,8 +113,8 @@ def test_failed_graph_capture_runs_eagerly(tiny, monkeypatch):
 
 
 def test_engine_reports_the_graph_fallback(tiny, monkeypatch):
-    import fastitm.engine as engine
-    from fastitm.cuda_graphs import UNetRunner
+    import fastitm.engine.engine as engine
+    from fastitm.engine.cuda_graphs import UNetRunner
 
     class CaptureFails(UNetRunner):
         def __init__(self, *args, use_graph, **kwargs):

@@ -71,7 +71,7 @@ def test_an_id_not_cached_names_the_cache_and_the_way_out(cache):
 def test_a_folder_named_like_an_id_is_the_folder(cache, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_dir, tmp_path / REPO)
-    from fastitm.hub import resolve
+    from fastitm.models.hub import resolve
 
     assert resolve(REPO) == Path(REPO)  # the folder under the working directory, not the cached snapshot
     assert fastitm.load_model(REPO).source == REPO
@@ -104,7 +104,7 @@ def test_a_pipeline_object_scores_as_its_folder(tiny_dir):
     class NotAPipeline:
         components = {}
 
-    with pytest.raises(fastitm.model.ModelError, match="a NotAPipeline is not a pipeline fastitm scores"):
+    with pytest.raises(fastitm.models.model.ModelError, match="a NotAPipeline is not a pipeline fastitm scores"):
         fastitm.load_model(NotAPipeline())
 
 
@@ -154,6 +154,6 @@ def test_a_pipeline_is_left_as_it_was(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     plain = fastitm.score(imgs, texts, model=fastitm.load_model(pipe), timesteps=2, seed=0).matrix
     assert not torch.allclose(plain, got)  # the adapter did change the scores, and only the copy's
-    with pytest.raises(fastitm.model.ModelError, match=r"would cast or move the pipeline's own modules .*pipe\.to\("):
+    with pytest.raises(fastitm.models.model.ModelError, match=r"would cast or move the pipeline's own modules .*pipe\.to\("):
         fastitm.load_model(pipe, dtype="bf16")
     assert pipe.unet.dtype == torch.float32

@@ -102,3 +102,66 @@ def test_only_the_surfaces_import_the_package_face():
     graph = import_graph()
     users = sorted(m for m, deps in graph.items() if "fastitm" in deps)
     assert users == ["fastitm.cli", "fastitm.demo"]
+
+
+# The layers, bottom up: a module imports only from its own layer or those below (each subpackage's
+# docstring says the same in words).
+LAYERS = [
+    ("fastitm._C", "fastitm._version", "fastitm._user", "fastitm._moved", "fastitm.data", "fastitm.ops"),
+    ("fastitm.core",),
+    ("fastitm.models",),
+    ("fastitm.engine",),
+    ("fastitm.api", "fastitm.reference", "fastitm.testing"),
+    ("fastitm.evaluate",),
+    ("fastitm.finetune",),
+    ("fastitm.scorer", "fastitm.train", "fastitm.cli", "fastitm.demo", "fastitm.__main__"),
+]
+# Arrows that run up on purpose, each with its reason.
+UPWARD = {
+    # load_model(lora=...) merges an adapter at load: the adapter format is fine-tuning's, with no deps
+    ("fastitm.models.model", "fastitm.finetune.lora"),
+}
+
+
+def layer(module: str) -> int:
+    if module == "fastitm":
+        return len(LAYERS) - 1  # the face gathers the public names of every layer, beside the surfaces
+    for n, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return n
+    raise AssertionError(f"{module} is in no layer of tests/test_imports.py: place it")
+
+
+def test_every_import_runs_down_the_layers():
+    graph = import_graph()
+    up = sorted((a, b) for a, deps in graph.items() for b in deps if layer(b) > layer(a) and (a, b) not in UPWARD)
+    assert not up, "imports that run up the layers: " + "; ".join(f"{a} -> {b}" for a, b in up)
+
+
+def test_the_paths_from_before_the_layers_import_the_moved_modules():
+    """In a fresh interpreter: each old path is the new module itself (patching one patches both) and
+    warns naming the new path."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import importlib, json, warnings
+from fastitm._moved import MOVED
+out = {}
+for old, new in sorted(MOVED.items()):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(old)
+    out[old] = [module is importlib.import_module(new),
+                [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]]
+print(json.dumps(out))
+"""
+    got = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    cwd=PACKAGE.parent).stdout)
+    from fastitm._moved import MOVED
+
+    assert set(got) == set(MOVED) and len(got) >= 20
+    for old, (same, said) in got.items():
+        assert same, old
+        assert any(MOVED[old] in m for m in said), (old, said)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 import fastitm
-from fastitm.inputs import prepare_images
+from fastitm.core.inputs import prepare_images
 
 
 def img_tensor(n=1, size=16):

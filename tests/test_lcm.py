@@ -8,9 +8,9 @@ import torch
 
 import fastitm
 from fastitm import testing
-from fastitm.common import encode_images, noisy_latents
-from fastitm.families.sd import clip_ids
-from fastitm.inputs import prepare_images
+from fastitm.core.inputs import prepare_images
+from fastitm.engine.common import encode_images, noisy_latents
+from fastitm.models.families.sd import clip_ids
 from fastitm.testing import assert_close
 
 IMGS = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastitm
-from fastitm.model import ModelError
+from fastitm.models.model import ModelError
 
 
 def test_tiny_model_builds_fast_and_is_seeded():
@@ -87,7 +87,7 @@ def test_mismatched_components(tiny):
 def test_build_without_embedded_model_says_so(monkeypatch, tmp_path, capsys):
     """A build stripped of its assets: load_model() names the way out; the demo falls back to the
     random tiny model and says so."""
-    monkeypatch.setattr(fastitm.model, "embedded_model_path", lambda: None)
+    monkeypatch.setattr(fastitm.models.model, "embedded_model_path", lambda: None)
     with pytest.raises(FileNotFoundError, match="tiny_model"):
         fastitm.load_model()
     from fastitm.demo import run_demo

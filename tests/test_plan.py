@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fastitm
-from fastitm.plan import grid_timesteps
+from fastitm.core.plan import grid_timesteps
 
 
 @pytest.mark.parametrize("T", [1, 3, 7, 10, 30, 100])

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import fastitm
-from fastitm.inputs import center_crop_geometry, prepare_images
-from fastitm.methods import elimination_stages
+from fastitm.core.inputs import center_crop_geometry, prepare_images
+from fastitm.core.methods import elimination_stages
 from fastitm.ops import native_status
 from fastitm.testing import assert_close
 
@@ -30,7 +30,7 @@ def small_unet(layers_per_block, transformer_layers=1, down=("CrossAttnDownBlock
 
 
 def names(unet, which):
-    return [n for n, _ in fastitm.common.cross_attention_layers(unet, which)]
+    return [n for n, _ in fastitm.engine.common.cross_attention_layers(unet, which)]
 
 
 def test_published_layers_two_and_three_attentions_per_block():
@@ -143,7 +143,7 @@ def test_center_crop_and_squash_pil_follow_pil_bicubic():
 def test_sample_per_timestep_by_hand(tiny):
     """One pair, two timesteps: the latent of (image 0, timestep k) is mean + std * eps_k with eps_k from
     a generator seeded cell_seed(seed, 0, k); the score is minus the mean MSE."""
-    from fastitm.plan import cell_seed
+    from fastitm.core.plan import cell_seed
 
     img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     res = fastitm.score(img, ["a cat"], model=tiny, method="diffusion_classifier", timesteps=[100, 700], seed=4,

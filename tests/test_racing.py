@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fastitm.methods import spread_order
-from fastitm.racing import RaceOptions, paired_pvalues, simulate, step
+from fastitm.core.methods import spread_order
+from fastitm.engine.racing import RaceOptions, paired_pvalues, simulate, step
 
 
 def draw(means, T, sd=1.0, seed=0):
@@ -150,7 +150,7 @@ def test_settled_by_hand():
     distribution's CDF at t_n sqrt(T / (T - n)); the item stops when every rival's is at least 1 - eps."""
     from scipy.stats import t as student_t
 
-    from fastitm.racing import settled_item
+    from fastitm.engine.racing import settled_item
 
     T, n = 40, 8
     g = torch.Generator().manual_seed(2)
@@ -217,7 +217,7 @@ def test_standardizing_by_the_timesteps_spread_saves_rows():
     """12 candidates, the best 1 sd ahead, scales from 0.01 to 1 across timesteps: the raw differences'
     t statistic is small (their spread is the scales'), the standardized one is not. Racing keeps the
     best and spends fewer rows than with the raw test (MIN_SPREAD above K: the raw test alone)."""
-    import fastitm.racing as racing
+    import fastitm.engine.racing as racing
 
     T = 50
     scales = torch.logspace(-2, 0, T)[torch.randperm(T, generator=torch.Generator().manual_seed(1))]

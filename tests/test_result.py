@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fastitm.plan import Plan
-from fastitm.result import ScoreResult, winoground
+from fastitm.core.plan import Plan
+from fastitm.core.result import ScoreResult, winoground
 
 
 def result(matrix):
@@ -67,7 +67,7 @@ def test_finetune_is_reachable_after_import_fastitm():
     # ...and `import fastitm` alone stays light: torch._dynamo (2-3 s of import) only when compiling or
     # when diffusers loads it
     code = ("import sys, fastitm; print('torch._dynamo' in sys.modules, fastitm.finetune.finetune.__name__, "
-            "fastitm.racing.RaceOptions.__name__)")
+            "fastitm.engine.racing.RaceOptions.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "finetune", "RaceOptions"]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

@@ -1,11 +1,11 @@
-"""fastitm.sharing: within a batch, the UNet's text-free prefix runs once per (image, timestep) cell and
+"""fastitm.engine.sharing: within a batch, the UNet's text-free prefix runs once per (image, timestep) cell and
 the cross-attention keys and values once per text, with the values of running every row."""
 
 import pytest
 import torch
 
 import fastitm
-from fastitm.sharing import RowSharing, disabled_reason, kv_modules, prefix_modules
+from fastitm.engine.sharing import RowSharing, disabled_reason, kv_modules, prefix_modules
 from fastitm.testing import assert_close
 
 T = 6

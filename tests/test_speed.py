@@ -10,7 +10,7 @@ import tomllib
 import torch
 
 import fastitm
-from fastitm import speed
+from fastitm.models import speed
 from fastitm.testing import assert_close
 
 TEXTS = ["a red circle", "a blue square left of a dog", "a cat"]
@@ -163,7 +163,7 @@ def test_cpu_bf16_keeps_the_demo_choices_that_bf16_can_resolve():
 
     from fastitm import data, evaluate
 
-    if fastitm.model.embedded_model_path() is None:
+    if fastitm.models.model.embedded_model_path() is None:
         pytest.skip("this build ships no embedded model")
     # bf16 convolutions take a slow path on a CPU without AVX512-BF16 (10x fp32 here): kept small
     examples = data.make_dataset(9, "heldout", seed=0, size=32)

@@ -338,8 +338,8 @@ def test_published_discffusion_runs_each_task_as_dsd_infer(comvg, tmp_path, caps
     """dsd_infer.py per task: the README's --sampling_time_steps (ComVG 40, RefCOCOg 10, VQA 200; 30, its
     default, elsewhere), float16 on CUDA, and the method's published preset (layers, mixed empty-prompt
     batch, logits pooling, the use_bias term, latents, resizing, the scheme)."""
+    from fastitm.core.presets import PUBLISHED
     from fastitm.evaluate.tasks_discffusion import published_choices
-    from fastitm.presets import PUBLISHED
 
     assert [published_choices(t, "discffusion")["timesteps"] for t in ("comvg", "refcocog", "vqa", "vlchecklist")] \
         == [40, 10, 200, 30]

@@ -11,7 +11,7 @@ from PIL import Image
 
 import fastitm
 from fastitm.cli import main
-from fastitm.inputs import prepare_images
+from fastitm.core.inputs import prepare_images
 from fastitm.testing import assert_close
 
 
@@ -77,12 +77,12 @@ def test_image_messages(tmp_path, tiny):
 
 
 def test_bad_arguments_fail_before_the_embedded_model_loads(monkeypatch):
-    import fastitm.model
+    import fastitm.models.model
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(fastitm.model, "load_model", no_loading)
+    monkeypatch.setattr(fastitm.models.model, "load_model", no_loading)
     img = torch.rand(1, 3, 16, 16)
     with pytest.raises(ValueError, match="the text list is empty"):
         fastitm.score(img, [])

@@ -1,4 +1,4 @@
-"""Timestep weights (fastitm.weights): weighted scores against a hand computation from the same run's
+"""Timestep weights (fastitm.core.weights): weighted scores against a hand computation from the same run's
 per-timestep scores, uniform weights bit for bit today's, engine == reference, tables and files, clear
 errors, and through fastitm eval."""
 

@@ -1,7 +1,7 @@
 """Timestep weights fitted from a few labelled items of a task (``fastitm calibrate``).
 
 The per-timestep scores of one run are enough: a weighting changes only how they average
-(:mod:`fastitm.weights`), so every candidate weighting is tried on stored scores and the denoiser runs
+(:mod:`fastitm.core.weights`), so every candidate weighting is tried on stored scores and the denoiser runs
 once. What is fitted, and how it is judged:
 
 - candidates: ``uniform`` (today's average); Clark & Jaini's family ``exp(-rate t / T_train)`` over a
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..weights import resolve, weighted_mean
+from ..core.weights import resolve, weighted_mean
 from .items import Item
 from .metrics import headline, task_metrics
 

@@ -21,10 +21,10 @@ def record_scores(item: Item, matrix: torch.Tensor) -> Any:
 
 
 def curve(items: list[Item], per_t: list[torch.Tensor], w: torch.Tensor | None = None) -> list[dict]:
-    """The headline metrics using the first n timesteps of :func:`fastitm.methods.spread_order`, for
+    """The headline metrics using the first n timesteps of :func:`fastitm.core.methods.spread_order`, for
     every n from 1 to T, from the per-timestep scores of one run (weighted by ``w`` [T] if given)."""
-    from ..methods import spread_order
-    from ..weights import weighted_mean
+    from ..core.methods import spread_order
+    from ..core.weights import weighted_mean
 
     T = per_t[0].shape[-1]
     order = spread_order(T)
@@ -60,12 +60,12 @@ RACING_ALPHAS = (0.01, 0.05, 0.2)
 
 def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALPHAS,
                  w: torch.Tensor | None = None) -> list[dict]:
-    """What racing (:mod:`fastitm.racing`, default options but ``alpha``) would have decided and spent
+    """What racing (:mod:`fastitm.engine.racing`, default options but ``alpha``) would have decided and spent
     on this run's per-timestep scores: per alpha, the accuracy (the true candidate survives with the
     highest mean, strictly), the conditional denoiser rows per item (candidate x timestep) and the
     share of items that ran to the plan's end; first the full plan's own. Choice items only."""
-    from ..racing import RaceOptions, simulate
-    from ..weights import weighted_mean
+    from ..core.weights import weighted_mean
+    from ..engine.racing import RaceOptions, simulate
 
     choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t, strict=True)
               if i.kind in ("text", "image") and i.label is not None]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..result import rank_of_truth, winoground
+from ..core.result import rank_of_truth, winoground
 from .items import Item
 
 

@@ -102,7 +102,7 @@ class EvalReport:
                              + (f" | {row['margin']:.3g} |" if margin else " |"))
         if self.racing:
             lines += ["", "## Racing, simulated on this run's per-timestep scores", "",
-                      "What `fastitm.racing` (paired t-tests against each item's best, Bonferroni over looks and "
+                      "What `fastitm.engine.racing` (paired t-tests against each item's best, Bonferroni over looks and "
                       "rivals) would have decided and spent: conditional denoiser rows per item (candidate x "
                       "timestep; the full plan scores every candidate at every timestep).", "",
                       "| | rows per item | accuracy | items run to the plan's end |", "|---|---|---|---|"]
@@ -320,13 +320,13 @@ class EvalReport:
         return items, per_t
 
     def reweight(self, weights: Any) -> EvalReport:
-        """This report under other timestep weights (:mod:`fastitm.weights`), from the per-timestep
+        """This report under other timestep weights (:mod:`fastitm.core.weights`), from the per-timestep
         scores it keeps, without the model: the metrics, the items' scores and the accuracy-vs-timesteps
         curve are what a fresh run with ``weights`` gives (the per-timestep diagnostics do not depend on
         the weights; racing is simulated on the weighted statistic, as such a run does)."""
         from dataclasses import replace
 
-        from ..weights import describe, resolve, weighted_mean
+        from ..core.weights import describe, resolve, weighted_mean
         from .metrics import IDENTICAL_COUNTS, task_metrics
 
         items, per_t = self.per_timestep_scores()

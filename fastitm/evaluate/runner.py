@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..interrupts import terminate_as_interrupt
-from ..text_cache import TextCache
+from ..core.interrupts import terminate_as_interrupt
+from ..engine.text_cache import TextCache
 from .curves import curve, jsonable, per_timestep_diagnostics, racing_curve, record_scores  # noqa: F401
 from .metrics import identical_counts, task_metrics
 from .report import EvalReport
@@ -47,7 +47,7 @@ class BadImage(DataError):
 
 def _existing(ref: str | tuple[str, ...], what: str) -> str:
     """The image file a reference names: a path, or the first existing one of alternative paths."""
-    from ..inputs import check_not_url
+    from ..core.inputs import check_not_url
 
     paths = ref if isinstance(ref, tuple) else (ref,)
     for p in paths:
@@ -62,7 +62,7 @@ def _decode(item: Item) -> list[Any]:
     """The item's images as 8-bit RGB PIL images (16-bit files as float tensors), read now."""
     from PIL import Image
 
-    from ..inputs import _load_path, _pil_decode
+    from ..core.inputs import _load_path, _pil_decode
 
     out = []
     for n, img in enumerate(item.images):
@@ -206,7 +206,7 @@ def _model_record(model, digest: str) -> dict:
     import platform
 
     from .._version import __version__
-    from ..families.base import lcm_record
+    from ..models.families.base import lcm_record
 
     return {"source": model.source, "digest": digest, "family": model.family,
             "num_train_timesteps": int(model.num_train_timesteps),
@@ -231,7 +231,7 @@ class _Progress:
         self.skipped: dict[int, dict] = {}
         self.no_negative: dict[int, dict] = {}  # items whose every candidate is identical to the true one
         if path is not None and path.exists():
-            from ..engine import CheckpointError
+            from ..engine.engine import CheckpointError
 
             try:
                 data = torch.load(path, map_location="cpu", weights_only=False)
@@ -253,7 +253,7 @@ class _Progress:
 
     def _recombine(self, items) -> None:
         """The stored items' scores under this run's weights, from their per-timestep scores."""
-        from ..weights import weighted_mean
+        from ..core.weights import weighted_mean
 
         for idx, (_, per_t, record) in list(self.done.items()):
             matrix = weighted_mean(per_t, self.weights)
@@ -284,7 +284,7 @@ def _run_fields(task, data, method, options, plan, digest: str, items) -> dict[s
     (every weight)."""
     import hashlib
 
-    from ..common import hash_tensor
+    from ..engine.common import hash_tensor
 
     def digest_of(*parts) -> str:
         h = hashlib.sha256()
@@ -351,7 +351,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     --fewshot`` trains on the others); ``report.stats["fewshot"]`` records the split.
 
     ``compile``: None decides the compile lever from this rank's rows before the first is scored
-    (:func:`fastitm.speed.auto_compile`: the command line's default; said on stderr when on, recorded in
+    (:func:`fastitm.models.speed.auto_compile`: the command line's default; said on stderr when on, recorded in
     ``report.stats["compile"]``); False leaves the model as it is (compile it with ``load_model`` to force).
 
     ``image_cache``: share each image's latent and unconditional rows across the run's engine calls
@@ -366,12 +366,12 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     from tqdm.auto import tqdm
 
     from ..api import score
-    from ..common import check_arguments, progress_disabled
-    from ..engine import model_digest
-    from ..model import Model, load_model
-    from ..racing import RaceOptions, check_not_with_elimination
-    from ..speed import default_batch_size
-    from ..weights import describe, resolve
+    from ..core.weights import describe, resolve
+    from ..engine.common import check_arguments, progress_disabled
+    from ..engine.engine import model_digest
+    from ..engine.racing import RaceOptions, check_not_with_elimination
+    from ..models.model import Model, load_model
+    from ..models.speed import default_batch_size
 
     started = time.perf_counter()
 
@@ -428,7 +428,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         raise ValueError("choosing among images needs normalize=True for diffusion_itm (the unconditional "
                          "error makes scores of different images comparable)")
 
-    from .. import distributed as dist
+    from ..engine import distributed as dist
 
     ckpt = None
     if checkpoint is not None:
@@ -445,7 +445,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     digest = model_digest(model)  # every weight hashed once: the checkpoint's key and the report's record
     with ExitStack() as held_checkpoint:
         if ckpt is not None:  # one run per checkpoint file: a second is refused, naming the holder
-            from ..engine import checkpoint_lock
+            from ..engine.engine import checkpoint_lock
 
             held_checkpoint.enter_context(checkpoint_lock(ckpt))
         state = _Progress(ckpt, _run_fields(task, data, method, key_options, plan, digest, items) if ckpt else {},
@@ -461,7 +461,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         window_of = {i: w for w, (a, b) in enumerate(my_windows) for i in range(a, b)}
         compiled = model.levers.get("compile") or None
         if compile is None:  # from the rows of this rank's engine calls, before any is scored
-            from ..speed import auto_compile
+            from ..models.speed import auto_compile
 
             rows = [sum(_item_rows(i, len(plan), spec.needs_uncond) for i in items[a:b]) for a, b in my_windows]
             compiled = auto_compile(model, rows, bs, rounds=decides)
@@ -476,7 +476,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         texts_once = TextCache() if len({tuple(i.texts) for i in items}) == 1 else None
         cache = None
         if image_cache:
-            from ..image_cache import ImageCache
+            from ..engine.image_cache import ImageCache
 
             cache = ImageCache()
         # the resolved table, so a weights file is read once, not at every engine call

@@ -43,8 +43,8 @@ class NegativeReport:
 def shared_plan(model, method: str, timesteps: int, seed: int, options: dict):
     """The one plan every example is scored under, built with the plan choices (scheme, latent,
     noise) of ``options`` or of its preset; those keys are taken out of ``options``."""
-    from ..plan import make_plan
-    from ..presets import resolve
+    from ..core.plan import make_plan
+    from ..core.presets import resolve
 
     given = {k: options.pop(k, None) for k in ("scheme", "latent", "noise")}
     choices, _ = resolve(method, options.get("preset"), given, {})
@@ -69,7 +69,7 @@ def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_i
     from tqdm.auto import tqdm
 
     from ..api import score
-    from ..common import progress_disabled
+    from ..engine.common import progress_disabled
 
     _check_examples(examples)
     plan = shared_plan(model, method, timesteps, seed, options)
@@ -118,7 +118,7 @@ def image_retrieval(model, examples: Sequence[Any], *, group: int = 10, method: 
     from tqdm.auto import tqdm
 
     from ..api import score
-    from ..common import progress_disabled
+    from ..engine.common import progress_disabled
 
     _check_examples(examples)
     if group < 2:

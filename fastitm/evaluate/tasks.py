@@ -27,7 +27,7 @@ JSONL_FORMAT = ('one JSON object per line, paths relative to the file: {"image":
 
 def load_jsonl(path: str | Path, split: str | None = None) -> list[Item]:
     """``fastitm eval jsonl --data FILE``: any dataset, one item per line (see ``JSONL_FORMAT``)."""
-    from ..inputs import is_url
+    from ..core.inputs import is_url
 
     path = Path(path)
     if path.is_dir():

@@ -34,7 +34,7 @@ as its best prompt, as the published code predicts the class of its best prompt
 ``_`` and spaces aside), classes are matched by name instead. Without ``--prompts``, each class gets
 "a photo of a <class name>." from the dataset's own names (refused where it has none: Flowers102,
 ImageNet's wnid folders). Every image is one item whose candidates are all the prompts; the prompts
-are encoded once per run (:class:`fastitm.text_cache.TextCache`).
+are encoded once per run (:class:`fastitm.engine.text_cache.TextCache`).
 """
 
 from __future__ import annotations

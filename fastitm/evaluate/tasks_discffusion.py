@@ -442,7 +442,7 @@ LOADERS = {"comvg": load_comvg, "refcocog": load_refcocog, "vqa": load_vqa, "vlc
 # (``--sampling_time_steps`` in the Discffusion README's commands; its default 30 elsewhere) and its
 # precision (``DSD_Model`` loads SD 2.1-base in float16: on CUDA; a CPU keeps float32, where float16
 # convolutions have no fast path). Shared noise per timestep, the layers, the use_bias term and the
-# latents are the method's published preset (fastitm.presets).
+# latents are the method's published preset (fastitm.core.presets).
 PUBLISHED_TIMESTEPS = {"comvg": 40, "refcocog": 10, "vqa": 200}
 PUBLISHED_DEFAULT_TIMESTEPS = 30
 PUBLISHED_DTYPE = "fp16"

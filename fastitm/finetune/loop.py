@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..interrupts import terminate_as_interrupt
+from ..core.interrupts import terminate_as_interrupt
 from .examples import TrainExample, load_examples
 from .lora import adapter_state, add_lora, nonfinite, save_adapter
 from .recipes import MARGIN, discffusion_loss, hardneg_loss
@@ -65,20 +65,20 @@ NEG_CANDIDATES = 4  # Discffusion: negatives per example (its hard negatives, to
 
 
 def _pixels(model, images) -> torch.Tensor:
-    from ..inputs import prepare_images
+    from ..core.inputs import prepare_images
 
     return prepare_images(images, model.resolution).to(model.device, model.dtype)
 
 
 def _embed(model, texts: list[str]) -> torch.Tensor:
-    from ..common import encode_texts
+    from ..engine.common import encode_texts
 
     with torch.no_grad():
         return encode_texts(model, texts)
 
 
 def _latents(model, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    from ..common import encode_posterior, scale_latents
+    from ..engine.common import encode_posterior, scale_latents
 
     mean, std = encode_posterior(model, pixels)
     eps = torch.randn(mean.shape, generator=gen).to(mean.device, mean.dtype)
@@ -86,7 +86,7 @@ def _latents(model, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _noised(model, z, gen):
-    from ..common import noisy_latents, target
+    from ..engine.common import noisy_latents, target
 
     noise = torch.randn(z.shape, generator=gen).to(z.device, z.dtype)
     t = torch.randint(0, model.num_train_timesteps, (z.shape[0],), generator=gen).to(z.device)
@@ -106,7 +106,7 @@ def _step(recipe: str, model, exs: list[TrainExample], idx: list[int], gen: torc
             negs = [e.neg_images[rng.randrange(len(e.neg_images))] if e.neg_images else exs[rng.randrange(len(exs))].image
                     for e in batch]
             z_neg = _latents(model, _pixels(model, negs), gen)
-            from ..common import noisy_latents
+            from ..engine.common import noisy_latents
 
             return hardneg_loss(model.unet, x_t, t, tgt, emb_pos, "image", x_t_neg=noisy_latents(model, z_neg, noise, t))
         if u < 0.75:  # a hard-negative caption
@@ -155,8 +155,8 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     """
     from tqdm.auto import tqdm
 
-    from ..common import progress_disabled
-    from ..model import Model, load_model
+    from ..engine.common import progress_disabled
+    from ..models.model import Model, load_model
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
@@ -199,7 +199,7 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     else:
         exs = load_examples(data, examples, seed=seed, size=model.resolution)
     out.mkdir(parents=True, exist_ok=True)
-    from ..model import embedded_model_path
+    from ..models.model import embedded_model_path
 
     source = "the embedded default model" if model.source == str(embedded_model_path()) else model.source
     args = {"recipe": recipe, "data": str(data), "rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size,
@@ -249,7 +249,7 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
         stack.enter_context(terminate_as_interrupt())  # SIGTERM saves the checkpoint as Ctrl-C does
         sink = None
         if recipe == "discffusion":
-            from ..attention import lse_pooling
+            from ..engine.attention import lse_pooling
 
             sink = stack.enter_context(lse_pooling(model.unet, "all", "logits", 1.0, "auto"))
         bar = stack.enter_context(tqdm(total=steps, initial=start, desc=f"finetune {recipe}", unit="step",

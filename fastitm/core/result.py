@@ -48,7 +48,7 @@ def winoground(matrix: torch.Tensor) -> dict[str, float]:
 class ScoreResult:
     """``matrix`` [N_images, N_texts] float32, higher = better match; ``plan`` reproduces it.
 
-    ``family``: the model family scored (:mod:`fastitm.families`); ``backend``: the backend the fused ops ran on ("triton", "native" or "reference"); ``preset``
+    ``family``: the model family scored (:mod:`fastitm.models.families`); ``backend``: the backend the fused ops ran on ("triton", "native" or "reference"); ``preset``
     and ``choices``: the preset asked for and the run-level choices (resize, latent, scheme, noise)
     it resolved to.
 
@@ -139,7 +139,7 @@ class ScoreResult:
         import diffusers
         import transformers
 
-        from ._version import __version__
+        from .._version import __version__
 
         return {
             "method": self.method,

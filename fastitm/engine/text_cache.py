@@ -43,9 +43,9 @@ class TextCache:
                              "device); use one TextCache per model")
 
     def encode(self, model, texts: list[str], empty: bool = False) -> dict[str, torch.Tensor]:
-        """What :func:`fastitm.common.encode_conditioning` returns for ``texts`` (one row per text, the
+        """What :func:`fastitm.engine.common.encode_conditioning` returns for ``texts`` (one row per text, the
         empty prompt's last with ``empty``), encoding only the texts this cache has not seen."""
-        from .families.base import concat_cond
+        from ..models.families.base import concat_cond
 
         self._check(model)
         new = list(dict.fromkeys(t for t in texts if t not in self._rows))

@@ -1,6 +1,6 @@
 """Loading a diffusion model in diffusers layout, strictly offline, whatever its family.
 
-A :class:`Model` bundles the components the scorers need; its ``family`` (:mod:`fastitm.families`)
+A :class:`Model` bundles the components the scorers need; its ``family`` (:mod:`fastitm.models.families`)
 says how texts are encoded, how latents are noised and what the denoiser predicts: Stable Diffusion
 1.x/2.x (epsilon or v-prediction), SDXL, and SD 3 / 3.5 (flow matching). The family is recognised
 from ``model_index.json``.
@@ -46,7 +46,7 @@ class Model:
     family: str = "sd"
     parts: dict = field(default_factory=dict)
     pipeline_config: dict = field(default_factory=dict)
-    levers: dict = field(default_factory=dict)  # the speed levers applied (fastitm.speed.apply)
+    levers: dict = field(default_factory=dict)  # the speed levers applied (fastitm.models.speed.apply)
     # A Latent Consistency Model's UNet (``time_cond_proj_dim`` set) takes a guidance-scale embedding
     # as ``timestep_cond``: the w it embeds (``get_guidance_scale_embedding(w - 1)``), diffusers' 8.5 by
     # default. A scoring choice, recorded with the model (describe(), reports).
@@ -84,7 +84,7 @@ class Model:
 
     @property
     def spec(self) -> Family:
-        """The :class:`~fastitm.families.base.Family` that scores this model."""
+        """The :class:`~fastitm.models.families.base.Family` that scores this model."""
         return get_family(self.family)
 
     def part(self, name: str) -> Any:
@@ -206,7 +206,7 @@ def check_device(device: Any) -> torch.device:
 
 def embedded_model_path() -> Path | None:
     """The folder of the model shipped inside the package, or None in a build without it."""
-    p = Path(__file__).parent / "assets" / "default_model"
+    p = Path(__file__).parent.parent / "assets" / "default_model"  # fastitm/assets
     return p if (p / "model_index.json").is_file() else None
 
 
@@ -227,14 +227,14 @@ def load_model(
     """Load a diffusion model in diffusers layout: a folder, or a Hugging Face hub id ("org/name").
 
     A hub id is resolved through huggingface_hub's cache as diffusers' ``from_pretrained`` does
-    (:func:`fastitm.hub.resolve`: ``revision``, ``variant`` such as "fp16", ``cache_dir``; fetched
+    (:func:`fastitm.models.hub.resolve`: ``revision``, ``variant`` such as "fp16", ``cache_dir``; fetched
     where the hub is reachable, from the cache alone with ``HF_HUB_OFFLINE=1`` or
     ``local_files_only``); a path that exists is the folder itself. A loaded diffusers pipeline object
     is taken as it is (:meth:`Model.from_pipeline`: its modules shared, on their device and in their
     dtype; another ``dtype`` or ``device`` is refused, and ``lora`` or a lever works on a copy of its
     denoiser, so the caller's pipeline is left as it was).
 
-    The family is recognised from ``model_index.json`` (see :mod:`fastitm.families`): SD 1.x/2.x
+    The family is recognised from ``model_index.json`` (see :mod:`fastitm.models.families`): SD 1.x/2.x
     (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), SDXL (plus
     ``text_encoder_2/``, ``tokenizer_2/``), SD 3 / 3.5 (``transformer/`` and up to three text
     encoders). With no path, the model embedded in the package is loaded. ``lora``: a folder
@@ -245,8 +245,8 @@ def load_model(
 
     ``dtype``: None or "auto" picks bfloat16 on CUDA and float32 on the CPU; "fp32", "fp16", "bf16"
     or a torch dtype. ``channels_last``, ``fuse_qkv``, ``compile``: the speed levers of
-    :func:`fastitm.speed.apply`; ``channels_last=None`` decides by device and dtype
-    (:func:`fastitm.speed.default_channels_last`: on for float32 on the CPU), the others are off.
+    :func:`fastitm.models.speed.apply`; ``channels_last=None`` decides by device and dtype
+    (:func:`fastitm.models.speed.default_channels_last`: on for float32 on the CPU), the others are off.
     """
     from .hub import is_repo_id, resolve
     from .speed import check_cpu_dtype
@@ -319,7 +319,7 @@ def _finish(model: Model, lora, channels_last: bool | None, fuse_qkv: bool, comp
         if model.spec.name != "sd":
             raise ValueError(f"LoRA adapters from fastitm finetune are for SD 1.x/2.x models; {model.source} is "
                              f"{model.spec.label}")
-        from .finetune.lora import load_adapter
+        from ..finetune.lora import load_adapter
 
         load_adapter(model, lora)
     if channels_last or fuse_qkv or compile:
@@ -384,7 +384,7 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """None or "auto": the device's default (:func:`fastitm.speed.default_dtype`); a name or a dtype as given."""
+    """None or "auto": the device's default (:func:`fastitm.models.speed.default_dtype`); a name or a dtype as given."""
     from .speed import default_dtype
 
     if dtype is None or dtype == "auto":

@@ -1,7 +1,7 @@
 """Model families: Stable Diffusion 1.x/2.x, SDXL and SD 3 / 3.5 (flow matching).
 
 :func:`detect` reads a diffusers folder's ``model_index.json`` (the pipeline class) and returns the
-:class:`~fastitm.families.base.Family` that scores it; each family module says how its texts are
+:class:`~fastitm.models.families.base.Family` that scores it; each family module says how its texts are
 encoded, how latents are noised, what the denoiser predicts and how it is called.
 
 =========  =====================================  =========================================

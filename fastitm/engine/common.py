@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from .families import concat_cond
-from .inputs import check_images, check_resize, prepare_images, prepare_texts
-from .methods import MethodSpec, check_rounds, elimination_stages, resolve_method
-from .ops._backend import BACKENDS
-from .plan import Plan, cell_seed, check_plan_args, make_plan
+from ..core.inputs import check_images, check_resize, prepare_images, prepare_texts
+from ..core.methods import MethodSpec, check_rounds, elimination_stages, resolve_method
+from ..core.plan import Plan, cell_seed, check_plan_args, make_plan
+from ..models.families import concat_cond
+from ..ops._backend import BACKENDS
 
 
 @dataclass
@@ -35,14 +35,14 @@ class Run:
     image_offset: int = 0
     # Which (image, text) pairs to score, bool [N, M]; None: all of them.
     pairs: torch.Tensor | None = None
-    # Paired racing (fastitm.racing.RaceOptions), or None: every requested pair on every timestep.
+    # Paired racing (fastitm.engine.racing.RaceOptions), or None: every requested pair on every timestep.
     race: Any = None
-    # Timestep weights [T] (fastitm.weights), or None: the plain mean; ``weights_spec`` as given.
+    # Timestep weights [T] (fastitm.core.weights), or None: the plain mean; ``weights_spec`` as given.
     weights: torch.Tensor | None = None
     weights_spec: Any = "uniform"
-    # Latents and unconditional rows shared with earlier calls (fastitm.image_cache.ImageCache), or None.
+    # Latents and unconditional rows shared with earlier calls (fastitm.engine.image_cache.ImageCache), or None.
     image_cache: Any = None
-    # Texts' conditioning rows shared with earlier calls (fastitm.text_cache.TextCache), or None.
+    # Texts' conditioning rows shared with earlier calls (fastitm.engine.text_cache.TextCache), or None.
     text_cache: Any = None
 
     def requested(self) -> torch.Tensor:
@@ -66,7 +66,7 @@ def check_backend(backend: str) -> str:
 def check_backend_runs(backend: str, device: torch.device) -> None:
     """A backend named explicitly must be able to run on the model's device: say why not up front,
     not after the encoders have run."""
-    from .ops._backend import reasons_against
+    from ..ops._backend import reasons_against
 
     if backend in ("auto", "reference"):
         return
@@ -98,7 +98,7 @@ def prepare_run(
     """Validate everything before any model work, so a bad argument fails in milliseconds: the
     arguments first, then (loading the embedded model only now when ``model`` is None) what needs
     the model."""
-    from .model import Model
+    from ..models.model import Model
     from .racing import RaceOptions, check_not_with_elimination
 
     race = RaceOptions.parse(adaptive)
@@ -106,7 +106,7 @@ def prepare_run(
                                                    plan=plan, resize=resize, latent=latent, scheme=scheme,
                                                    noise=noise, preset=preset, options=options, backend=backend)
     if model is None:
-        from .model import load_model
+        from ..models.model import load_model
 
         model = load_model()
     if not isinstance(model, Model):
@@ -124,7 +124,7 @@ def prepare_run(
     plan.check_model(model)
     check_rounds(spec.options.get("elimination"), len(plan))
     check_not_with_elimination(race, spec.options.get("elimination"))
-    from .weights import describe, resolve
+    from ..core.weights import describe, resolve
 
     w = resolve(weights, plan.timesteps, model.num_train_timesteps)
     if w is not None and spec.options.get("elimination"):
@@ -156,7 +156,7 @@ def check_arguments(images: Any, texts: Any, *, method: str, timesteps: Any, see
     """Every check that needs no model: the backend's name, the preset and the choices it resolves
     to (explicit > preset > default), the method and its options, the texts, the plan's arguments,
     the images' types and paths. Returns (preset, choices, method spec, texts)."""
-    from . import presets
+    from ..core import presets
 
     check_backend(backend)
     preset = presets.check_preset(preset)
@@ -258,7 +258,7 @@ def timestep_latents(model, mean: torch.Tensor, std: torch.Tensor, plan: Plan, i
                      ks: torch.Tensor) -> torch.Tensor:
     """``latent="sample_per_timestep"``: the scaled posterior sample of each row's (image, timestep
     index), [n, C, h, w], from ``mean``/``std`` [n, C, h, w] (already gathered per row) and a
-    generator seeded :func:`fastitm.plan.cell_seed` (plan.seed, image, k)."""
+    generator seeded :func:`fastitm.core.plan.cell_seed` (plan.seed, image, k)."""
     eps = torch.stack([
         torch.randn(mean.shape[1:], generator=torch.Generator("cpu").manual_seed(cell_seed(plan.seed, int(i), int(k))))
         for i, k in zip(images.tolist(), ks.tolist(), strict=True)

@@ -2,7 +2,7 @@
 hidden states, noised by the DDPM schedule (``alphas_cumprod``); epsilon or v-prediction.
 
 Every family module defines the same few operations the scorers need (see
-:mod:`fastitm.families`); the conditioning of a batch of texts is a dict of tensors whose first
+:mod:`fastitm.models.families`); the conditioning of a batch of texts is a dict of tensors whose first
 dimension is the text, so the engine can gather rows from it for any family.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._user import user_stacklevel
+from ..._user import user_stacklevel
 from .base import LCM_GUIDANCE_SCALE, Family, ModelError
 
 

@@ -3,7 +3,7 @@ Diffusion Models are Zero-Shot Classifiers", arXiv 2303.15233).
 
 The candidates of one item (the texts of an image, or the images of a text) are scored on the same
 timesteps and noise, so their per-timestep scores are paired samples. The plan's timesteps are taken
-in a fixed spread order (:func:`fastitm.methods.spread_order`), ``round_size`` at a time. After each
+in a fixed spread order (:func:`fastitm.core.methods.spread_order`), ``round_size`` at a time. After each
 round from ``min_timesteps`` on, every live candidate is compared with the item's current best (the
 highest mean so far) by a one-sided paired t-test on the per-timestep score differences and dropped
 when it is worse at the corrected level below. An item stops when ``keep`` candidates are left or
@@ -52,7 +52,7 @@ such items: tests/test_racing.py). With fewer candidates (2-way items, Winogroun
 are dropped) the raw differences are tested: the spread of two or three scores is too tied to their
 own difference to scale it.
 
-Timestep weights (``weights=``, :mod:`fastitm.weights`): the result ranks by the weighted mean, so
+Timestep weights (``weights=``, :mod:`fastitm.core.weights`): the result ranks by the weighted mean, so
 racing decides on it too. The leader is the highest weighted mean of the timesteps seen; the paired
 test is a weighted one (the weighted mean difference over its standard error, sqrt(sum w^2) / sum w
 times the reliability-weighted spread, on (sum w)^2 / sum w^2 - 1 degrees of freedom: Kish's effective
@@ -90,7 +90,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .weights import weighted_mean
+from ..core.weights import weighted_mean
 
 ADAPTIVE_KEYS = ("alpha", "min_timesteps", "round_size", "keep", "futility", "over", "against", "settled")
 AGAINST = ("strongest", "leader")
@@ -253,7 +253,7 @@ def step(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions,
     """One decision between rounds: ``scores`` [K, n] are the per-timestep scores of the n timesteps
     evaluated so far (in evaluation order; rows of dropped candidates are ignored), ``live`` [K] bool,
     ``computed`` [K, n] which scores exist (default: all; a dropped candidate has none after its drop),
-    ``w`` [n] the timestep weights of those timesteps (:mod:`fastitm.weights`; None: uniform): the
+    ``w`` [n] the timestep weights of those timesteps (:mod:`fastitm.core.weights`; None: uniform): the
     leader, the tests and the ranking use the weighted means. Returns the new ``live``. Never leaves
     fewer than ``opts.keep`` (nor 1) candidates: when the test would, the ``keep`` best by mean stay."""
     K, n = scores.shape
@@ -377,7 +377,7 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
     (``order``: the evaluation order of the plan's indices, by default the spread order; ``w`` [T]
     the timestep weights in plan order, None for uniform). What racing would have decided and spent;
     the engine's racing takes the same decisions (:func:`step`) on the rows it computes."""
-    from .methods import spread_order
+    from ..core.methods import spread_order
 
     K, T = per_t.shape
     order = spread_order(T) if order is None else list(order)

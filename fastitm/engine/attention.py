@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from ..ops.cross_attention_lse import cross_attention_lse
 from .common import cross_attention_layers
-from .ops.cross_attention_lse import cross_attention_lse
 
 
 class PooledScores:

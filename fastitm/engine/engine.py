@@ -6,7 +6,7 @@
   once and reused by every text, and only when the method needs it.
 - Errors go through the fused error reduction straight into the per-timestep score buffer;
   Discffusion's pooling comes from the fused cross-attention processor, never from attention maps.
-- On CUDA the UNet forward can be a replayed CUDA graph (:mod:`fastitm.cuda_graphs`, off by default).
+- On CUDA the UNet forward can be a replayed CUDA graph (:mod:`fastitm.engine.cuda_graphs`, off by default).
 - Diffusion Classifier's adaptive elimination computes only the rows its rounds need.
 - With an :class:`fastitm.ImageCache`, images seen in earlier calls skip the VAE and their held
   unconditional rows; an image repeated within the call is encoded once and its rows copied.
@@ -29,6 +29,15 @@ from pathlib import Path
 
 import torch
 
+from ..core.interrupts import deferred
+from ..core.locks import held
+from ..core.methods import check_rounds, elimination_stages
+from ..core.result import ScoreResult
+from ..core.weights import nan_weighted_mean, weighted_mean
+from ..models.families import take_cond
+from ..models.speed import default_batch_size
+from ..ops._backend import choose
+from ..ops.error_reduce import error_reduce
 from . import sharing
 from .attention import lse_pooling
 from .common import (
@@ -44,16 +53,7 @@ from .common import (
     to_device,
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
-from .families import take_cond
 from .image_cache import copy_repeat, repeats_last
-from .interrupts import deferred
-from .locks import held
-from .methods import check_rounds, elimination_stages
-from .ops._backend import choose
-from .ops.error_reduce import error_reduce
-from .result import ScoreResult
-from .speed import default_batch_size
-from .weights import nan_weighted_mean, weighted_mean
 
 CHECKPOINT_VERSION = 3
 _CHECKPOINT_KEYS = ("version", "fingerprint", "per_t", "uncond", "attn_uncond", "done")
@@ -224,14 +224,14 @@ def checkpoint_lock(path: Path):
 
 def _stages(run: Run, state: _State, same: torch.Tensor | None = None) -> Iterator[Iterator[torch.Tensor]]:
     """The rows to compute, stage by stage, each a stream of per-image chunks. Without elimination,
-    one stage of every row. With it, one stage per round (:func:`fastitm.methods.elimination_stages`)
+    one stage of every row. With it, one stage per round (:func:`fastitm.core.methods.elimination_stages`)
     and a last one for the survivors; each is generated after the previous stage's errors are in
     ``state``, and survivors are ranked by the mean over every timestep evaluated so far.
 
     ``same`` [N] (with an ImageCache): the first index of each image's pixels in the call. Then every
     stage runs the images that others repeat first and the repeats last, and a repeat's unconditional
     cells are copied from its first occurrence's where those have run by the time its rows are asked
-    for (:func:`fastitm.image_cache.copy_repeat`); they run again otherwise."""
+    for (:func:`fastitm.engine.image_cache.copy_repeat`); they run again otherwise."""
     hook: dict = {}
     if same is not None:
         def copy(i: int) -> None:
@@ -255,13 +255,13 @@ def _stages(run: Run, state: _State, same: torch.Tensor | None = None) -> Iterat
 
 
 def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch.Tensor]]:
-    """Racing (:mod:`fastitm.racing`): the plan's timesteps in spread order, one stage per round; after
-    each, :func:`fastitm.racing.step` decides each race on the per-timestep scores computed so far: an
+    """Racing (:mod:`fastitm.engine.racing`): the plan's timesteps in spread order, one stage per round; after
+    each, :func:`fastitm.engine.racing.step` decides each race on the per-timestep scores computed so far: an
     image's requested texts (``over="texts"``) or a text's requested images (``over="images"``). A race
     stops when ``keep`` candidates are left, or for futility. Decisions are a function of those scores
     alone, so batching, resuming and sharding take the same ones. ``state.live``: the survivors.
     ``hook``: :func:`stage_chunks`' ``order`` and ``before`` for every round (see :func:`_stages`)."""
-    from .methods import spread_order
+    from ..core.methods import spread_order
     from .racing import step, stops_early
 
     opts, T = run.race, len(run.plan)
@@ -448,7 +448,7 @@ def _score(run: Run, state: _State, backend: str, bs: int, progress: bool | None
             sink = stack.enter_context(lse_pooling(model.unet, opts["layers"], opts["pool"], opts["lam"], backend))
         runner = UNetRunner(model.unet, sink, bucket=bs, use_graph=use_graph, forward=model.spec.forward)
         # rows of one (image, timestep) cell share the UNet's text-free prefix, rows of one text the
-        # cross-attention keys and values: computed once per batch (fastitm.sharing)
+        # cross-attention keys and values: computed once per batch (fastitm.engine.sharing)
         stats["row_sharing"] = sharing.disabled_reason(model.unet, use_graph=use_graph) or "on"
         share = stack.enter_context(sharing.RowSharing(model.unet)) if stats["row_sharing"] == "on" else None
         last_save = time.monotonic()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .ops._backend import brief_error
+from ..ops._backend import brief_error
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -47,7 +47,7 @@ class UNetRunner:
     ``cond``: the conditioning rows, a dict of tensors each [n, ...] (``{"hidden": [n, L, D]}`` for
     SD; SDXL and SD 3 add pooled embeddings and time ids), or a bare [n, L, D] hidden-state tensor.
     ``forward(unet, x, t, cond)``: how the model family calls its denoiser (default: SD's UNet call).
-    ``sink``: the :class:`fastitm.attention.PooledScores` of installed fused processors, or None.
+    ``sink``: the :class:`fastitm.engine.attention.PooledScores` of installed fused processors, or None.
     ``bucket``: the batch size graphs are captured for (every call has n <= bucket).
     ``use_graph``: capture and replay (CUDA only); otherwise run eagerly through the same interface.
     """
@@ -57,14 +57,14 @@ class UNetRunner:
             raise ValueError("CUDA graphs need the UNet on a CUDA device")
         self.unet, self.sink, self.bucket, self.use_graph, self.warmup = unet, sink, bucket, use_graph, warmup
         if forward is None:
-            from .families import get
+            from ..models.families import get
 
             forward = get("sd").forward
         self.forward = forward
         self.fallback: str | None = None  # why capture failed, when it did
         self._captured: _Captured | None = None
         self.replays = 0
-        # A compiled denoiser (torch.compile with fixed shapes, fastitm.speed.apply) is specialised to its
+        # A compiled denoiser (torch.compile with fixed shapes, fastitm.models.speed.apply) is specialised to its
         # batch shape: a smaller batch (a call's last, a racing round's) would compile it again, minutes
         # on a CPU. Eager calls are then padded to the bucket, as graph replays are.
         # Its guards also check strides: every call gets the latents in one layout, its convolutions'.

@@ -9,7 +9,7 @@ Higher score = better match for every method.
 - ``diffusion_classifier`` (Li et al. 2023): score = -mean_k MSE, no unconditional pass.
   ``elimination=[(T_1, keep_1), (T_2, keep_2), ...]`` is the paper's adaptive elimination for many
   candidate texts: after the first T_r timesteps (taken in a spread-out order, see
-  :func:`fastitm.methods.spread_order`) only each image's best keep_r texts go on; the survivors
+  :func:`fastitm.core.methods.spread_order`) only each image's best keep_r texts go on; the survivors
   get every timestep of the plan, the others score ``-inf`` (their partial errors stay in
   ``per_timestep``, NaN where not computed). On the command line: ``elimination=2:5,5:1``.
   ``order="published"`` evaluates each round's strided subset as ``eval_prob_adaptive.py`` does
@@ -18,7 +18,7 @@ Higher score = better match for every method.
 - ``discffusion`` (He et al.): row-wise LogSumExp of the cross-attention logits (``pool="logits"``,
   the published code) or of ``lam`` times the softmax probabilities (``pool="probs"``, the paper's
   eq. 4), averaged over pixels, heads, the selected layers and timesteps; ``denoise=True`` adds the
-  denoising term mean_k (u - e) with ``err``. Layers (see :func:`fastitm.common.cross_attention_layers`):
+  denoising term mean_k (u - e) with ``err``. Layers (see :func:`fastitm.engine.common.cross_attention_layers`):
   ``"all"`` cross-attention layers (the paper), ``"last"`` (the last one of each UNet block), or
   ``"published"`` (the published code's: the last block with cross-attention of each of down, mid
   and up, every attention of that block). ``mix_uncond=True`` averages each layer's term with the
