@@ -50,3 +50,29 @@ def emit(out: dict, path: str | None = None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def row_flops(model) -> dict[str, int]:
+    """FLOPs of one row through the whole denoiser, through the text-free prefix the engine shares per
+    (image, timestep) cell, and through the cross-attention K/V projections it shares per text (torch's
+    FLOP counter: matmuls, convolutions and attention, whose CPU kernel it does not know by itself).
+    The one count of a row's work for every benchmark: the CPU overhead benchmark and the GPU headline."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from fastitm.engine.sharing import kv_modules, prefix_modules
+
+    unet = model.unet
+    names = {m: n for n, m in unet.named_modules()}
+    x = torch.randn(1, *model.latent_shape).to(model.device, model.dtype)
+    t = torch.tensor([500], device=model.device)
+    cond = model.spec.encode_empty(model)
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v)}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fc:
+        model.spec.forward(unet, x, t, cond)
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+
+    def of(mods):
+        return sum(counts.get(f"{type(unet).__name__}.{names[m]}", 0) for m in mods)
+
+    return {"row": counts["Global"], "prefix": of(prefix_modules(unet)), "kv": of(kv_modules(unet))}

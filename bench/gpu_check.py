@@ -14,7 +14,7 @@ Two subcommands, each run through ``make``:
   install               no pip: the carried wheels the machine lacks are unpacked into a site
                         folder, fastitm is linked there (its native extension, the CPU path, is not
                         built); then the device and versions are read
-  ceilings              bf16 GEMM 8192^3 and a device-to-device copy (bench/gpu_stages.py)
+  ceilings              bf16 GEMM 8192^3 and a device-to-device copy (bench/gpu_stages/)
   kernels               the fused ops at SD 2.1 and SDXL layer shapes, fp32/fp16/bf16 vs fp32
   headline              SD 2.1-base rows/s: engine (graphs on/off) vs a bare UNet loop vs the
                         reference vs a published-style per-pair loop, batch 16/32/64/128
@@ -84,7 +84,7 @@ OPTIONAL = {"gpu-benchmarks": 300}  # only with --only
 # at real shapes; their many small parametrized cases run last, with what time is left).
 GPU_TESTS_FIRST = ("test_engine_gpu.py", "test_low_precision.py", "test_speed.py", "test_attention_processor.py",
                    "test_error_reduce.py", "test_cross_attention_lse_grad.py")
-MEASURING = ("ceilings", "kernels", "headline", "fused-ops", "levers")  # bench/gpu_stages.py
+MEASURING = ("ceilings", "kernels", "headline", "fused-ops", "levers")  # bench/gpu_stages/, one module each
 LIMITS = {**dict(PLAN), **OPTIONAL}
 assert sum(s for _, s in PLAN) + RESERVE <= BUDGET
 
@@ -324,7 +324,7 @@ def test_log_outcomes(path: Path, source: str) -> list[dict]:
 def figure_log(path: Path, source: str | None = "gpu-benchmarks") -> list[dict]:
     """The figures appended to a JSON-lines log as they were measured (a line cut by a kill is dropped):
     the benchmarks' ``FASTITM_FIGURES_LOG`` (bench/conftest.py), or with ``source=None`` the measuring
-    stages' log (bench/gpu_stages.py), whose lines name their stage."""
+    stages' log (bench/gpu_stages/), whose lines name their stage."""
     if not path.is_file():
         return []
     figures = []
@@ -433,7 +433,7 @@ def run(out: Path, wheels: Path, python: str, limits: dict | None = None, only: 
             if stage.limit_s < 5:
                 skip(stage, f"no time left in the {budget} s budget")
             elif name in MEASURING:
-                cmd = [python, str(ROOT / "bench" / "gpu_stages.py"), name, "--figures", str(figures),
+                cmd = [python, str(ROOT / "bench" / "gpu_stages"), name, "--figures", str(figures),
                        "--until", str(time.time() + stage.limit_s - 3), *(["--smoke"] if smoke else [])]
                 run_stage(stage, [cmd], work, env)
             elif name == "gpu-tests":

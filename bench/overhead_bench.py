@@ -7,14 +7,14 @@ round, the same rows in the same batches:
 
 - ``engine``: ``fastitm.score`` (image and text encoding, noising, the fused error reduction) on the
   model as ``fastitm.load_model`` sets it up on this device (on the CPU in fp32: channels-last
-  convolutions, :func:`fastitm.speed.default_channels_last`; ``--stock`` leaves the model as built);
+  convolutions, :func:`fastitm.models.speed.default_channels_last`; ``--stock`` leaves the model as built);
 - ``bare``: the denoiser alone on 60 rows cut into the engine's batches (no encoding, no error), on
   the engine's model: what the engine adds beyond its denoiser;
 - ``encoders``: the engine's VAE and text-encoder calls alone on the same inputs; the engine less
   them, round by round, against ``bare`` is what the engine adds beyond what every scorer runs;
 - ``unshared`` (``--unshared``): the engine with ``FASTITM_ROW_SHARING=0``, every row through the whole
   UNet (the engine runs the text-free prefix once per (image, timestep) cell and the cross-attention
-  keys and values once per text: :mod:`fastitm.sharing`);
+  keys and values once per text: :mod:`fastitm.engine.sharing`);
 - ``published`` (``--published``): the Diffusion Classifier's ``eval_prob_adaptive.py`` loop (the
   prompts encoded once, per image the VAE encode and one batch of every (prompt, timestep) row) on a
   copy of the model as diffusers builds it, as the published script runs it.
@@ -44,7 +44,7 @@ import time
 from unittest import mock
 
 import torch
-from benchutil import emit, machine
+from benchutil import emit, machine, row_flops
 
 
 def build(size: int):
@@ -77,8 +77,8 @@ def encoders(model, imgs, texts, plan):
     """The engine's two encoder calls on the same inputs, which a bare loop of UNet calls does not run:
     the VAE on the images (one batch, as the engine's), the text encoder on the texts (no empty prompt:
     the Diffusion Classifier has no unconditional term)."""
-    from fastitm.common import encode_conditioning, encode_images
-    from fastitm.inputs import prepare_images
+    from fastitm.core.inputs import prepare_images
+    from fastitm.engine.common import encode_conditioning, encode_images
 
     @torch.no_grad()
     def run():
@@ -88,35 +88,11 @@ def encoders(model, imgs, texts, plan):
     return run
 
 
-def row_flops(model) -> dict[str, int]:
-    """FLOPs of one row through the whole denoiser, through the text-free prefix the engine shares per
-    (image, timestep) cell, and through the cross-attention K/V projections it shares per text (torch's
-    FLOP counter: matmuls, convolutions and attention, whose CPU kernel it does not know by itself)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    from fastitm.sharing import kv_modules, prefix_modules
-
-    unet = model.unet
-    names = {m: n for n, m in unet.named_modules()}
-    x, t = torch.randn(1, *model.latent_shape), torch.tensor([500])
-    cond = model.spec.encode_empty(model)
-    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-                lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v)}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fc:
-        model.spec.forward(unet, x, t, cond)
-    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
-
-    def of(mods):
-        return sum(counts.get(f"{type(unet).__name__}.{names[m]}", 0) for m in mods)
-
-    return {"row": counts["Global"], "prefix": of(prefix_modules(unet)), "kv": of(kv_modules(unet))}
-
-
 def shared_parts(model, rounds: int, n_texts: int = 3, cells: int = 10) -> dict:
     """The time inside the parts the engine shares, with and without sharing, on one batch of the
     engine's shape (``cells`` (image, timestep) cells x ``n_texts`` texts), alternating: timers on the
     shared modules (the prefix, and every cross-attention's K/V projections), the gathers excluded."""
-    from fastitm.sharing import RowSharing, kv_modules, prefix_modules
+    from fastitm.engine.sharing import RowSharing, kv_modules, prefix_modules
 
     unet = model.unet
     spent = {"prefix": 0.0, "kv": 0.0}
@@ -161,7 +137,7 @@ def shared_parts(model, rounds: int, n_texts: int = 3, cells: int = 10) -> dict:
 def published(model, imgs, texts, plan):
     """eval_prob_adaptive.py's scoring: prompts encoded once; per image the VAE mean, then every
     (prompt, timestep) row in batches of 32 with the shared noise of its timestep."""
-    from fastitm.common import encode_conditioning, noisy_latents
+    from fastitm.engine.common import encode_conditioning, noisy_latents
 
     batch = 32
 
@@ -198,14 +174,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import fastitm
-    from fastitm import speed
+    from fastitm.models import speed
 
     stock, imgs, texts = build(args.size)
     model = stock
     if not args.stock and speed.default_channels_last(stock.device, stock.dtype):
         model = speed.apply(copy.deepcopy(stock) if args.published else stock, channels_last=True)
     plan = fastitm.make_plan(model, args.timesteps, seed=0)
-    bs = fastitm.speed.default_batch_size(model)
+    bs = fastitm.models.speed.default_batch_size(model)
     rows = imgs.shape[0] * len(texts) * len(plan)
     batches = [min(bs, rows - a) for a in range(0, rows, bs)]
 

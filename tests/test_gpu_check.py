@@ -127,7 +127,7 @@ def test_dry_run_writes_the_report_with_gpu_stages_skipped(tmp_path, capsys):
 def test_measuring_stages_run_on_the_cpu(tmp_path):
     """--smoke: every measuring stage's code runs (tiny model, small shapes; here in this process), each
     figure is logged as it is measured and reaches the report; CI's guard for the one GPU call."""
-    spec = importlib.util.spec_from_file_location("gpu_stages", ROOT / "bench" / "gpu_stages.py")
+    spec = importlib.util.spec_from_file_location("gpu_stages", ROOT / "bench" / "gpu_stages" / "__main__.py")
     stages = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stages)
     figures = tmp_path / "figures.jsonl"
@@ -153,7 +153,9 @@ def test_measuring_stages_run_on_the_cpu(tmp_path):
     assert "error" not in busy, busy["error"]
     assert 0 < busy["engine_busy_fraction"] <= 1.0 and 0 < busy["bare_unet_loop_busy_fraction"] <= 1.0
     # the union of intervals, by hand: [0, 3] and [2, 5] overlap (5), [7, 8] apart (1), [7.5, 7.6] inside
-    assert stages.busy_seconds([(7, 8), (0, 3), (2, 5), (7.5, 7.6)]) == 6
+    import stages_common  # bench/gpu_stages/stages_common.py, on the path the stages' __main__ put it
+
+    assert stages_common.busy_seconds([(7, 8), (0, 3), (2, 5), (7.5, 7.6)]) == 6
     bwd = by_name["cross_attention_lse backward, SD 2.1 layer 2x64"]  # timed next to its floors
     assert bwd["fused_bwd_ms"] > 0 and bwd["bytes_floor_ms"] > 0 and bwd["flops_floor_ms"] > 0
     # the engine computes the reference's numbers on the rows both ran
