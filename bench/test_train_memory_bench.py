@@ -14,7 +14,7 @@ from benchutil import context
 
 import fastitm
 from fastitm.engine.attention import lse_pooling
-from fastitm.finetune.lora import add_lora
+from fastitm.models.lora import add_lora
 from fastitm.reference import capture_attention_lse
 
 

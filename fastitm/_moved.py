@@ -19,6 +19,7 @@ MOVED = {
                  "distributed")},
     **{f"fastitm.{m}": f"fastitm.models.{m}" for m in ("model", "hub", "speed")},
     "fastitm.families": "fastitm.models.families",
+    "fastitm.finetune.lora": "fastitm.models.lora",
     **{f"fastitm.families.{m}": f"fastitm.models.families.{m}" for m in ("architectures", "base", "sd", "sdxl", "sd3")},
 }
 

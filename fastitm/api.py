@@ -8,7 +8,11 @@ from typing import Any
 
 from .core.plan import Plan
 from .core.result import ScoreResult
+from .engine import engine
 from .engine.common import prepare_run
+from .engine.distributed import is_distributed, score_sharded
+from .engine.image_cache import ImageCache
+from .engine.text_cache import TextCache
 
 
 def score(
@@ -91,9 +95,6 @@ def score(
     adaptive elimination (``diffusion_classifier``, ``elimination=[(T_1, keep_1), ...]``) or racing
     (``stats["racing"]``: rows and timesteps per image, and whether it ran to the plan's end).
     """
-    from .engine import engine
-    from .engine.image_cache import ImageCache
-    from .engine.text_cache import TextCache
 
     if image_cache is not None and not isinstance(image_cache, ImageCache):
         raise TypeError(f"image_cache must be a fastitm.ImageCache, got {type(image_cache).__name__}")
@@ -105,7 +106,6 @@ def score(
     if image_cache is not None or text_cache is not None:
         run = replace(run, image_cache=image_cache, text_cache=text_cache)
     if distributed:
-        from .engine.distributed import is_distributed, score_sharded
 
         if is_distributed():  # with one process (no process group) the same call just runs here
             return score_sharded(run, backend=backend, batch_size=batch_size, progress=progress,

@@ -1,4 +1,8 @@
-"""The ``fastitm`` command line: ``fastitm score``, ``fastitm demo``, ``fastitm info``."""
+"""The ``fastitm`` command line: ``fastitm score | eval | calibrate | results | finetune | demo | info``.
+
+Each command imports what it runs inside its own function, so ``--help``, a bad argument and
+``fastitm info`` answer without loading the engine, the evaluation runner, the training loop or the
+demo (start-up time), and the compiled extension is imported only where it is reported (optional)."""
 
 from __future__ import annotations
 
@@ -141,7 +145,7 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
         if want != model.dtype or torch.device(device) != model.device:
             model.to(device=device, dtype=want)
         if lora is not None:
-            from .finetune.lora import load_adapter
+            from .models.lora import load_adapter
 
             load_adapter(model, lora)
         return apply(model, **levers) if levers else model

@@ -14,7 +14,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import data
+from . import data, evaluate, load_model
+from .core.methods import METHODS
+from .models.lora import load_adapter
+from .models.model import embedded_model_path
+from .testing import tiny_model
 
 
 def save_grid(images, captions, correct, path: Path, truths=None, cell: int = 144, cols: int = 6) -> Path:
@@ -66,9 +70,6 @@ def adapter_reports(model, model_path, examples, timesteps: int, seed: int) -> l
     """(recipe, report) for each shipped adapter on the embedded model, scored with its method."""
     import copy
 
-    from . import evaluate
-    from .finetune.lora import load_adapter
-    from .models.model import embedded_model_path
 
     if model_path is not None or embedded_model_path() is None:  # the adapters fit the embedded model only
         return []
@@ -83,13 +84,9 @@ def adapter_reports(model, model_path, examples, timesteps: int, seed: int) -> l
 
 def run_demo(out_dir: str = "fastitm-demo", timesteps: int = 10, seed: int = 0, n: int = 48,
              model_path: str | None = None) -> int:
-    from . import evaluate, load_model
-    from .core.methods import METHODS
-    from .models.model import embedded_model_path
 
     t_start = time.perf_counter()
     if model_path is None and embedded_model_path() is None:
-        from .testing import tiny_model
 
         print("NOTE: this build ships no trained model; the demo runs on a RANDOM-WEIGHT tiny model of the\n"
               "Stable Diffusion architecture, so the scores below show the pipeline, not real matching.\n")

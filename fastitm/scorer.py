@@ -12,7 +12,10 @@ from typing import Any
 
 import torch
 
-from .models.model import Model, keep_vae_fp32, load_model
+from .api import score
+from .engine.common import prepare_run
+from .engine.image_cache import ImageCache
+from .models.model import Model, check_device, keep_vae_fp32, load_model, resolve_dtype
 
 
 class Scorer(torch.nn.Module):
@@ -32,7 +35,6 @@ class Scorer(torch.nn.Module):
         if not isinstance(model, Model):
             model = load_model(model, dtype=dtype, device=device if device is not None else "cpu")
         elif dtype is not None or device is not None:
-            from .models.model import check_device, resolve_dtype
 
             target = check_device(device) if device is not None else model.device
             model.to(device=target, dtype=resolve_dtype(dtype, target) if dtype is not None else None)
@@ -48,8 +50,6 @@ class Scorer(torch.nn.Module):
         """Bad options fail at construction, not at the first call: every check :func:`fastitm.score`
         makes before any model work (the plan, the method and its options, racing, the weights against
         the plan's timesteps), run on a one-pixel image with this model."""
-        from .engine.common import prepare_run
-        from .engine.image_cache import ImageCache
 
         opts = dict(self.options)
         cache = opts.pop("image_cache", None)
@@ -75,7 +75,6 @@ class Scorer(torch.nn.Module):
         return out
 
     def score(self, images: Any, texts: list[str], **overrides: Any):
-        from .api import score
 
         return score(images, texts, model=self.model, **{"progress": False, **self.options, **overrides})
 

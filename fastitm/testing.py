@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import data
+from .models.families.architectures import build_denoiser
 from .models.model import Model
 
 
@@ -197,7 +199,6 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .models.families.architectures import build_denoiser
 
     tokenizer = tiny_tokenizer()
     meta = torch.device(device).type == "meta"  # shapes and counts only: no memory, no time
@@ -263,7 +264,6 @@ def write_jsonl_set(folder, n: int, *, seed: int = 0, negatives: int = 1, size: 
     import json
     from pathlib import Path
 
-    from . import data
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data
+from .models.model import Model
+from .testing import tiny_tokenizer
 
 IMAGE_SIZE = 32
 
@@ -39,8 +41,6 @@ def build_model(seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .models.model import Model
-    from .testing import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(data.vocabulary())
     with torch.random.fork_rng(devices=[]):

@@ -146,6 +146,6 @@ def test_calibrate_cli(tmp_path, capsys, monkeypatch):
         main(["calibrate", "jsonl", "--data", str(f), "--fraction", "0.5", "--limit", "3"])
     assert "not allowed with argument" in capsys.readouterr().err
     # Too small a sample fails naming the counts once the task is read, before a model is loaded
-    monkeypatch.setattr(fastitm.models.model, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(fastitm.evaluate.runner, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match=r"at least 10 labelled items \(5 folds\), jsonl at .* gives 6 \(of 12\)"):
         fastitm.evaluate.calibrate("jsonl", f, limit=6, folds=5, progress=False)

@@ -57,10 +57,10 @@ def _eval_here(args, out):
 # `fastitm eval` on rank 1 gets SIGTERM (what SLURM or torchrun sends) when it starts its second engine call.
 KILL_RANK1 = """
 import os, signal, sys
-import fastitm.api
+import fastitm.evaluate.runner as runner
 from fastitm import cli
 
-real, calls = fastitm.api.score, [0]
+real, calls = runner.score, [0]
 
 def score(*a, **k):
     calls[0] += 1
@@ -68,7 +68,7 @@ def score(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*a, **k)
 
-fastitm.api.score = score  # what the eval runner calls
+runner.score = score  # what the eval runner calls
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -185,10 +185,10 @@ def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch, h
             raise KeyboardInterrupt  # as Ctrl-C between items
         return real(*a, **k)
 
-    monkeypatch.setattr(fastitm.api, "score", dying)
+    monkeypatch.setattr(runner, "score", dying)
     with pytest.raises(Terminated if how == "sigterm" else KeyboardInterrupt):
         runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, checkpoint_every=1e9, **ONE_PER_CALL)
-    monkeypatch.setattr(fastitm.api, "score", real)
+    monkeypatch.setattr(runner, "score", real)
     assert ckpt.exists() and len(torch.load(ckpt, weights_only=False)["done"]) == 3
     counted = [0]
 
@@ -196,7 +196,7 @@ def test_a_killed_run_resumes_to_the_same_report(jsonl, tmp_path, monkeypatch, h
         counted[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(fastitm.api, "score", counting)
+    monkeypatch.setattr(runner, "score", counting)
     resumed = runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, **ONE_PER_CALL)
     assert counted[0] == 4  # only the missing items
     assert resumed.to_json()["items"] == full.to_json()["items"] and resumed.metrics == full.metrics

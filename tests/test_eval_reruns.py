@@ -81,10 +81,10 @@ def test_checkpoint_refusal_names_what_differs_and_weights_alone_resume(jsonl, t
         calls[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(fastitm.api, "score", counting)
+    monkeypatch.setattr(runner, "score", counting)
     resumed = runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, progress=False, weights={"kind": "exp", "rate": 7})
     assert calls[0] == 0
-    monkeypatch.setattr(fastitm.api, "score", real)
+    monkeypatch.setattr(runner, "score", real)
     fresh = runner.run("jsonl", jsonl, model=tiny, timesteps=3, progress=False, weights={"kind": "exp", "rate": 7})
     assert resumed.to_json()["items"] == fresh.to_json()["items"] and resumed.metrics == fresh.metrics
     uniform = runner.run("jsonl", jsonl, model=tiny, timesteps=3, progress=False)

@@ -22,7 +22,8 @@ def modules() -> dict[str, tuple[Path, bool]]:
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the modules it imports anywhere in its file. ``from X import a``: X.a when that is a
-    module, else X; a package's parent is not counted (Python runs it first in any case)."""
+    module, else X, and the packages above it that importing it runs (not ``fastitm`` itself: Python
+    runs it first in any case)."""
     mods = modules()
     graph: dict[str, set[str]] = {}
     for name, (f, pkg) in mods.items():
@@ -39,14 +40,20 @@ def import_graph() -> dict[str, set[str]]:
                     target = node.module or ""
                 for alias in node.names:
                     sub = f"{target}.{alias.name}"
-                    dep = sub if sub in mods else target
-                    if dep in mods and dep != name:
-                        graph[name].add(dep)
+                    graph[name].update(_runs(sub if sub in mods else target, name, mods))
             elif isinstance(node, ast.Import):
                 for alias in node.names:
-                    if alias.name in mods and alias.name != name:
-                        graph[name].add(alias.name)
+                    graph[name].update(_runs(alias.name, name, mods))
     return graph
+
+
+def _runs(target: str, importer: str, mods) -> set[str]:
+    """What importing ``target`` from ``importer`` runs: the module and each package above it that is
+    not above the importer too (``from fastitm.finetune.x import y`` runs ``fastitm/finetune/__init__``)."""
+    parts = target.split(".")
+    above = {".".join(parts[:k]) for k in range(2, len(parts))}
+    out = {target} | {m for m in above if not importer.startswith(m + ".")}
+    return {m for m in out if m in mods and m != importer}
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -87,6 +94,10 @@ def test_the_walk_sees_imports_at_every_level():
     assert "fastitm.api" in graph["fastitm"]
     assert "fastitm._version" in graph["fastitm.evaluate.report"]
     assert "fastitm._C" in graph["fastitm.ops._backend"]
+    # importing a submodule runs the packages above it, except the importer's own
+    mods = modules()
+    assert _runs("fastitm.finetune.loop", "fastitm.models.model", mods) == {"fastitm.finetune.loop", "fastitm.finetune"}
+    assert _runs("fastitm.engine.racing", "fastitm.engine.common", mods) == {"fastitm.engine.racing"}
     # and a circle made up here is found
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -117,10 +128,7 @@ LAYERS = [
     ("fastitm.scorer", "fastitm.train", "fastitm.cli", "fastitm.demo", "fastitm.__main__"),
 ]
 # Arrows that run up on purpose, each with its reason.
-UPWARD = {
-    # load_model(lora=...) merges an adapter at load: the adapter format is fine-tuning's, with no deps
-    ("fastitm.models.model", "fastitm.finetune.lora"),
-}
+UPWARD: set[tuple[str, str]] = set()
 
 
 def layer(module: str) -> int:

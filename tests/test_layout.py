@@ -48,7 +48,7 @@ def test_tiny_model_scores_from_the_root_with_our_kernels_as_fastitm_kernels(tmp
     code = """
 import json, torch, fastitm, fastitm.kernels, fastitm.kernels.error_reduce as er
 import fastitm.testing as t
-from fastitm.finetune import lora  # peft + diffusers.loaders
+from fastitm.models import lora  # peft + diffusers.loaders
 model = t.tiny_model(0)
 g = torch.Generator().manual_seed(3)
 images = torch.rand(2, 3, 16, 16, generator=g)

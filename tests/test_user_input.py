@@ -77,12 +77,12 @@ def test_image_messages(tmp_path, tiny):
 
 
 def test_bad_arguments_fail_before_the_embedded_model_loads(monkeypatch):
-    import fastitm.models.model
+    import fastitm.engine.common
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(fastitm.models.model, "load_model", no_loading)
+    monkeypatch.setattr(fastitm.engine.common, "load_model", no_loading)  # where score's check loads it
     img = torch.rand(1, 3, 16, 16)
     with pytest.raises(ValueError, match="the text list is empty"):
         fastitm.score(img, [])

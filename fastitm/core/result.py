@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._version import __version__
 from .plan import Plan
+from .weights import nan_weighted_mean
 
 
 def _gt_tensor(gt: Sequence[int] | torch.Tensor, n: int, bound: int, what: str) -> torch.Tensor:
@@ -77,7 +79,6 @@ class ScoreResult:
         """[N_images, N_texts]: each pair's (weighted, with ``weights``) mean over the timesteps it was
         scored at (NaN where none), the score racing or elimination had when it dropped a text; None
         without ``per_timestep``."""
-        from .weights import nan_weighted_mean
 
         if self.per_timestep is None:
             return None
@@ -139,7 +140,6 @@ class ScoreResult:
         import diffusers
         import transformers
 
-        from .._version import __version__
 
         return {
             "method": self.method,

@@ -11,11 +11,15 @@ from typing import Any
 
 import torch
 
+from ..core import presets
 from ..core.inputs import check_images, check_resize, prepare_images, prepare_texts
 from ..core.methods import MethodSpec, check_rounds, elimination_stages, resolve_method
 from ..core.plan import Plan, cell_seed, check_plan_args, make_plan
+from ..core.weights import describe, resolve
 from ..models.families import concat_cond
-from ..ops._backend import BACKENDS
+from ..models.model import Model, load_model
+from ..ops._backend import BACKENDS, reasons_against
+from .racing import RaceOptions, check_not_with_elimination
 
 
 @dataclass
@@ -66,7 +70,6 @@ def check_backend(backend: str) -> str:
 def check_backend_runs(backend: str, device: torch.device) -> None:
     """A backend named explicitly must be able to run on the model's device: say why not up front,
     not after the encoders have run."""
-    from ..ops._backend import reasons_against
 
     if backend in ("auto", "reference"):
         return
@@ -98,15 +101,12 @@ def prepare_run(
     """Validate everything before any model work, so a bad argument fails in milliseconds: the
     arguments first, then (loading the embedded model only now when ``model`` is None) what needs
     the model."""
-    from ..models.model import Model
-    from .racing import RaceOptions, check_not_with_elimination
 
     race = RaceOptions.parse(adaptive)
     preset, choices, spec, texts = check_arguments(images, texts, method=method, timesteps=timesteps, seed=seed,
                                                    plan=plan, resize=resize, latent=latent, scheme=scheme,
                                                    noise=noise, preset=preset, options=options, backend=backend)
     if model is None:
-        from ..models.model import load_model
 
         model = load_model()
     if not isinstance(model, Model):
@@ -124,7 +124,6 @@ def prepare_run(
     plan.check_model(model)
     check_rounds(spec.options.get("elimination"), len(plan))
     check_not_with_elimination(race, spec.options.get("elimination"))
-    from ..core.weights import describe, resolve
 
     w = resolve(weights, plan.timesteps, model.num_train_timesteps)
     if w is not None and spec.options.get("elimination"):
@@ -156,7 +155,6 @@ def check_arguments(images: Any, texts: Any, *, method: str, timesteps: Any, see
     """Every check that needs no model: the backend's name, the preset and the choices it resolves
     to (explicit > preset > default), the method and its options, the texts, the plan's arguments,
     the images' types and paths. Returns (preset, choices, method spec, texts)."""
-    from ..core import presets
 
     check_backend(backend)
     preset = presets.check_preset(preset)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..models.families import get
 from ..ops._backend import brief_error
 
 
@@ -57,7 +58,6 @@ class UNetRunner:
             raise ValueError("CUDA graphs need the UNet on a CUDA device")
         self.unet, self.sink, self.bucket, self.use_graph, self.warmup = unet, sink, bucket, use_graph, warmup
         if forward is None:
-            from ..models.families import get
 
             forward = get("sd").forward
         self.forward = forward

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from ..core.result import ScoreResult
+from .engine import score_run
+
 
 def is_distributed() -> bool:
     import torch.distributed as dist
@@ -74,8 +77,6 @@ def score_sharded(run, *, backend: str, batch_size: int | None, progress: bool |
     against every text (sampled latents seeded by the global image index), and the full result is
     assembled on every rank. With ``checkpoint``, each rank keeps its own file
     (``<checkpoint>.rank<r>-of-<n>``), so a killed rank resumes its shard."""
-    from ..core.result import ScoreResult
-    from .engine import score_run
 
     N = run.pixels.shape[0]
     start, stop = shard_bounds(N)

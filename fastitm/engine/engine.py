@@ -31,7 +31,7 @@ import torch
 
 from ..core.interrupts import deferred
 from ..core.locks import held
-from ..core.methods import check_rounds, elimination_stages
+from ..core.methods import check_rounds, elimination_stages, spread_order
 from ..core.result import ScoreResult
 from ..core.weights import nan_weighted_mean, weighted_mean
 from ..models.families import take_cond
@@ -54,6 +54,7 @@ from .common import (
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
 from .image_cache import copy_repeat, repeats_last
+from .racing import step, stops_early
 
 CHECKPOINT_VERSION = 3
 _CHECKPOINT_KEYS = ("version", "fingerprint", "per_t", "uncond", "attn_uncond", "done")
@@ -261,8 +262,6 @@ def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch
     stops when ``keep`` candidates are left, or for futility. Decisions are a function of those scores
     alone, so batching, resuming and sharding take the same ones. ``state.live``: the survivors.
     ``hook``: :func:`stage_chunks`' ``order`` and ``before`` for every round (see :func:`_stages`)."""
-    from ..core.methods import spread_order
-    from .racing import step, stops_early
 
     opts, T = run.race, len(run.plan)
     order = spread_order(T)

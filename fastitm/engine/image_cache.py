@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import hash_tensor
+from .common import encode_images, hash_tensor, to_device
 
 
 @dataclass
@@ -98,7 +98,6 @@ class ImageCache:
     def encode(self, run, keys: list[str], same: torch.Tensor, bs: int) -> tuple[torch.Tensor, int]:
         """The scaled latents [N, C, h, w] of ``run``'s images and how many the VAE encoded: the images
         the cache lacks, each distinct one (``same``: first indices) once, in batches of ``bs``."""
-        from .common import encode_images
 
         held = self.latents(keys)
         todo = [i for i in range(len(keys)) if held[i] is None and same[i] == i]
@@ -213,7 +212,6 @@ def copy_repeat(i: int, same: torch.Tensor, uncond: torch.Tensor, attn_uncond: t
     have = done[src] & ~done[i]
     if not bool(have.any()):
         return
-    from .common import to_device
 
     mask = to_device(have, uncond.device)  # in the batch loop: a pageable copy would wait for the GPU
     for buf in (uncond, attn_uncond):

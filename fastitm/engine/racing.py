@@ -90,6 +90,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.methods import spread_order
 from ..core.weights import weighted_mean
 
 ADAPTIVE_KEYS = ("alpha", "min_timesteps", "round_size", "keep", "futility", "over", "against", "settled")
@@ -377,7 +378,6 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
     (``order``: the evaluation order of the plan's indices, by default the spread order; ``w`` [T]
     the timestep weights in plan order, None for uniform). What racing would have decided and spent;
     the engine's racing takes the same decisions (:func:`step`) on the rows it computes."""
-    from ..core.methods import spread_order
 
     K, T = per_t.shape
     order = spread_order(T) if order is None else list(order)

@@ -18,6 +18,8 @@ import weakref
 
 import torch
 
+from ..models.families.base import concat_cond
+
 
 class TextCache:
     """Conditioning rows by text, for one model (another model is refused: its rows differ).
@@ -45,7 +47,6 @@ class TextCache:
     def encode(self, model, texts: list[str], empty: bool = False) -> dict[str, torch.Tensor]:
         """What :func:`fastitm.engine.common.encode_conditioning` returns for ``texts`` (one row per text, the
         empty prompt's last with ``empty``), encoding only the texts this cache has not seen."""
-        from ..models.families.base import concat_cond
 
         self._check(model)
         new = list(dict.fromkeys(t for t in texts if t not in self._rows))

@@ -37,9 +37,11 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
 from ..core.weights import resolve, weighted_mean
 from .items import Item
 from .metrics import headline, task_metrics
+from .runner import run
 
 EXP_RATES = (1.0, -1.0, 2.0, -2.0, 4.0, -4.0, 7.0, 10.0, 15.0)  # nearest uniform first
 PENALTIES = (100.0, 10.0, 1.0, 0.1, 0.01)  # strongest (nearest uniform) first: the simpler fit
@@ -70,7 +72,6 @@ class Calibration:
     metric: str = "accuracy"
 
     def to_json(self) -> dict:
-        from .._version import __version__
 
         return {"weights": {str(t): w for t, w in self.weights.items()},
                 "fitted": {**self.fitted, "metric": self.metric, "items": self.items, "task": self.task,
@@ -335,7 +336,6 @@ def calibrate(task: str, data: str | Path, *, model: Any = None, method: str | N
     ``out``: write the weights file there (``fastitm eval --weights FILE`` reads it; its timesteps are
     this plan's, so evaluate with the same ``timesteps`` and scheme).
     """
-    from .runner import run
 
     if fraction is not None and limit is not None:
         raise ValueError("give fraction or limit, not both")

@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from ..core.methods import spread_order
+from ..core.weights import weighted_mean
+from ..engine.racing import RaceOptions, simulate
 from .items import Item
 from .metrics import choice_scores, headline, rank_of_truth, task_metrics
 
@@ -23,8 +26,6 @@ def record_scores(item: Item, matrix: torch.Tensor) -> Any:
 def curve(items: list[Item], per_t: list[torch.Tensor], w: torch.Tensor | None = None) -> list[dict]:
     """The headline metrics using the first n timesteps of :func:`fastitm.core.methods.spread_order`, for
     every n from 1 to T, from the per-timestep scores of one run (weighted by ``w`` [T] if given)."""
-    from ..core.methods import spread_order
-    from ..core.weights import weighted_mean
 
     T = per_t[0].shape[-1]
     order = spread_order(T)
@@ -64,8 +65,6 @@ def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALP
     on this run's per-timestep scores: per alpha, the accuracy (the true candidate survives with the
     highest mean, strictly), the conditional denoiser rows per item (candidate x timestep) and the
     share of items that ran to the plan's end; first the full plan's own. Choice items only."""
-    from ..core.weights import weighted_mean
-    from ..engine.racing import RaceOptions, simulate
 
     choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t, strict=True)
               if i.kind in ("text", "image") and i.label is not None]

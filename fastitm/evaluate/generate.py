@@ -21,12 +21,13 @@ import json
 import pickle
 from pathlib import Path
 
+from .. import data
+
 WRITERS = ("comvg", "vqa", "refcocog", "vlchecklist")
 
 
 def write_dataset(task: str, out: str | Path, n: int = 12, seed: int = 0) -> Path:
     """Write ``n`` held-out scenes (at least 10) as ``task``'s released layout under ``out``; returns ``out``."""
-    from .. import data
 
     if task not in WRITERS:
         raise ValueError(f"no synthetic layout for {task!r}; one of {WRITERS}")

@@ -16,20 +16,20 @@ import pickle
 import random
 from pathlib import Path
 
+from .. import data
+
 LAYOUTS = ("folder", "cifar10", "cifar100", "stl10", "mnist", "flowers102", "food101", "pets", "aircraft",
            "caltech101", "objectnet")
 
 
 def object_classes() -> list:
     """The 48 one-object scenes (6 colours x 4 shapes x 2 sizes), in a fixed order."""
-    from .. import data
 
     return [data.Scene((data.Obj(c, sh, sz),)) for sz in data.SIZES for c in data.COLORS for sh in data.SHAPES]
 
 
 def composition_classes(n: int, seed: int = 0) -> list:
     """``n`` two-object scenes (of the 2,208 with two different objects), drawn with ``seed``."""
-    from .. import data
 
     objs = [data.Obj(c, sh) for c in data.COLORS for sh in data.SHAPES]
     every = [data.Scene((a, b), r) for a in objs for b in objs if a != b for r in data.RELATIONS]
@@ -40,7 +40,6 @@ def composition_classes(n: int, seed: int = 0) -> list:
 
 def draw(classes: list, per_class: int, seed: int, size: int = 32) -> tuple[list, list[int]]:
     """(images, labels): ``per_class`` renderings of each scene (random positions), class-major."""
-    from .. import data
 
     rng = random.Random(seed)
     images, labels = [], []

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._version import __version__
+from ..core.weights import describe, resolve, weighted_mean
 from .curves import curve, jsonable, racing_curve, record_scores
+from .items import Item
+from .metrics import IDENTICAL_COUNTS, task_metrics
 
 
 @dataclass
@@ -43,7 +47,6 @@ class EvalReport:
     evaluation: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        from .._version import __version__
 
         # The header (everything before the curves and items) is the record `fastitm eval --results`
         # appends to its results file: runs line up in one table (`fastitm results`).
@@ -307,7 +310,6 @@ class EvalReport:
         and elimination runs score only some timesteps of some candidates)."""
         import torch
 
-        from .items import Item
 
         if not self.items or "per_timestep" not in self.items[0]:
             why = ("its run raced or eliminated candidates, so it has no full per-timestep scores"
@@ -326,8 +328,6 @@ class EvalReport:
         the weights; racing is simulated on the weighted statistic, as such a run does)."""
         from dataclasses import replace
 
-        from ..core.weights import describe, resolve, weighted_mean
-        from .metrics import IDENTICAL_COUNTS, task_metrics
 
         items, per_t = self.per_timestep_scores()
         w = resolve(weights, self.plan["timesteps"], self.model.get("num_train_timesteps", 1000))

@@ -18,9 +18,23 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
+from ..api import score
+from ..core.inputs import _load_path, _pil_decode, check_not_url
 from ..core.interrupts import terminate_as_interrupt
+from ..core.weights import describe, resolve, weighted_mean
+from ..engine import distributed as dist
+from ..engine.common import check_arguments, hash_tensor, progress_disabled
+from ..engine.engine import CheckpointError, checkpoint_lock, model_digest
+from ..engine.image_cache import ImageCache
+from ..engine.racing import RaceOptions, check_not_with_elimination
 from ..engine.text_cache import TextCache
+from ..models.families.base import lcm_record
+from ..models.model import Model, load_model
+from ..models.speed import auto_compile, default_batch_size
+from ..ops._backend import choose
 from .curves import curve, jsonable, per_timestep_diagnostics, racing_curve, record_scores  # noqa: F401
+from .fewshot import fewshot as fewshot_split
 from .metrics import identical_counts, task_metrics
 from .report import EvalReport
 from .synthetic import shared_plan
@@ -47,7 +61,6 @@ class BadImage(DataError):
 
 def _existing(ref: str | tuple[str, ...], what: str) -> str:
     """The image file a reference names: a path, or the first existing one of alternative paths."""
-    from ..core.inputs import check_not_url
 
     paths = ref if isinstance(ref, tuple) else (ref,)
     for p in paths:
@@ -62,7 +75,6 @@ def _decode(item: Item) -> list[Any]:
     """The item's images as 8-bit RGB PIL images (16-bit files as float tensors), read now."""
     from PIL import Image
 
-    from ..core.inputs import _load_path, _pil_decode
 
     out = []
     for n, img in enumerate(item.images):
@@ -205,8 +217,6 @@ def _model_record(model, digest: str) -> dict:
     adapter or one changed weight changes it), family, dtype, device, and the versions."""
     import platform
 
-    from .._version import __version__
-    from ..models.families.base import lcm_record
 
     return {"source": model.source, "digest": digest, "family": model.family,
             "num_train_timesteps": int(model.num_train_timesteps),
@@ -231,7 +241,6 @@ class _Progress:
         self.skipped: dict[int, dict] = {}
         self.no_negative: dict[int, dict] = {}  # items whose every candidate is identical to the true one
         if path is not None and path.exists():
-            from ..engine.engine import CheckpointError
 
             try:
                 data = torch.load(path, map_location="cpu", weights_only=False)
@@ -253,7 +262,6 @@ class _Progress:
 
     def _recombine(self, items) -> None:
         """The stored items' scores under this run's weights, from their per-timestep scores."""
-        from ..core.weights import weighted_mean
 
         for idx, (_, per_t, record) in list(self.done.items()):
             matrix = weighted_mean(per_t, self.weights)
@@ -284,7 +292,6 @@ def _run_fields(task, data, method, options, plan, digest: str, items) -> dict[s
     (every weight)."""
     import hashlib
 
-    from ..engine.common import hash_tensor
 
     def digest_of(*parts) -> str:
         h = hashlib.sha256()
@@ -365,13 +372,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     """
     from tqdm.auto import tqdm
 
-    from ..api import score
-    from ..core.weights import describe, resolve
-    from ..engine.common import check_arguments, progress_disabled
-    from ..engine.engine import model_digest
-    from ..engine.racing import RaceOptions, check_not_with_elimination
-    from ..models.model import Model, load_model
-    from ..models.speed import default_batch_size
 
     started = time.perf_counter()
 
@@ -400,7 +400,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                          f"(latent={choices['latent']!r}{why}), seeded by each image's position, so nothing could "
                          "be reused: drop the image cache, or pass latent='mean' (--latent mean)")
     if fewshot is not None:  # the protocol's test part: never an item its training part holds
-        from .fewshot import fewshot as fewshot_split
 
         part = fewshot_split(task, data, fewshot, split, preset=options.get("preset"))
         items, fewshot_record = part.test, part.record
@@ -428,7 +427,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         raise ValueError("choosing among images needs normalize=True for diffusion_itm (the unconditional "
                          "error makes scores of different images comparable)")
 
-    from ..engine import distributed as dist
 
     ckpt = None
     if checkpoint is not None:
@@ -445,7 +443,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     digest = model_digest(model)  # every weight hashed once: the checkpoint's key and the report's record
     with ExitStack() as held_checkpoint:
         if ckpt is not None:  # one run per checkpoint file: a second is refused, naming the holder
-            from ..engine.engine import checkpoint_lock
 
             held_checkpoint.enter_context(checkpoint_lock(ckpt))
         state = _Progress(ckpt, _run_fields(task, data, method, key_options, plan, digest, items) if ckpt else {},
@@ -461,7 +458,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         window_of = {i: w for w, (a, b) in enumerate(my_windows) for i in range(a, b)}
         compiled = model.levers.get("compile") or None
         if compile is None:  # from the rows of this rank's engine calls, before any is scored
-            from ..models.speed import auto_compile
 
             rows = [sum(_item_rows(i, len(plan), spec.needs_uncond) for i in items[a:b]) for a, b in my_windows]
             compiled = auto_compile(model, rows, bs, rounds=decides)
@@ -476,7 +472,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         texts_once = TextCache() if len({tuple(i.texts) for i in items}) == 1 else None
         cache = None
         if image_cache:
-            from ..engine.image_cache import ImageCache
 
             cache = ImageCache()
         # the resolved table, so a weights file is read once, not at every engine call
@@ -537,7 +532,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     if not scored:
         raise DataError(f"no item of {data} could be scored ({len(skipped)} skipped as unreadable, "
                         f"{len(no_negative)} with every candidate identical to the true one)")
-    from ..ops._backend import choose
 
     opts = dict(spec.options)
     choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)

@@ -18,6 +18,11 @@ from typing import Any
 
 import torch
 
+from ..api import score
+from ..core.plan import make_plan
+from ..core.presets import resolve
+from ..engine.common import progress_disabled
+
 
 @dataclass
 class NegativeReport:
@@ -43,8 +48,6 @@ class NegativeReport:
 def shared_plan(model, method: str, timesteps: int, seed: int, options: dict):
     """The one plan every example is scored under, built with the plan choices (scheme, latent,
     noise) of ``options`` or of its preset; those keys are taken out of ``options``."""
-    from ..core.plan import make_plan
-    from ..core.presets import resolve
 
     given = {k: options.pop(k, None) for k in ("scheme", "latent", "noise")}
     choices, _ = resolve(method, options.get("preset"), given, {})
@@ -68,8 +71,6 @@ def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_i
     ``group`` images share one scoring call (each only against its own captions)."""
     from tqdm.auto import tqdm
 
-    from ..api import score
-    from ..engine.common import progress_disabled
 
     _check_examples(examples)
     plan = shared_plan(model, method, timesteps, seed, options)
@@ -117,8 +118,6 @@ def image_retrieval(model, examples: Sequence[Any], *, group: int = 10, method: 
     images x captions, and return (share of captions whose best image is their own, captions)."""
     from tqdm.auto import tqdm
 
-    from ..api import score
-    from ..engine.common import progress_disabled
 
     _check_examples(examples)
     if group < 2:

@@ -12,9 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..core.inputs import is_url
+
 # the item types, re-exported: fastitm.evaluate.tasks is where the loaders' users have found them
 from .items import ITEM_KINDS, DataError, Item, _read_json, _resolve, _utf8, drop_identical  # noqa: F401
 from .metrics import BIAS_PAIRS
+from .order import MissingModel, caption_options
 from .tasks_classify import load_classify
 from .tasks_discffusion import LOADERS as DISCFFUSION_LOADERS
 
@@ -27,7 +30,6 @@ JSONL_FORMAT = ('one JSON object per line, paths relative to the file: {"image":
 
 def load_jsonl(path: str | Path, split: str | None = None) -> list[Item]:
     """``fastitm eval jsonl --data FILE``: any dataset, one item per line (see ``JSONL_FORMAT``)."""
-    from ..core.inputs import is_url
 
     path = Path(path)
     if path.is_dir():
@@ -381,7 +383,6 @@ def load_bias_gender(data_dir: str | Path, split: str | None = None) -> list[Ite
 
 
 def _load_order(data_dir: Path, file: str, image_path: Callable[[str], Any] | None = None) -> list[Item]:
-    from .order import MissingModel, caption_options
 
     image_path = image_path or (lambda p: str(data_dir / p))
     path = data_dir / file

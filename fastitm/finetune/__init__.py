@@ -2,12 +2,12 @@
 
 ``fastitm finetune --recipe hardneg|discffusion --data synthetic|FILE.jsonl --out DIR`` or
 :func:`finetune`; the adapter loads with ``fastitm.load_model(path, lora=DIR)``.
-See :mod:`fastitm.finetune.recipes` for the losses and :mod:`fastitm.finetune.lora` for the adapters.
+See :mod:`fastitm.finetune.recipes` for the losses and :mod:`fastitm.models.lora` for the adapters (which load_model merges too).
 """
 
+from ..models.lora import add_lora, load_adapter, save_adapter
 from .examples import TrainExample, load_examples
 from .loop import DEFAULTS, RECIPES, finetune
-from .lora import add_lora, load_adapter, save_adapter
 
 __all__ = ["DEFAULTS", "RECIPES", "TrainExample", "add_lora", "finetune", "load_adapter", "load_examples",
            "save_adapter"]

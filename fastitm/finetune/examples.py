@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import data as synth
+from ..evaluate.tasks import load_jsonl
+
 
 @dataclass
 class TrainExample:
@@ -26,14 +29,12 @@ def load_examples(data: str, n: int, seed: int = 0, size: int = 32) -> list[Trai
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"the number of training examples must be an int >= 2, got {n!r}")
     if data == "synthetic":
-        from .. import data as synth
 
         return [TrainExample(e.image, e.caption, list(e.negatives.values()))
                 for e in synth.make_dataset(n, "train", seed=seed, size=size)]
     path = Path(data)
     if path.suffix != ".jsonl":
         raise ValueError(f"--data must be 'synthetic' or a .jsonl file (fastitm eval's format), got {data!r}")
-    from ..evaluate.tasks import load_jsonl
 
     out = item_examples(load_jsonl(path)[:n])
     if len(out) < 2:

@@ -18,9 +18,14 @@ from typing import Any
 
 import torch
 
+from ..core.inputs import prepare_images
 from ..core.interrupts import terminate_as_interrupt
-from .examples import TrainExample, load_examples
-from .lora import adapter_state, add_lora, nonfinite, save_adapter
+from ..engine.attention import lse_pooling
+from ..engine.common import encode_posterior, encode_texts, noisy_latents, progress_disabled, scale_latents, target
+from ..evaluate.fewshot import fewshot as fewshot_split
+from ..models.lora import adapter_state, add_lora, nonfinite, save_adapter
+from ..models.model import Model, embedded_model_path, load_model
+from .examples import TrainExample, item_examples, load_examples
 from .recipes import MARGIN, discffusion_loss, hardneg_loss
 
 RECIPES = ("hardneg", "discffusion")
@@ -65,20 +70,17 @@ NEG_CANDIDATES = 4  # Discffusion: negatives per example (its hard negatives, to
 
 
 def _pixels(model, images) -> torch.Tensor:
-    from ..core.inputs import prepare_images
 
     return prepare_images(images, model.resolution).to(model.device, model.dtype)
 
 
 def _embed(model, texts: list[str]) -> torch.Tensor:
-    from ..engine.common import encode_texts
 
     with torch.no_grad():
         return encode_texts(model, texts)
 
 
 def _latents(model, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    from ..engine.common import encode_posterior, scale_latents
 
     mean, std = encode_posterior(model, pixels)
     eps = torch.randn(mean.shape, generator=gen).to(mean.device, mean.dtype)
@@ -86,7 +88,6 @@ def _latents(model, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _noised(model, z, gen):
-    from ..engine.common import noisy_latents, target
 
     noise = torch.randn(z.shape, generator=gen).to(z.device, z.dtype)
     t = torch.randint(0, model.num_train_timesteps, (z.shape[0],), generator=gen).to(z.device)
@@ -106,7 +107,6 @@ def _step(recipe: str, model, exs: list[TrainExample], idx: list[int], gen: torc
             negs = [e.neg_images[rng.randrange(len(e.neg_images))] if e.neg_images else exs[rng.randrange(len(exs))].image
                     for e in batch]
             z_neg = _latents(model, _pixels(model, negs), gen)
-            from ..engine.common import noisy_latents
 
             return hardneg_loss(model.unet, x_t, t, tgt, emb_pos, "image", x_t_neg=noisy_latents(model, z_neg, noise, t))
         if u < 0.75:  # a hard-negative caption
@@ -155,8 +155,6 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     """
     from tqdm.auto import tqdm
 
-    from ..engine.common import progress_disabled
-    from ..models.model import Model, load_model
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")
@@ -185,8 +183,6 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
         raise ValueError(f"fine-tuning recipes are for SD 1.x/2.x models; {model.source} is {model.spec.label}")
     split_record = None
     if task is not None:
-        from ..evaluate.fewshot import fewshot as fewshot_split
-        from .examples import item_examples
 
         part = fewshot_split(task, data, 0.05 if fewshot is None else fewshot, split)
         exs = item_examples(part.train[:asked_examples] if asked_examples is not None else part.train)
@@ -199,7 +195,6 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     else:
         exs = load_examples(data, examples, seed=seed, size=model.resolution)
     out.mkdir(parents=True, exist_ok=True)
-    from ..models.model import embedded_model_path
 
     source = "the embedded default model" if model.source == str(embedded_model_path()) else model.source
     args = {"recipe": recipe, "data": str(data), "rank": rank, "steps": steps, "lr": lr, "batch_size": batch_size,
@@ -249,7 +244,6 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
         stack.enter_context(terminate_as_interrupt())  # SIGTERM saves the checkpoint as Ctrl-C does
         sink = None
         if recipe == "discffusion":
-            from ..engine.attention import lse_pooling
 
             sink = stack.enter_context(lse_pooling(model.unet, "all", "logits", 1.0, "auto"))
         bar = stack.enter_context(tqdm(total=steps, initial=start, desc=f"finetune {recipe}", unit="step",

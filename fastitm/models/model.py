@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 
-from .families import Family, ModelError, detect
+from .families import FAMILIES, Family, ModelError, detect, supported
 from .families import get as get_family
+from .hub import is_repo_id, resolve
+from .lora import load_adapter
+from .speed import apply, check_cpu_dtype, default_channels_last, default_dtype
 
 __all__ = ["Model", "ModelError", "check_device", "embedded_model_path", "load_model"]
 
@@ -66,7 +69,6 @@ class Model:
         their img2img variants); the family from the pipeline's class. The networks are put in eval
         mode without gradients, as :func:`load_model` leaves them (the pipeline's own modules, so the
         pipeline sees that too)."""
-        from .families import FAMILIES, supported
 
         name = type(pipe).__name__
         fam = next((f for f in FAMILIES.values() if name in f.pipelines), None)
@@ -248,8 +250,6 @@ def load_model(
     :func:`fastitm.models.speed.apply`; ``channels_last=None`` decides by device and dtype
     (:func:`fastitm.models.speed.default_channels_last`: on for float32 on the CPU), the others are off.
     """
-    from .hub import is_repo_id, resolve
-    from .speed import check_cpu_dtype
 
     if path is not None and not isinstance(path, (str, os.PathLike)) and hasattr(path, "components"):
         return _from_pipeline(path, dtype, device, lora, channels_last, fuse_qkv, compile)
@@ -310,7 +310,6 @@ def _from_pipeline(pipe: Any, dtype, device, lora, channels_last: bool | None, f
 
 def _finish(model: Model, lora, channels_last: bool | None, fuse_qkv: bool, compile: bool | str) -> Model:
     """What load_model does after the weights are in place: the LoRA adapter, the speed levers."""
-    from .speed import apply, default_channels_last
 
     if channels_last is None:
         channels_last = default_channels_last(model.device, model.dtype)
@@ -319,7 +318,6 @@ def _finish(model: Model, lora, channels_last: bool | None, fuse_qkv: bool, comp
         if model.spec.name != "sd":
             raise ValueError(f"LoRA adapters from fastitm finetune are for SD 1.x/2.x models; {model.source} is "
                              f"{model.spec.label}")
-        from ..finetune.lora import load_adapter
 
         load_adapter(model, lora)
     if channels_last or fuse_qkv or compile:
@@ -331,7 +329,6 @@ def describe_folder(path: str | os.PathLike) -> dict:
     """What :func:`load_model` would load from ``path`` (a folder or a hub id), read from the configs
     alone (the networks are built on the meta device: no weights are read, so this takes a second even
     for SD 3)."""
-    from .hub import resolve
 
     return _build(resolve(path), torch.float32, meta=True).describe()
 
@@ -385,7 +382,6 @@ _DTYPES = {
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """None or "auto": the device's default (:func:`fastitm.models.speed.default_dtype`); a name or a dtype as given."""
-    from .speed import default_dtype
 
     if dtype is None or dtype == "auto":
         return default_dtype(device)

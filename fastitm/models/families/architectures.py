@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from . import get
+
 _SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 _SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
@@ -41,7 +43,6 @@ DENOISERS: dict[str, tuple[str, dict[str, Any]]] = {
 def build_denoiser(name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
     """The denoiser ``name`` (a key of :data:`DENOISERS`) with random weights on ``device``; on
     "meta" (the default) it takes no memory and no time, for counting and shape checks."""
-    from . import get
 
     try:
         family, cfg = DENOISERS[name]
