@@ -150,3 +150,17 @@ def test_eval_classify_equals_each_image_alone_and_encodes_prompts_once(tmp_path
         per_class = torch.stack([s[0], torch.maximum(s[1], s[3]), s[2]])
         right += int((per_class >= per_class[record["label"]]).sum()) == 1
     assert report["metrics"]["accuracy"] == pytest.approx(right / len(items))
+
+
+def test_imagenet_val_folders_take_the_prompts_in_sorted_folder_order(tmp_path):
+    """ImageNet's val/<wnid>/ folders name no classes: the prompt CSV's classidx follows the sorted
+    folder names, as torchvision's ImageFolder orders them; without --prompts the task refuses."""
+    images, labels = draw(CLASSES, 1, seed=2)
+    wnids = ["n02000002", "n01000001", "n03000003"]  # written in this order; read sorted
+    write_classification("folder", tmp_path / "val", images, labels, wnids)
+    with pytest.raises(DataError, match="WordNet ids.*--prompts"):
+        load_task("classify", tmp_path / "val")
+    prompts = write_prompts(tmp_path / "p.csv", ["sorted first", "sorted second", "sorted third"])
+    items = load_task("classify", tmp_path / "val", prompts=prompts)
+    by_folder = {it.id.split("/")[0]: it.label for it in items}
+    assert by_folder == {"n01000001": 0, "n02000002": 1, "n03000003": 2}
