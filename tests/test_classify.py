@@ -68,20 +68,22 @@ def test_splits_and_missing_names(tmp_path):
         load_task("classify", tmp_path / "f" / "flowers-102" / "jpg")
 
 
-def test_prompt_file_checks(tmp_path):
+@pytest.mark.parametrize("text, error", [
+    ("prompt,classname\na,x\n", r"no column\(s\) \['classidx'\]"),
+    ("prompt,classname,classidx\na,x,0\nb,y,1\na,y,1\n", "p.csv:4: the prompt 'a' repeats line 2"),
+    ("prompt,classname,classidx\na,x,0\nb,y,2\n", r"\[1\] have no prompt"),
+    ("prompt,classname,classidx\na,x,0\nb,y,0\n", "class 0 is named 'y' here and 'x' above"),
+    ("prompt,classname,classidx\na,x,zero\nb,y,1\n", "p.csv:2: classidx 'zero' is not a whole number"),
+])
+def test_prompt_file_checks(tmp_path, text, error):
     p = tmp_path / "p.csv"
-    p.write_text("prompt,classname\na,x\n")
-    with pytest.raises(DataError, match=r"no column\(s\) \['classidx'\]"):
+    p.write_text(text)
+    with pytest.raises(DataError, match=error):
         read_prompts(p)
-    p.write_text("prompt,classname,classidx\na,x,0\nb,y,1\na,y,1\n")
-    with pytest.raises(DataError, match="p.csv:4: the prompt 'a' repeats line 2"):
-        read_prompts(p)
-    p.write_text("prompt,classname,classidx\na,x,0\nb,y,2\n")
-    with pytest.raises(DataError, match=r"\[1\] have no prompt"):
-        read_prompts(p)
-    p.write_text("prompt,classname,classidx\na,x,0\nb,y,0\n")
-    with pytest.raises(DataError, match="class 0 is named 'y' here and 'x' above"):
-        read_prompts(p)
+
+
+def test_prompts_must_cover_the_data_and_belong_to_classify(tmp_path):
+    p = tmp_path / "p.csv"
     images, labels = draw(CLASSES, 1, seed=0)
     write_classification("stl10", tmp_path / "s", images, labels, NAMES)
     write_prompts(p, NAMES[:2])
