@@ -87,11 +87,14 @@ def test_mismatched_components(tiny):
 def test_build_without_embedded_model_says_so(monkeypatch, tmp_path, capsys):
     """A build stripped of its assets: load_model() names the way out; the demo falls back to the
     random tiny model and says so."""
-    monkeypatch.setattr(fastitm.models.model, "embedded_model_path", lambda: None)
-    with pytest.raises(FileNotFoundError, match="tiny_model"):
-        fastitm.load_model()
+    import fastitm.demo
     from fastitm.demo import run_demo
 
+    # where load_model and the demo look it up (each module's own name, so the patch ends with the test)
+    monkeypatch.setattr(fastitm.models.model, "embedded_model_path", lambda: None)
+    monkeypatch.setattr(fastitm.demo, "embedded_model_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match="tiny_model"):
+        fastitm.load_model()
     assert run_demo(out_dir=str(tmp_path), timesteps=1, n=8) == 0
     assert "RANDOM-WEIGHT" in capsys.readouterr().out
 

@@ -8,6 +8,11 @@
   a report's stored per-timestep scores without the model.
 - :func:`hard_negatives`, :func:`image_retrieval`: the synthetic compositional sets of
   :mod:`fastitm.data` (what ``fastitm demo`` reports).
+
+May import: :mod:`fastitm.api` (each engine call), :mod:`fastitm.engine`, :mod:`fastitm.models`,
+:mod:`fastitm.core`, :mod:`fastitm.ops`, :mod:`fastitm.data`; not :mod:`fastitm.finetune` or the
+surfaces (the CLI, the scorer). Inside, :mod:`.items` is at the bottom (loaders and metrics build on
+it) and :mod:`.curves` sits below both the runner and the report.
 """
 
 from .calibrate import Calibration, calibrate

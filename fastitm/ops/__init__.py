@@ -2,6 +2,9 @@
 
 ``backend`` is "auto" (Triton on CUDA, the native C++ op on CPU when built, else the reference),
 "triton", "native" or "reference"; ``FASTITM_BACKEND`` overrides "auto".
+
+May import: torch, and lazily the Triton kernels (:mod:`fastitm.kernels`) and the compiled extension
+(``fastitm._C``), both optional; nothing else of fastitm (every layer above calls these ops).
 """
 
 from ._backend import BACKENDS, BackendUnavailable, native_status, triton_status
