@@ -1,9 +1,9 @@
 """Every code block of the README and docs/ that this machine can run does run, so no snippet rots.
 
-A page's blocks run in order in one interpreter (one start per page: the suite stays fast): its
-``python`` blocks after ``import fastitm`` and ``model = fastitm.load_model()`` (the embedded model),
-then its ``bash`` blocks line by line, each ``fastitm ...`` line as ``fastitm.cli.main([...])``, which
-must return 0. Each page runs in a fresh folder holding what the
+A page's blocks run in order in the test's own process (no interpreter start per page: the suite
+stays fast): its ``python`` blocks in one namespace after ``import fastitm`` and
+``model = fastitm.load_model()`` (the embedded model), then its ``bash`` blocks line by line, each
+``fastitm ...`` line as ``fastitm.cli.main([...])``, which must return 0. Each page runs in a fresh folder holding what the
 snippets name: ``dog.png`` and ``cat.png``, ``data/items.jsonl`` (a small jsonl set) and ``classify/``
 (a folder of class folders). A block whose info string says ``no-ci: <why>`` is not run: the reason
 is part of the page (placeholders, a GPU, minutes of training); a ``no-ci`` block without a reason
@@ -12,8 +12,6 @@ fails.
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -81,14 +79,18 @@ def test_pages_and_their_fences_are_read():
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_every_snippet_runs(page, folder):
+def test_every_snippet_runs(page, folder, monkeypatch, capsys):
+    """In this process (no interpreter start per page), in the page's own folder and namespace."""
+    from fastitm.cli import main
+
     py, sh = runnable(page)
-    lines = [PRELUDE, *py, "from fastitm.cli import main"]
+    monkeypatch.chdir(folder)
+    if py:
+        namespace: dict = {"__name__": f"snippets of {page.name}"}
+        exec(PRELUDE, namespace)
+        for code in py:
+            exec(compile(code, f"<{page.name} python block>", "exec"), namespace)
     for code in sh:
         for argv in commands(code):
             assert argv[0] == "fastitm", f"{page.name}: only fastitm commands run here, not {argv[0]}: mark it no-ci"
-            lines.append(f"assert main({argv[1:]!r}) == 0, {shlex.join(argv)!r}")
-    if not py and not sh:
-        return
-    done = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=folder, capture_output=True, text=True)
-    assert done.returncode == 0, f"{page.name}'s snippets failed:\n{done.stderr[-3000:]}"
+            assert main(argv[1:]) == 0, f"{page.name}: {shlex.join(argv)} failed:\n{capsys.readouterr().err[-3000:]}"
