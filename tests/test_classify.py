@@ -166,3 +166,16 @@ def test_imagenet_val_folders_take_the_prompts_in_sorted_folder_order(tmp_path):
     items = load_task("classify", tmp_path / "val", prompts=prompts)
     by_folder = {it.id.split("/")[0]: it.label for it in items}
     assert by_folder == {"n01000001": 0, "n02000002": 1, "n03000003": 2}
+
+
+def test_calibrate_refuses_several_prompts_per_class(tmp_path):
+    """Calibration fits weights on the true candidate's per-timestep differences with each other one:
+    a class that scores as its best of several prompts has none, so it is refused before any model."""
+    import fastitm
+
+    images, labels = draw(CLASSES, 4, seed=5)
+    write_classification("folder", tmp_path / "d", images, labels, NAMES)
+    prompts = write_prompts(tmp_path / "p.csv", NAMES, extra={0: ["a drawing of a thing."]})
+    with pytest.raises(ValueError, match="one prompt per class"):
+        fastitm.evaluate.calibrate("classify", tmp_path / "d", method="diffusion_classifier", prompts=prompts,
+                                   limit=10, folds=5, progress=False)

@@ -356,6 +356,10 @@ def calibrate(task: str, data: str | Path, *, model: Any = None, method: str | N
         if unlabelled:
             raise ValueError(f"{task} items have no right answer (e.g. {unlabelled[0]}): calibration needs "
                              "labelled items")
+        if items and items[0].classes is not None and items[0].classes != list(range(len(items[0].classes))):
+            # a class scoring as its best prompt is no per-timestep difference the weights could be fitted on
+            raise ValueError(f"{task}: calibration needs one prompt per class, in class order; these prompts give "
+                             "some class several (or list them out of order)")
         k = min(limit, n) if limit is not None else min(n, max(MIN_ITEMS, math.ceil((fraction or 0.05) * n)))
         check_size(k, folds, f"{task} at {data} gives {k} (of {n})")
         return sorted(random.Random(sample_seed).sample(range(n), k))
