@@ -48,11 +48,11 @@ def task(n_classes: int):
     return scenes, [s.caption for s in scenes]
 
 
-def images_of(scenes, n: int, size: int):
-    """n images of distinct classes, drawn with SEED: (images, true class indices)."""
+def images_of(scenes, n: int, size: int, seed: int = SEED):
+    """n images of distinct classes, drawn with ``seed``: (images, true class indices)."""
     from fastitm import data
 
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     truth = rng.sample(range(len(scenes)), n)
     return [data.render(scenes[k], rng, size=size) for k in truth], truth
 
@@ -89,15 +89,16 @@ def arm(model, images, texts, truth, plan, **how) -> dict:
             "wall_s": round(wall, 1), "choices": res.matrix.argmax(dim=1).tolist()}
 
 
-def compare(model, n_classes: int, schedule: str, n_images: int, run_published: bool = True) -> dict:
+def compare(model, n_classes: int, schedule: str, n_images: int, run_published: bool = True,
+            seed: int = SEED) -> dict:
     import fastitm
 
     scenes, texts = task(n_classes)
-    images, truth = images_of(scenes, n_images, model.resolution)
+    images, truth = images_of(scenes, n_images, model.resolution, seed)
     T, r = rounds(schedule)
     n_train = model.num_train_timesteps  # the published t_to_eval: range(start, 1000, 1000 // T)[:T]
     plan = fastitm.make_plan(model, list(range(n_train // T // 2, n_train, n_train // T))[:T], seed=0)
-    entry = {"classes": n_classes, "images": n_images, "timesteps": len(plan), "schedule": schedule,
+    entry = {"classes": n_classes, "images": n_images, "image_seed": seed, "timesteps": len(plan), "schedule": schedule,
              "published_rows_per_image_counted": published_rows(n_classes, schedule)}
     if run_published:
         entry["published"] = arm(model, images, texts, truth, plan, elimination=r, order="published")
@@ -134,22 +135,26 @@ def main(argv=None) -> int:
     p.add_argument("--compositions", type=int, default=8, help="images of the 240-class set")
     p.add_argument("--thousand", type=int, default=1, help="images of the 1,000-class set (racing only)")
     p.add_argument("--memory", action="store_true")
+    p.add_argument("--seed", type=int, default=SEED, help="the images' seed (default 23)")
+    p.add_argument("--racing-only", action="store_true",
+                   help="racing alone (the published arm's rows are counted from its schedule, not run)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     import fastitm
 
     model = fastitm.load_model()
-    out = {"machine": machine(), "model": model.source, "method": "diffusion_classifier", "image_seed": SEED,
+    out = {"machine": machine(), "model": model.source, "method": "diffusion_classifier", "image_seed": args.seed,
            "sets": {}}
     if args.objects:
-        out["sets"]["48 objects"] = compare(model, 48, "pets", args.objects)
+        out["sets"]["48 objects"] = compare(model, 48, "pets", args.objects, not args.racing_only, args.seed)
         print(json.dumps(out["sets"]["48 objects"]), file=sys.stderr, flush=True)
     if args.compositions:
-        out["sets"]["240 compositions"] = compare(model, 240, "food", args.compositions)
+        out["sets"]["240 compositions"] = compare(model, 240, "food", args.compositions, not args.racing_only,
+                                                  args.seed)
         print(json.dumps(out["sets"]["240 compositions"]), file=sys.stderr, flush=True)
     if args.thousand:
-        out["sets"]["1000 compositions"] = compare(model, 1000, "imagenet", args.thousand, run_published=False)
+        out["sets"]["1000 compositions"] = compare(model, 1000, "imagenet", args.thousand, False, args.seed)
     if args.memory:
         out["peak_rss_mib"] = {n: peak_memory(n) for n in (48, 240, 1000)}
     emit(out, args.json)

@@ -147,7 +147,8 @@ def test_the_best_is_dropped_no_more_often_than_alpha_against_the_strongest_with
 
 def test_settled_by_hand():
     """The predictive probability that the leader stays ahead over the whole plan, by hand: the t
-    distribution's CDF at t_n sqrt(T / (T - n)); the item stops when every rival's is at least 1 - eps."""
+    distribution's CDF at t_n sqrt(T / (T - n)); the item stops when the rivals' chances of ending
+    ahead sum to at most eps (one rival here; many below)."""
     from scipy.stats import t as student_t
 
     from fastitm.engine.racing import settled_item
@@ -168,6 +169,19 @@ def test_settled_by_hand():
     assert outcomes == {True, False}  # both sides of the threshold were checked
     assert not settled_item(s, torch.ones(2, dtype=torch.bool), T, RaceOptions(settled=0.0, min_timesteps=5))
     assert not settled_item(s, torch.ones(2, dtype=torch.bool), T, RaceOptions(settled=0.05, keep=2, min_timesteps=5))
+    # Rivals each 97% likely to stay behind (differences built with that t exactly): one alone is
+    # settled at eps 0.05; twelve together are not (their chances add up to 0.36), where a per-rival
+    # rule would have stopped the item.
+    z = torch.randn(n, generator=g, dtype=torch.float64)
+    z = (z - z.mean()) / z.std()
+    t97 = student_t.ppf(0.97, n - 1) / (T / (T - n)) ** 0.5
+    leader = torch.zeros(n, dtype=torch.float64)
+    rival = leader - (t97 / n**0.5 + z)  # the difference leader - rival: mean t97 / sqrt(n), sd 1
+    opts = RaceOptions(settled=0.05, min_timesteps=5)
+    assert settled_item(torch.stack([leader, rival]), torch.ones(2, dtype=torch.bool), T, opts)
+    many = torch.stack([leader, *[rival - 1e-9 * k for k in range(12)]])
+    assert not settled_item(many, torch.ones(13, dtype=torch.bool), T, opts)
+    assert settled_item(many, torch.ones(13, dtype=torch.bool), T, RaceOptions(settled=0.4, min_timesteps=5))
 
 
 def test_settled_items_keep_the_full_plans_choice_at_the_stated_rate():
