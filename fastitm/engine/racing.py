@@ -113,8 +113,8 @@ class RaceOptions:
     images comparable); ``against``: what a rival is tested against, ``"strongest"`` (each of the best
     live candidates, :data:`COMPARATORS` of them; the rival is dropped when any beats it: the one that
     beats it most clearly decides) or ``"leader"`` (the highest mean only); ``settled``: with ``keep=1``,
-    stop an item once the whole plan's choice is predicted to be its current leader against every live
-    rival with probability at least ``1 - settled`` (0: never; :func:`settled_item`). Defaults chosen on
+    stop an item once the predictive chances that some live rival ends the whole plan ahead of its
+    current leader sum to at most ``settled`` (0: never; :func:`settled_item`). Defaults chosen on
     the benchmarks in bench/RESULTS.md."""
 
     alpha: float = 0.05
