@@ -129,14 +129,14 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
     import torch
 
     from . import load_model, testing
-    from .models.model import check_device, resolve_dtype
-    from .models.speed import apply
+    from .models.model import check_device, finish_loading, resolve_dtype
 
     check_device(device)
     if method is not None and model_arg not in (None, "tiny") and Path(model_arg).expanduser().is_dir():
         from .models.families import detect
 
         detect(Path(model_arg).expanduser())[0].check_method(method)
+    levers = levers or {}
     if model_arg == "tiny":
         print("model: random-weight tiny model (fastitm.testing.tiny_model): scores carry no meaning",
               file=sys.stderr)
@@ -144,23 +144,10 @@ def _load(model_arg: str | None, dtype: str, device: str, method: str | None = N
         want = resolve_dtype(dtype, torch.device(device))
         if want != model.dtype or torch.device(device) != model.device:
             model.to(device=device, dtype=want)
-        if lora is not None:
-            from .models.lora import load_adapter
-
-            load_adapter(model, lora)
-        return apply(model, **levers) if levers else model
-    return load_model(model_arg, dtype=dtype, device=device, lora=lora, **(levers or {}))
-
-
-def _auto_compile(model, rows: list[int], batch_size: int | None, *, rounds: bool) -> str:
-    """The default ``--compile`` decision for a run of engine calls of ``rows`` rows (fastitm.models.speed): the
-    denoiser is compiled in place when that repays itself; said on stderr when it is."""
-    from .models.speed import auto_compile, default_batch_size
-
-    why = auto_compile(model, rows, batch_size or default_batch_size(model), rounds=rounds)
-    if why.startswith("on"):
-        print(f"fastitm: compile {why}", file=sys.stderr)
-    return why
+        # a test fixture: its layout stays as testing.tiny_model built it unless a lever is asked for
+        return finish_loading(model, lora, bool(levers.get("channels_last")), levers.get("fuse_qkv", False),
+                              levers.get("compile", False))
+    return load_model(model_arg, dtype=dtype, device=device, lora=lora, **levers)
 
 
 def check_output_path(path: str, what: str) -> None:
@@ -178,6 +165,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .engine.common import check_arguments
     from .engine.engine import Interrupted, check_checkpoint_path
     from .engine.racing import RaceOptions
+    from .models.speed import auto_compile, default_batch_size
 
     options = dict(args.option or [])
     if args.json:
@@ -197,7 +185,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.compile is None:  # one engine call: every (image, text, timestep) row, and the empty prompt's
         n, t = len(args.images), 10 if args.timesteps is None else args.timesteps
         rows = n * len(args.texts) * t + (n * t if spec.needs_uncond else 0)
-        _auto_compile(model, [rows], args.batch_size, rounds=adaptive is not None or bool(spec.options.get("elimination")))
+        rounds = adaptive is not None or bool(spec.options.get("elimination"))
+        auto_compile(model, [rows], args.batch_size or default_batch_size(model), rounds=rounds)
     try:
         res = score(args.images, args.texts, model=model, method=args.method, timesteps=args.timesteps,
                     seed=args.seed, preset=args.preset, resize=args.resize, scheme=args.scheme, latent=args.latent,
@@ -447,7 +436,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _levers(args: argparse.Namespace) -> dict:
-    # compile: None (the default) is decided per run from its rows, once the model is loaded (_auto_compile)
+    # compile: None (the default) is decided per run from its rows, once the model is loaded (speed.auto_compile)
     return {"channels_last": args.channels_last, "fuse_qkv": args.fuse_qkv, "compile": bool(args.compile)}
 
 

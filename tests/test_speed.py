@@ -206,13 +206,14 @@ def test_compile_pays_from_the_measured_cpu_figures():
     assert speed.batches_of([24, 20, 7], 10) == (3 + 2 + 1, 2)
 
 
-def test_auto_compile_decides_from_the_rows_and_pads_short_batches(tiny, monkeypatch):
+def test_auto_compile_decides_from_the_rows_and_pads_short_batches(tiny, monkeypatch, capsys):
     """Off for a short run, the reason recorded; on when it pays (the figures patched here), and then a
     compiled denoiser, specialised to one batch shape, gets short batches padded: one compiled graph for
     calls of any row count, the same scores as the eager model."""
     model = copy.deepcopy(tiny)
     assert speed.auto_compile(model, [24], 10).startswith("off: 3 denoiser batches")
     assert not model.levers.get("compile")
+    assert capsys.readouterr().err == ""  # off is recorded, not said
     graphs = []
 
     def counting(gm, example_inputs):  # a dynamo backend: counts each graph compiled, runs it eagerly
@@ -225,6 +226,8 @@ def test_auto_compile_decides_from_the_rows_and_pads_short_batches(tiny, monkeyp
     model.levers = {"channels_last": False}
     assert speed.auto_compile(model, [24], 10).startswith("on: 3 denoiser batches")
     assert model.levers == {"channels_last": False, "compile": True}
+    said = capsys.readouterr().err
+    assert said.count("fastitm: compile on: 3 denoiser batches") == 1 and said.count("\n") == 1
     imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     kw = dict(timesteps=3, seed=1, batch_size=10)
     got = fastitm.score(imgs, TEXTS, model=model, **kw)  # 2 x (3 texts + the empty prompt) x 3 = 24 rows: 10, 10, 4

@@ -8,7 +8,6 @@ thread a few items ahead, so reading and decoding overlap with scoring.
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -460,9 +459,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         if compile is None:  # from the rows of this rank's engine calls, before any is scored
 
             rows = [sum(_item_rows(i, len(plan), spec.needs_uncond) for i in items[a:b]) for a, b in my_windows]
-            compiled = auto_compile(model, rows, bs, rounds=decides)
-            if compiled.startswith("on") and dist.rank() == 0:
-                print(f"fastitm: compile {compiled}", file=sys.stderr)
+            compiled = auto_compile(model, rows, bs, rounds=decides, say=dist.rank() == 0)
         todo = [(i, items[i]) for i in window_of if i not in state.done and i not in state.skipped
                 and i not in state.no_negative]
         work = {"unet_rows": 0, "batches": 0, "calls": 0, "vae_images": 0, "unet_rows_reused": 0, "text_encodes": 0}

@@ -272,7 +272,7 @@ def load_model(
     keep_vae_fp32(model)
     if device != model.device:
         model.to(device=device)
-    return _finish(model, lora, channels_last, fuse_qkv, compile)
+    return finish_loading(model, lora, channels_last, fuse_qkv, compile)
 
 
 def _refuse_model_argument(obj: Any) -> None:
@@ -305,11 +305,13 @@ def _from_pipeline(pipe: Any, dtype, device, lora, channels_last: bool | None, f
             f"pipeline first (pipe.to({str(target)!r}, {want})) and pass it, or pass its folder or hub id")
     if lora is not None or fuse_qkv or compile or channels_last:
         model.unet = copy.deepcopy(model.unet)
-    return _finish(model, lora, bool(channels_last), fuse_qkv, compile)
+    return finish_loading(model, lora, bool(channels_last), fuse_qkv, compile)
 
 
-def _finish(model: Model, lora, channels_last: bool | None, fuse_qkv: bool, compile: bool | str) -> Model:
-    """What load_model does after the weights are in place: the LoRA adapter, the speed levers."""
+def finish_loading(model: Model, lora=None, channels_last: bool | None = None, fuse_qkv: bool = False,
+                   compile: bool | str = False) -> Model:
+    """What load_model does after the weights are in place: the LoRA adapter, the speed levers
+    (``channels_last=None``: the device's default). The CLI's tiny model takes the same path."""
 
     if channels_last is None:
         channels_last = default_channels_last(model.device, model.dtype)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -137,11 +138,18 @@ def compile_pays(device: torch.device, batches: int, padded: int) -> tuple[bool,
                    f"twice the {cost:.0f} compiling costs (--compile turns it on)")
 
 
-def auto_compile(model, rows: list[int], batch_size: int, *, rounds: bool = False) -> str:
+def auto_compile(model, rows: list[int], batch_size: int, *, rounds: bool = False, say: bool = True) -> str:
     """The command line's ``compile`` decision for a run of engine calls of ``rows`` rows each (before any
-    is scored): compile the denoiser in place when :func:`compile_pays`; returns the reason. ``rounds``:
-    the run races or eliminates candidates, so its calls run in rounds of unknown sizes (each short
-    batch padded): left off."""
+    is scored): compile the denoiser in place when :func:`compile_pays`; returns the reason, and says it
+    on stderr when compile is on (``say``: False on all but one rank). ``rounds``: the run races or
+    eliminates candidates, so its calls run in rounds of unknown sizes (each short batch padded): left off."""
+    why = _compile_decision(model, rows, batch_size, rounds)
+    if say and why.startswith("on"):
+        print(f"fastitm: compile {why}", file=sys.stderr)
+    return why
+
+
+def _compile_decision(model, rows: list[int], batch_size: int, rounds: bool) -> str:
     if model.levers.get("compile"):
         return "on (asked for)"
     if not hasattr(model.unet, "conv_in"):
