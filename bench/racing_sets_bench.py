@@ -16,8 +16,11 @@ Each set is drawn twice: with the tuning seed (where a default may be chosen) an
 (where it is reported). For each rule (``against``: leader, strongest) and level (``alpha``, with and
 without futility) it reports the conditional denoiser rows against the full plan's, accuracy, and how
 many of the items whose full-plan choice is significant (paired t-test of the choice against the
-runner-up over every timestep, p < 0.01) keep it. ``accuracy_vs_rows.png``: racing's points beside the
-fixed plan's curve over its number of timesteps (the first n of the spread order), per set.
+runner-up over every timestep, p < 0.01) keep it. ``accuracy_vs_rows.png``: racing's points, and
+racing's defaults over alpha and the plan's length (plans of the first n of the spread order, the
+fixed curve's plans), beside the fixed plan's curve over its number of timesteps, per set; the JSON's
+``against_fixed_plan`` compares each racing point with the fixed plan given the same rows (the longest
+fixed plan that spends no more) and counts the points below it.
 """
 
 from __future__ import annotations
@@ -130,6 +133,28 @@ def fixed_curve(scores: list[torch.Tensor], T: int) -> list[tuple[int, float]]:
     return out
 
 
+PLAN_LENGTHS = (5, 10, 20, 30, 40)  # racing's defaults on shorter plans: the first n of the spread order
+
+
+def sub_plan(per_t: torch.Tensor, n: int) -> torch.Tensor:
+    """The per-timestep scores of the plan made of the first ``n`` timesteps of the spread order (the
+    fixed curve's plan of n), in plan order."""
+    from fastitm.core.methods import spread_order
+
+    return per_t[:, sorted(spread_order(per_t.shape[1])[:n])]
+
+
+def against_fixed(points, fixed) -> list[dict]:
+    """Each racing point (rows, accuracy) against the fixed plan given the same rows: the longest fixed
+    plan whose rows are at most racing's (the shortest when racing spent fewer). ``gap`` < 0: below."""
+    out = []
+    for label, alpha, fut, rows, acc in points:
+        budget = [a for r, a in fixed if r <= rows] or [fixed[0][1]]
+        out.append({"rule": label, "alpha": alpha, "futility": fut, "rows": rows, "accuracy": round(acc, 4),
+                    "fixed_accuracy_at_rows": round(budget[-1], 4), "gap": round(acc - budget[-1], 4)})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=40)
@@ -190,8 +215,20 @@ def main(argv=None) -> int:
                                         "significant_kept": f"{kept}/{sum(sig)}",
                                         "same_choice_as_full": f"{same}/{len(items)}"})
                 points.append((against if not eps else f"settled {eps}", alpha, fut, r["rows"], acc))
+            for n in PLAN_LENGTHS:  # the defaults over the plan's length (the full plan's is in the grid)
+                for alpha in (0.01, 0.05, 0.2):
+                    r = replay([sub_plan(s, n) for s in scores], RaceOptions(alpha=alpha))
+                    points.append((f"defaults, plan {n}", alpha, 0.0, r["rows"], r["right"] / len(items)))
+            fixed = fixed_curve(scores, scores[0].shape[1])
+            checked = against_fixed(points, fixed)
+            below = [c for c in checked if c["gap"] < 0]
+            mine = [c for c in checked if c["rule"].startswith(("defaults", "settled 0.05")) and c["futility"] == 0]
+            entry["against_fixed_plan"] = {
+                "points": len(checked), "below": len(below), "worst_gap": min(c["gap"] for c in checked),
+                "defaults_points": len(mine), "defaults_below": sum(c["gap"] < 0 for c in mine),
+                "defaults_worst_gap": min(c["gap"] for c in mine), "detail": checked}
             out["sets"][name] = entry
-            curves[name] = (fixed_curve(scores, scores[0].shape[1]), points)
+            curves[name] = (fixed, points)
     if args.wall:
         out["wall"] = wall_times(model, data, args, T)
     if args.scores and not Path(args.scores).is_file():
@@ -260,6 +297,12 @@ def _plot(curves, out: Path) -> None:
                 pts = [(r, a) for g, _, f, r, a in points if g == against and f == fut]
                 ax.plot([r for r, _ in pts], [a for _, a in pts], marker=marker, linestyle="",
                         fillstyle=fill, label=f"racing {against}, futility {fut}")
+        # the defaults over the plan's length, joined per alpha: racing's own curve beside the fixed plan's
+        for alpha, colour in ((0.01, "tab:blue"), (0.05, "tab:red"), (0.2, "tab:green")):
+            pts = sorted((r, a) for g, al, _, r, a in points
+                         if (g.startswith("defaults") or g == "settled 0.05") and al == alpha)
+            ax.plot([r for r, _ in pts], [a for _, a in pts], marker=".", color=colour,
+                    label=f"racing defaults, alpha {alpha}, over the plan's length")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("conditional denoiser rows")
         ax.set_ylabel("accuracy")
