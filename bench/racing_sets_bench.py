@@ -20,7 +20,8 @@ runner-up over every timestep, p < 0.01) keep it. ``accuracy_vs_rows.png``: raci
 racing's defaults over alpha and the plan's length (plans of the first n of the spread order, the
 fixed curve's plans), beside the fixed plan's curve over its number of timesteps, per set; the JSON's
 ``against_fixed_plan`` compares each racing point with the fixed plan given the same rows (the longest
-fixed plan that spends no more) and counts the points below it.
+fixed plan that spends no more) and counts the points below it; ``settled_changes`` counts how often
+the defaults' settled stop ended an item on another choice than its plan's, over the plan lengths.
 """
 
 from __future__ import annotations
@@ -144,6 +145,32 @@ def sub_plan(per_t: torch.Tensor, n: int) -> torch.Tensor:
     return per_t[:, sorted(spread_order(per_t.shape[1])[:n])]
 
 
+def settled_changes(scores: list[torch.Tensor]) -> dict:
+    """How the defaults' stops kept each plan's choice, over the plan lengths of PLAN_LENGTHS and the
+    whole plan: items stopped settled (before the plan's end, more than one candidate live), how many
+    of those ended on another choice than their plan's (the settled stop's stated risk: at most
+    ``settled`` per item) and which way (to the truth, candidate 0, or away from it), and how many
+    plans' choices a drop test removed."""
+    from fastitm.engine.racing import RaceOptions, simulate
+
+    out = {"stopped_settled": 0, "changed": 0, "to_truth": 0, "from_truth": 0, "plan_choice_dropped": 0}
+    for n in PLAN_LENGTHS[1:] + (scores[0].shape[1],):
+        for s in scores:
+            sub = sub_plan(s, n)
+            full = int(sub.mean(dim=1).argmax())
+            r = simulate(sub, RaceOptions())
+            settled = r.stopped < n and int(r.live.sum()) > 1
+            out["stopped_settled"] += settled
+            if r.choice != full:
+                if not r.live[full]:
+                    out["plan_choice_dropped"] += 1
+                elif settled:
+                    out["changed"] += 1
+                    out["to_truth"] += r.choice == 0
+                    out["from_truth"] += full == 0
+    return out
+
+
 def against_fixed(points, fixed) -> list[dict]:
     """Each racing point (rows, accuracy) against the fixed plan given the same rows: the longest fixed
     plan whose rows are at most racing's (the shortest when racing spent fewer). ``gap`` < 0: below."""
@@ -227,6 +254,7 @@ def main(argv=None) -> int:
                 "points": len(checked), "below": len(below), "worst_gap": min(c["gap"] for c in checked),
                 "defaults_points": len(mine), "defaults_below": sum(c["gap"] < 0 for c in mine),
                 "defaults_worst_gap": min(c["gap"] for c in mine), "detail": checked}
+            entry["settled_changes"] = settled_changes(scores)
             out["sets"][name] = entry
             curves[name] = (fixed, points)
     if args.wall:
