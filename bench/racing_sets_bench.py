@@ -21,7 +21,8 @@ racing's defaults over alpha and the plan's length (plans of the first n of the 
 fixed curve's plans), beside the fixed plan's curve over its number of timesteps, per set; the JSON's
 ``against_fixed_plan`` compares each racing point with the fixed plan given the same rows (the longest
 fixed plan that spends no more) and counts the points below it; ``settled_changes`` counts how often
-the defaults' settled stop ended an item on another choice than its plan's, over the plan lengths.
+the defaults' settled stop ended an item on another choice than its plan's, over the plan lengths
+(the races replayed for the curve, not run again).
 """
 
 from __future__ import annotations
@@ -112,13 +113,14 @@ def replay(scores: list[torch.Tensor], opts) -> dict:
     from fastitm.engine.racing import simulate
 
     rows = right = 0
-    choices = []
+    choices, races = [], []
     for s in scores:
         race = simulate(s, opts)
         rows += race.rows
         right += race.choice == 0
         choices.append(race.choice)
-    return {"rows": rows, "right": right, "choices": choices}
+        races.append(race)
+    return {"rows": rows, "right": right, "choices": choices, "races": races}
 
 
 def fixed_curve(scores: list[torch.Tensor], T: int) -> list[tuple[int, float]]:
@@ -145,20 +147,17 @@ def sub_plan(per_t: torch.Tensor, n: int) -> torch.Tensor:
     return per_t[:, sorted(spread_order(per_t.shape[1])[:n])]
 
 
-def settled_changes(scores: list[torch.Tensor]) -> dict:
-    """How the defaults' stops kept each plan's choice, over the plan lengths of PLAN_LENGTHS and the
-    whole plan: items stopped settled (before the plan's end, more than one candidate live), how many
-    of those ended on another choice than their plan's (the settled stop's stated risk: at most
-    ``settled`` per item) and which way (to the truth, candidate 0, or away from it), and how many
-    plans' choices a drop test removed."""
-    from fastitm.engine.racing import RaceOptions, simulate
-
+def settled_changes(runs: list[tuple[list[torch.Tensor], list]]) -> dict:
+    """How the defaults' stops kept each plan's choice, from ``runs``: (each item's per-timestep scores
+    on one plan, the defaults' races replayed on them), one per plan length. Items stopped settled
+    (before the plan's end, more than one candidate live), how many of those ended on another choice
+    than their plan's (the settled stop's stated risk: at most ``settled`` per item) and which way (to
+    the truth, candidate 0, or away from it), and how many plans' choices a drop test removed."""
     out = {"stopped_settled": 0, "changed": 0, "to_truth": 0, "from_truth": 0, "plan_choice_dropped": 0}
-    for n in PLAN_LENGTHS[1:] + (scores[0].shape[1],):
-        for s in scores:
-            sub = sub_plan(s, n)
+    for plan_scores, races in runs:
+        for sub, r in zip(plan_scores, races, strict=True):
+            n = sub.shape[1]
             full = int(sub.mean(dim=1).argmax())
-            r = simulate(sub, RaceOptions())
             settled = r.stopped < n and int(r.live.sum()) > 1
             out["stopped_settled"] += settled
             if r.choice != full:
@@ -232,8 +231,12 @@ def main(argv=None) -> int:
                               "unet_rows_with_empty_prompt": unet_rows},
                      "racing": []}
             points = []
+            defaults = []  # (scores on a plan, the defaults' races on it) per plan length: settled_changes
             for against, alpha, fut, eps in GRID:
-                r = replay(scores, RaceOptions(alpha=alpha, futility=fut, against=against, settled=eps))
+                opts = RaceOptions(alpha=alpha, futility=fut, against=against, settled=eps)
+                r = replay(scores, opts)
+                if opts == RaceOptions():
+                    defaults.append((scores, r["races"]))
                 kept = sum(c == f for c, f, s in zip(r["choices"], full_choice, sig, strict=True) if s)
                 acc = r["right"] / len(items)
                 same = sum(c == f for c, f in zip(r["choices"], full_choice, strict=True))
@@ -243,8 +246,11 @@ def main(argv=None) -> int:
                                         "same_choice_as_full": f"{same}/{len(items)}"})
                 points.append((against if not eps else f"settled {eps}", alpha, fut, r["rows"], acc))
             for n in PLAN_LENGTHS:  # the defaults over the plan's length (the full plan's is in the grid)
+                subs = [sub_plan(s, n) for s in scores]
                 for alpha in (0.01, 0.05, 0.2):
-                    r = replay([sub_plan(s, n) for s in scores], RaceOptions(alpha=alpha))
+                    r = replay(subs, RaceOptions(alpha=alpha))
+                    if alpha == RaceOptions().alpha:
+                        defaults.append((subs, r["races"]))
                     points.append((f"defaults, plan {n}", alpha, 0.0, r["rows"], r["right"] / len(items)))
             fixed = fixed_curve(scores, scores[0].shape[1])
             checked = against_fixed(points, fixed)
@@ -254,7 +260,7 @@ def main(argv=None) -> int:
                 "points": len(checked), "below": len(below), "worst_gap": min(c["gap"] for c in checked),
                 "defaults_points": len(mine), "defaults_below": sum(c["gap"] < 0 for c in mine),
                 "defaults_worst_gap": min(c["gap"] for c in mine), "detail": checked}
-            entry["settled_changes"] = settled_changes(scores)
+            entry["settled_changes"] = settled_changes(defaults)
             out["sets"][name] = entry
             curves[name] = (fixed, points)
     if args.wall:
