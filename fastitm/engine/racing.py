@@ -69,9 +69,12 @@ classes live that let an item stop after 10 timesteps on a near tie, so it is no
 yet predictable, run on: more timesteps do make a better decision there. Chosen on the tuning sets of
 ``bench/racing_sets_bench.py`` and reported on held-out ones (bench/RESULTS.md): it saved more rows
 than futility at equal or better accuracy on every set. The normal model takes the timesteps to come
-as alike to those seen; they are not (the differences' spread varies some 180-fold over a plan, and
-the spread order's last timesteps fill gaps at one end of it). Replayed over six sets and five plan
-lengths, 21 of 1,695 settled stops (1.2%) changed the plan's choice, as many towards the truth as away.
+as alike to those seen. They are not alike over a plan (the differences' spread varies some 180-fold
+from one end to the other), so the spread order keeps every prefix balanced over the plan
+(:func:`fastitm.core.methods.spread_order`): the timesteps to come are interleaved with those seen,
+not bunched at one end. With the order that filled gaps from one end, 21 of 1,695 settled stops (1.2%)
+changed the plan's choice when replayed over six sets and six plan lengths; with the balanced order
+and the defaults, 11 of 2,128 (0.5%), as many towards the truth as away (bench/RESULTS.md).
 
 Futility (``futility``, off by default; 0.5 was the default before ``settled``): a near tie would otherwise run to the plan's end and be
 decided by the full mean, at the full plan's cost, although the plan cannot separate it either. From
