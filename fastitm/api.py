@@ -75,7 +75,7 @@ def score(
 
     adaptive: paired racing (:mod:`fastitm.engine.racing`), for every method: True, or a dict of ``alpha``
         (0.05: per image, the largest probability of dropping its best text), ``min_timesteps`` (5),
-        ``round_size`` (5) and ``keep`` (1: the image stops when this many texts are left). The plan's
+        ``round_size`` (3) and ``keep`` (1: the image stops when this many texts are left). The plan's
         timesteps run in rounds in a spread order; after each round a text worse than the image's best
         by a paired test is dropped (its score is -inf; ``res.partial_means`` keeps its mean over the
         timesteps it ran). The candidates of an image are its requested texts (``pairs=``).

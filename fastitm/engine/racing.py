@@ -125,7 +125,7 @@ class RaceOptions:
 
     alpha: float = 0.05
     min_timesteps: int = 5
-    round_size: int = 5
+    round_size: int = 3
     keep: int = 1
     futility: float = 0.0
     over: str = "texts"
