@@ -16,9 +16,9 @@ Each set is drawn twice: with the tuning seed (where a default may be chosen) an
 (where it is reported). For each rule (``against``: leader, strongest) and level (``alpha``, with and
 without futility) it reports the conditional denoiser rows against the full plan's, accuracy, and how
 many of the items whose full-plan choice is significant (a paired t-test of the choice against each
-other candidate over every timestep, p < 0.01 against all) keep it. ``accuracy_vs_rows.png``: racing's points, and
-racing's defaults over alpha and the plan's length (plans of the first n of the spread order, the
-fixed curve's plans), beside the fixed plan's curve over its number of timesteps, per set; the JSON's
+other candidate over every timestep, p < 0.01 against all) keep it. ``accuracy_vs_rows.png``: racing's
+points, and racing's defaults over alpha and the plan's length (plans of the first n of the spread
+order, the fixed curve's plans), beside the fixed plan's curve over its number of timesteps, per set; the JSON's
 ``against_fixed_plan`` compares each racing point with the fixed plan given the same rows (the longest
 fixed plan that spends no more) and counts the points below it; ``settled_changes`` counts how often
 the defaults' settled stop ended an item on another choice than its plan's, over the plan lengths
@@ -132,16 +132,17 @@ def replay(scores: list[torch.Tensor], opts) -> dict:
     return {"rows": rows, "right": right, "choices": choices, "races": races}
 
 
-def fixed_curve(scores: list[torch.Tensor], T: int) -> list[tuple[int, float]]:
-    """(conditional rows, accuracy) of the fixed plan with its first n timesteps of the spread order."""
+def fixed_curve(scores: list[torch.Tensor], T: int) -> list[tuple[int, float, list[bool]]]:
+    """(conditional rows, accuracy, whether each item is right) of the fixed plan with its first n
+    timesteps of the spread order, for n = 1..T."""
     from fastitm.core.methods import spread_order
 
     order = spread_order(T)
     out = []
     for n in range(1, T + 1):
         ks = order[:n]
-        acc = sum(int(s[:, ks].mean(dim=1).argmax()) == 0 for s in scores) / len(scores)
-        out.append((sum(s.shape[0] * n for s in scores), acc))
+        right = [int(s[:, ks].mean(dim=1).argmax()) == 0 for s in scores]
+        out.append((sum(s.shape[0] * n for s in scores), sum(right) / len(scores), right))
     return out
 
 
@@ -179,32 +180,28 @@ def settled_changes(runs: list[tuple[list[torch.Tensor], list]]) -> dict:
     return out
 
 
-def against_fixed(points, fixed, scores=None, choices=None) -> list[dict]:
-    """Each racing point (rows, accuracy) against the fixed plan given the same rows: the longest fixed
-    plan whose rows are at most racing's (the shortest when racing spent fewer). ``gap`` < 0: below.
-    With ``scores`` (each item's per-timestep scores) and ``choices`` (each point's choices per item),
-    also the items each side gets right alone and McNemar's exact one-sided p-value that racing is the
-    worse of the two on such items (``p_below``: small only where a gap is more than the items' noise)."""
+def against_fixed(points, fixed, choices) -> list[dict]:
+    """Each racing point (rows, accuracy) against the fixed plan given the same rows (``fixed``:
+    :func:`fixed_curve`): the longest fixed plan whose rows are at most racing's (the shortest when
+    racing spent fewer). ``gap`` < 0: below. With ``choices`` (each point's choice per item), also the
+    items each side gets right alone and McNemar's exact one-sided p-value that racing is the worse of
+    the two on such items (``p_below``: small only where a gap is more than the items' noise)."""
     from scipy.stats import binomtest
 
-    from fastitm.core.methods import spread_order
-
-    order = spread_order(scores[0].shape[1]) if scores else None
     out = []
-    for i, (label, alpha, fut, rows, acc) in enumerate(points):
-        n = sum(r <= rows for r, _ in fixed) or 1  # the fixed plan's number of timesteps at these rows
-        row = {"rule": label, "alpha": alpha, "futility": fut, "rows": rows, "accuracy": round(acc, 4),
-               "fixed_timesteps": n, "fixed_accuracy_at_rows": round(fixed[n - 1][1], 4),
-               "gap": round(acc - fixed[n - 1][1], 4)}
-        if scores is not None:
-            fixed_right = [int(s[:, order[:n]].mean(dim=1).argmax()) == 0 for s in scores]
-            racing_right = [c == 0 for c in choices[i]]
-            only_racing = sum(a and not b for a, b in zip(racing_right, fixed_right, strict=True))
-            only_fixed = sum(b and not a for a, b in zip(racing_right, fixed_right, strict=True))
-            row.update(only_racing_right=only_racing, only_fixed_right=only_fixed,
-                       p_below=round(binomtest(only_fixed, only_racing + only_fixed, 0.5, alternative="greater").pvalue, 4)
-                       if only_fixed else 1.0)
-        out.append(row)
+    for (label, alpha, fut, rows, acc), chosen in zip(points, choices, strict=True):
+        n = sum(r <= rows for r, _, _ in fixed) or 1  # the fixed plan's number of timesteps at these rows
+        _, fixed_acc, fixed_right = fixed[n - 1]
+        racing_right = [c == 0 for c in chosen]
+        only_racing = sum(a and not b for a, b in zip(racing_right, fixed_right, strict=True))
+        only_fixed = sum(b and not a for a, b in zip(racing_right, fixed_right, strict=True))
+        p_below = 1.0  # no item the fixed plan alone gets right: nothing says racing is worse
+        if only_fixed:
+            p_below = binomtest(only_fixed, only_racing + only_fixed, 0.5, alternative="greater").pvalue
+        out.append({"rule": label, "alpha": alpha, "futility": fut, "rows": rows, "accuracy": round(acc, 4),
+                    "fixed_timesteps": n, "fixed_accuracy_at_rows": round(fixed_acc, 4),
+                    "gap": round(acc - fixed_acc, 4), "only_racing_right": only_racing,
+                    "only_fixed_right": only_fixed, "p_below": round(p_below, 4)})
     return out
 
 
@@ -282,7 +279,7 @@ def main(argv=None) -> int:
                     points.append((f"defaults, plan {n}", alpha, 0.0, r["rows"], r["right"] / len(items)))
                     point_choices.append(r["choices"])
             fixed = fixed_curve(scores, scores[0].shape[1])
-            checked = against_fixed(points, fixed, scores, point_choices)
+            checked = against_fixed(points, fixed, point_choices)
             below = [c for c in checked if c["gap"] < 0]
             mine = [c for c in checked if c["rule"].startswith(("defaults", "settled 0.05")) and c["futility"] == 0]
             entry["against_fixed_plan"] = {
@@ -355,7 +352,7 @@ def _plot(curves, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), dpi=100, squeeze=False)
     for ax, (name, (fixed, points)) in zip(axes[0], curves.items(), strict=True):
-        ax.plot([r for r, _ in fixed], [a for _, a in fixed], color="black", label="fixed plan (over T)")
+        ax.plot([r for r, _, _ in fixed], [a for _, a, _ in fixed], color="black", label="fixed plan (over T)")
         for against, marker in (("leader", "o"), ("strongest", "s"), ("settled 0.01", "^"), ("settled 0.05", "v")):
             for fut, fill in ((0.0, "none"), (0.5, "full")):
                 pts = [(r, a) for g, _, f, r, a in points if g == against and f == fut]

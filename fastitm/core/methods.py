@@ -123,11 +123,11 @@ def spread_order(T: int) -> list[int]:
     Farthest-point first from the middle: each next index is one farthest from those taken. Ties (the
     midpoints of equal gaps) are taken in van der Corput order of their position, not left to right:
     left to right, each level of the order (its last, the gaps of one timestep, is two thirds of a
-    49-timestep plan) filled the plan from one end to the other, so a prefix of 25 of 49 held two thirds of the first half's timesteps and a third of the
-    second's. Racing's settled stop predicts the timesteps to come from those seen, which holds only
-    when the two are alike; the score differences' spread varies about 180-fold over a plan. Any prefix
-    of n now holds within 3 of n x / T of the indices below any x (T up to 250;
-    tests/test_engine.py)."""
+    49-timestep plan) filled the plan from one end to the other, so a prefix of 25 of 49 held two
+    thirds of the first half's timesteps and a third of the second's. Racing's settled stop predicts
+    the timesteps to come from those seen, which holds only when the two are alike; the score
+    differences' spread varies about 180-fold over a plan. Any prefix of n now holds within 3 of
+    n x / T of the indices below any x (T up to 250; tests/test_engine.py)."""
     if T < 1:
         return []
     first = T // 2
