@@ -99,9 +99,10 @@ def test_alpha_zero_is_the_full_plan():
 
 def test_the_best_is_dropped_no_more_often_than_alpha():
     """A near tie (the best 0.1 sd ahead of two rivals) over 400 independent items: the best is dropped
-    in at most alpha of them (plus three binomial standard errors)."""
+    in at most alpha of them (plus three binomial standard errors). The drop test's promise: the
+    settled drops are off."""
     alpha, n_items = 0.1, 400
-    opts = RaceOptions(alpha=alpha, min_timesteps=4, round_size=2)
+    opts = RaceOptions(alpha=alpha, min_timesteps=4, round_size=2, settled=0.0)
     dropped = sum(not simulate(draw([0.1, 0.0, 0.0], 40, seed=100 + i), opts).live[0] for i in range(n_items))
     assert dropped / n_items <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_items)
 
@@ -132,9 +133,10 @@ def test_a_rival_the_second_best_beats_plainly_is_dropped_without_waiting_for_a_
 def test_the_best_is_dropped_no_more_often_than_alpha_against_the_strongest_with_uneven_noise():
     """The best 0.1 sd ahead of five rivals whose noise ranges over a factor of 10 (quiet rivals are the
     strongest comparators): over 400 items the best is dropped in at most alpha of them (plus three
-    binomial standard errors)."""
+    binomial standard errors). The drop test's promise: the settled drops, which keep the full plan's
+    choice instead (tested below), are off."""
     alpha, n_items, T = 0.1, 400, 30
-    opts = RaceOptions(alpha=alpha, min_timesteps=4, round_size=2)
+    opts = RaceOptions(alpha=alpha, min_timesteps=4, round_size=2, settled=0.0)
     sds = torch.tensor([1.0, 0.1, 0.3, 1.0, 2.0, 3.0], dtype=torch.float64)
     dropped = 0
     for i in range(n_items):
@@ -199,6 +201,84 @@ def test_settled_items_keep_the_full_plans_choice_at_the_stated_rate():
     assert changed / n_items <= eps + 3 * math.sqrt(eps * (1 - eps) / n_items)
 
 
+def test_settled_drops_by_hand():
+    """Each rival's chance of ending the whole plan ahead of the live candidate that beats it most
+    clearly, by hand (Student's t CDF at t_n sqrt(T / (T - n))): the rivals at most settled x
+    DROP_SHARE / (K - 1) are dropped, the surest first, never the last rival; what they risked is spent,
+    and the settled stop counts it against the same settled."""
+    from scipy.special import stdtr
+
+    import fastitm.engine.racing as racing
+
+    T, n, eps = 40, 8, 0.05
+    x = draw([0.0, -0.05, -0.9, -3.0, -3.2], n, sd=0.3, seed=11)
+    live = torch.ones(5, dtype=torch.bool)
+    opts = RaceOptions(settled=eps, min_timesteps=5)
+
+    def ahead(a, r):  # the chance that r ends the plan above a
+        d = (x[a] - x[r]).tolist()
+        m = sum(d) / n
+        sd = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1))
+        return 1 - stdtr(n - 1, m / sd * math.sqrt(n) * math.sqrt(T / (T - n)))
+
+    chance = {r: min(ahead(a, r) for a in range(5) if a != r) for r in range(1, 5)}
+    cap = eps * racing.DROP_SHARE / 4
+    expect = {r for r, c in chance.items() if c <= cap}
+    assert expect == {2, 3, 4}, chance  # the near rival stays; the far ones are dropped
+    got, spent = racing.settled_drops(x, live, T, opts)
+    assert set((~got).nonzero().flatten().tolist()) == expect
+    assert spent == pytest.approx(sum(chance[r] for r in expect), rel=1e-9, abs=1e-300)
+    # the last live rival is the stop's to judge, however sure; two live candidates: nothing to drop
+    two = torch.tensor([True, False, False, True, False])
+    assert racing.settled_drops(x, two, T, opts)[0].tolist() == two.tolist()
+    # off with settled=0 or keep > 1
+    for off in (RaceOptions(settled=0.0, min_timesteps=5), RaceOptions(keep=2, min_timesteps=5)):
+        assert racing.settled_drops(x, live, T, off)[0].all()
+    # the stop: the live rival's chance alone is settled; with what the drops spent on top it need not be
+    pair = torch.tensor([True, True, False, False, False])
+    at = RaceOptions(settled=min(0.49, chance[1] + 0.01), min_timesteps=5)
+    assert racing.settled_item(x, pair, T, at)
+    assert racing.settled_item(x, pair, T, at, spent=at.settled - chance[1] - 1e-6)
+    assert not racing.settled_item(x, pair, T, at, spent=at.settled - chance[1] + 1e-6)
+
+
+def test_settled_drops_and_stop_keep_the_full_plans_choice_at_the_stated_rate():
+    """Items of 6 candidates whose true means are drawn around one another (near ties among many):
+    racing with settled=eps and no drop test changes the full plan's choice in at most eps of them (plus
+    three standard errors), its settled drops and stop together; and the drops do fire."""
+    eps, n_items, T = 0.05, 300, 40
+    opts = RaceOptions(alpha=1e-12, settled=eps, min_timesteps=4, round_size=2)
+    changed = dropped_early = 0
+    g = torch.Generator().manual_seed(78)
+    for i in range(n_items):
+        means = (0.3 * torch.randn(6, generator=g, dtype=torch.float64)).tolist()
+        s = draw(means, T, seed=9000 + i)
+        race = simulate(s, opts)
+        changed += race.choice != int(s.mean(dim=1).argmax())
+        dropped_early += int(race.timesteps.min()) < race.stopped
+    assert changed / n_items <= eps + 3 * math.sqrt(eps * (1 - eps) / n_items)
+    assert dropped_early > n_items // 4
+
+
+def test_settled_drops_spend_fewer_rows_on_clearly_wrong_rivals():
+    """A near tie among clearly wrong rivals: dropping them on the settled bound saves rows against the
+    drop test alone, and every item keeps the full plan's choice."""
+    import fastitm.engine.racing as racing
+
+    items = [draw([0.0, -0.3, -1.0, -1.2, -1.5, -2.0], 49, seed=700 + i) for i in range(20)]
+    old = racing.DROP_SHARE
+    try:
+        racing.DROP_SHARE = 0.0
+        without = [simulate(x, RaceOptions()) for x in items]
+    finally:
+        racing.DROP_SHARE = old
+    with_drops = [simulate(x, RaceOptions()) for x in items]
+    for x, a, b in zip(items, without, with_drops, strict=True):
+        full = int(x.mean(dim=1).argmax())
+        assert b.choice == full and a.choice == full
+    assert sum(r.rows for r in with_drops) < 0.92 * sum(r.rows for r in without)
+
+
 def test_many_candidates_spend_fewer_rows_and_keep_the_best():
     """24 classes, one best by at least 1 sd: racing keeps it and spends under half the full plan's rows."""
     means = [1.0] + [0.0 - 0.1 * k for k in range(23)]
@@ -218,10 +298,11 @@ def draw_scaled(means, T, scales, seed=0):
 
 def test_many_candidates_standardized_keep_the_best_at_the_stated_rate():
     """8 candidates, the best 0.1 sd ahead of 7 equal rivals (a near tie), per-timestep scales from 0.01
-    to 1: over 300 items the best is dropped in at most alpha of them (plus three standard errors)."""
+    to 1: over 300 items the best is dropped in at most alpha of them (plus three standard errors). The
+    drop test's promise: the settled drops are off, as above."""
     alpha, n_items, T = 0.1, 300, 40
     scales = torch.logspace(-2, 0, T)[torch.randperm(T, generator=torch.Generator().manual_seed(0))]
-    opts = RaceOptions(alpha=alpha, min_timesteps=4, round_size=2)
+    opts = RaceOptions(alpha=alpha, min_timesteps=4, round_size=2, settled=0.0)
     dropped = sum(not simulate(draw_scaled([0.1] + [0.0] * 7, T, scales, seed=400 + i), opts).live[0]
                   for i in range(n_items))
     assert dropped / n_items <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_items)
@@ -325,6 +406,23 @@ def test_engine_races_as_the_simulation_decides_on_the_reference_scores(tiny, me
     # the dropped texts keep the mean they had when they were dropped
     dropped = res.matrix == float("-inf")
     assert res.partial_means[dropped].isfinite().all()
+
+
+def test_engine_settled_drops_as_the_simulation_decides(tiny):
+    """Settled drops in the engine (the drop test all but off, a loose settled): the same survivors,
+    timesteps and means as racing simulated on the reference's scores, and some texts were dropped."""
+    imgs, texts = _race_inputs()
+    adaptive = {"alpha": 1e-9, "min_timesteps": 3, "round_size": 2, "settled": 0.45}
+    res = fastitm.score(imgs, texts, model=tiny, timesteps=12, seed=3, batch_size=7, adaptive=adaptive)
+    ref = fastitm.reference.score(imgs, texts, model=tiny, plan=res.plan)
+    race = RaceOptions.parse(adaptive)
+    done = ~res.per_timestep.isnan()
+    for i in range(imgs.shape[0]):
+        sim = simulate(ref.per_timestep[i], race)
+        assert torch.equal(res.matrix[i].isfinite(), sim.live), i
+        assert torch.equal(done[i].sum(dim=1), sim.timesteps), i
+        assert res.stats["racing"]["timesteps_per_image"][i] == sim.stopped
+    assert res.stats["racing"]["dropped"] > 0
 
 
 def test_racing_over_images_decides_each_texts_images_as_simulated(tiny):

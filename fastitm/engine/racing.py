@@ -10,8 +10,8 @@ when it is worse at the corrected level below. An item stops when ``keep`` candi
 the plan is exhausted; the survivors are then ranked by their means, as the fixed plan ranks them.
 An item that starts with no more than ``keep`` candidates has nothing to decide: it runs the whole plan.
 
-What ``alpha`` promises, per item: the candidate with the highest expected score is dropped with
-probability at most ``alpha``, to the extent that its per-timestep differences with each other
+What ``alpha`` promises, per item: the candidate with the highest expected score is dropped by the test
+with probability at most ``alpha``, to the extent that its per-timestep differences with each other
 candidate behave like independent normal draws (the t-test's assumption; the timesteps of a plan
 differ in noise level, which adds spread to the differences and so makes the test cautious). Two
 corrections make it hold:
@@ -65,7 +65,13 @@ leader's sum to at most ``settled`` (:func:`settled_item`). It keeps the full pl
 than certifying the truth: under the normal model of the differences, a stop changes the full plan's
 choice with probability at most ``settled`` per item, whenever it happens (a predictive probability is
 not inflated by looking often). (The first form bounded each rival separately; with hundreds of
-classes live that let an item stop after 10 timesteps on a near tie, so it is now one bound per item.) Hard items, whose full-plan choice is not
+classes live that let an item stop after 10 timesteps on a near tie, so it is now one bound per item.)
+The same bound drops rivals sooner (:func:`settled_drops`): while three or more candidates are live, a
+rival whose predictive chance of ending the plan ahead of the candidate that beats it most clearly is
+at most ``settled * DROP_SHARE / (K - 1)`` leaves, and its chance is spent from the item's ``settled``,
+so drops and stop together still change the full plan's choice with probability at most ``settled``.
+The clearly wrong rivals of a 6-way item are the rows to save (the drop test waits for significance
+at its Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole budget. Hard items, whose full-plan choice is not
 yet predictable, run on: more timesteps do make a better decision there. Chosen on the tuning sets of
 ``bench/racing_sets_bench.py`` and reported on held-out ones (bench/RESULTS.md): it saved more rows
 than futility at equal or better accuracy on every set. The normal model takes the timesteps to come
@@ -109,8 +115,8 @@ COMPARATORS = 8
 
 @dataclass(frozen=True)
 class RaceOptions:
-    """``alpha``: per item, the largest probability of dropping the best candidate; ``min_timesteps``:
-    no candidate is dropped before this many timesteps; ``round_size``: timesteps per round (tests
+    """``alpha``: per item, the largest probability that the test drops the best candidate;
+    ``min_timesteps``: no candidate is dropped before this many timesteps; ``round_size``: timesteps per round (tests
     happen between rounds); ``keep``: the item stops when this many candidates are left (1 for
     accuracy, 5 for R@5); ``futility``: the share of the critical value below which an item whose
     whole plan could not separate its candidates stops early (0: never; see the module docstring);
@@ -120,8 +126,9 @@ class RaceOptions:
     live candidates, :data:`COMPARATORS` of them; the rival is dropped when any beats it: the one that
     beats it most clearly decides) or ``"leader"`` (the highest mean only); ``settled``: with ``keep=1``,
     stop an item once the predictive chances that some live rival ends the whole plan ahead of its
-    current leader sum to at most ``settled`` (0: never; :func:`settled_item`). Defaults chosen on
-    the benchmarks in bench/RESULTS.md."""
+    current leader sum to at most ``settled``, and drop, while three or more are live, the rivals that all
+    but surely do not win, within the same per-item ``settled`` (0: neither; :func:`settled_item`,
+    :func:`settled_drops`). Defaults chosen on the benchmarks in bench/RESULTS.md."""
 
     alpha: float = 0.05
     min_timesteps: int = 5
@@ -303,39 +310,90 @@ def _leader_gaps(scores: torch.Tensor, live: torch.Tensor, w: torch.Tensor | Non
     return weighted_mean(d, w), _wsd(d, w)
 
 
-def settled_item(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions) -> bool:
-    """Whether the whole plan's choice is all but decided (``opts.settled`` = epsilon > 0, ``keep=1``):
-    the predictive probabilities that some live rival r of the leader b ends the whole plan (all T
-    timesteps) above b sum to at most epsilon. With the n differences d seen (mean m, standard
-    deviation s) and the T - n to come drawn like them, the mean of the rest given the unknown true
-    difference, and that difference given the data, are normal, so the full plan's mean difference is
-    predicted normal around m with variance s^2 (T - n) / (n T): b stays ahead of r with the t
-    distribution's probability at t_n sqrt(T / (T - n)), t_n = m sqrt(n) / s (n - 1 degrees of freedom).
-    Stopping then changes the full plan's choice with probability at most epsilon per item (a union
-    bound over the rivals: with 172 classes still live after 10 timesteps, each 96% likely to stay
-    behind, the item is far from settled, although each rival alone would pass a per-rival 95%). This
-    keeps the full plan's answers; it does not certify the truth (the drop tests do). Uniform weights
-    only."""
+def _chance_ahead(d: torch.Tensor, T: int) -> torch.Tensor:
+    """[R, n] per-timestep differences ``d`` = a - r of n timesteps seen -> [R] the predictive probability
+    that r's mean over the whole plan (T timesteps) ends above a's, the T - n to come drawn like those
+    seen: the full plan's mean difference is predicted normal around the mean m with variance
+    s^2 (T - n) / (n T), so a stays ahead with the t distribution's probability (n - 1 degrees of freedom)
+    at t_n sqrt(T / (T - n)), t_n = m sqrt(n) / s. No spread: 0 when every difference is positive, else 1."""
     from scipy.stats import t as student_t
 
+    n = d.shape[1]
+    d = d.double()
+    m, sd = d.mean(dim=1), d.std(dim=1, unbiased=True)
+    spread = sd > 0
+    z = torch.where(spread, m * n**0.5 / sd.clamp_min(1e-300) * (T / (T - n)) ** 0.5, torch.zeros_like(m))
+    stay = torch.from_numpy(student_t.cdf(z.numpy(), n - 1))
+    stay = torch.where(spread, stay, (m > 0).double())  # no spread: the same difference at every timestep
+    return 1.0 - stay
+
+
+def settled_item(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, spent: float = 0.0) -> bool:
+    """Whether the whole plan's choice is all but decided (``opts.settled`` = epsilon > 0, ``keep=1``):
+    the predictive probabilities that some live rival r of the leader b ends the whole plan (all T
+    timesteps) above b (:func:`_chance_ahead`) sum to at most epsilon - ``spent`` (what this item's
+    settled drops already risked, :func:`settled_drops`). Stopping then changes the full plan's choice
+    with probability at most epsilon per item (a union bound over the rivals: with 172 classes still
+    live after 10 timesteps, each 96% likely to stay behind, the item is far from settled, although
+    each rival alone would pass a per-rival 95%). This keeps the full plan's answers; it does not
+    certify the truth (the drop tests do). Uniform weights only."""
     K, n = scores.shape
     if opts.settled == 0.0 or opts.alpha == 0.0 or opts.keep != 1 or n < opts.min_timesteps or n >= T:
         return False  # alpha 0: racing off, the full plan
     if int(live.sum()) <= 1:
         return False
-    m, sd = _leader_gaps(scores, live)
-    spread = sd > 0
-    z = torch.where(spread, m * n**0.5 / sd.clamp_min(1e-300) * (T / (T - n)) ** 0.5, torch.zeros_like(m))
-    prob = torch.from_numpy(student_t.cdf(z.numpy(), n - 1))
-    prob = torch.where(spread, prob, (m > 0).double())  # no spread: the same difference at every timestep
-    return bool((1.0 - prob).sum() <= opts.settled)
+    idx = live.nonzero().flatten()
+    best = idx[torch.argmax(scores[idx].double().mean(dim=1))]
+    ahead = _chance_ahead(scores[best][None, :] - scores[idx[idx != best]], T)
+    return bool(ahead.sum() + spent <= opts.settled)
+
+
+# The share of ``settled`` an item's settled drops may risk (the stop keeps the rest, and all of it where
+# nothing was dropped so: a 2-way item's stop is unchanged). Chosen on the tuning sets (bench/RESULTS.md).
+DROP_SHARE = 0.2
+
+
+def settled_drops(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions,
+                  spent: float = 0.0) -> tuple[torch.Tensor, float]:
+    """Drop the live rivals that all but surely do not win the whole plan (``keep=1``, ``settled`` > 0,
+    at least two live rivals: with one, this is the settled stop's question). A rival r is the whole
+    plan's choice only if it ends ahead of every other candidate, so its chance of that is at most its
+    predictive chance (:func:`_chance_ahead`) of ending ahead of the live candidate that beats it most
+    clearly, among the :data:`COMPARATORS` strongest. r is dropped when that chance is at most
+    ``settled * DROP_SHARE / (K - 1)``; each drop adds its chance to ``spent``, which the settled stop
+    (:func:`settled_item`) counts against the same per-item ``settled``: drops and stop together change
+    the full plan's choice with probability at most ``settled`` per item. Where the drop tests
+    (:func:`step`) certify the truth against a rival, this keeps the full plan's answers while the
+    clearly wrong rivals of a many-candidate item leave sooner. ``scores`` [K, n] the n timesteps seen
+    (every live candidate scored at each); returns the new ``live`` and ``spent``. Uniform weights only."""
+    K, n = scores.shape
+    live = live.clone()
+    if opts.settled == 0.0 or opts.alpha == 0.0 or opts.keep != 1 or n < opts.min_timesteps or n >= T \
+            or DROP_SHARE == 0.0 or int(live.sum()) < 3:
+        return live, spent
+    idx = live.nonzero().flatten()
+    means = scores[idx].double().mean(dim=1)
+    order = idx[torch.sort(-means, stable=True).indices]
+    top, rivals = order[:COMPARATORS], order[1:]
+    d = scores[top][:, None, :].double() - scores[rivals][None, :, :].double()  # [comparators, rivals, n]
+    chance = _chance_ahead(d.reshape(-1, n), T).reshape(len(top), len(rivals))
+    chance[top[:, None] == rivals[None, :]] = 1.0  # not against itself
+    chance = chance.min(dim=0).values
+    cap = opts.settled * DROP_SHARE / (K - 1)
+    for k in torch.sort(chance, stable=True).indices.tolist():  # the surest first
+        if float(chance[k]) > cap or int(live.sum()) <= 2:
+            break  # the last rival is the settled stop's to judge
+        live[rivals[k]] = False
+        spent += float(chance[k])
+    return live, spent
 
 
 def stops_early(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, w: torch.Tensor | None = None,
-                w_plan: torch.Tensor | None = None) -> bool:
+                w_plan: torch.Tensor | None = None, spent: float = 0.0) -> bool:
     """Whether a race still running stops after this look: its answer is settled (:func:`settled_item`,
-    uniform weights) or it is futile (:func:`futile`). Arguments as :func:`futile`'s."""
-    return (w is None and w_plan is None and settled_item(scores, live, T, opts)) or \
+    uniform weights, ``spent`` by its settled drops) or it is futile (:func:`futile`). Arguments as
+    :func:`futile`'s."""
+    return (w is None and w_plan is None and settled_item(scores, live, T, opts, spent)) or \
         futile(scores, live, T, opts, w, w_plan)
 
 
@@ -397,7 +455,7 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
     wo = None if w is None else w.double()[order]
     live = torch.ones(K, dtype=torch.bool)
     used = torch.zeros(K, dtype=torch.long)
-    n = 0
+    n, spent = 0, 0.0
     for stop in opts.looks(T) + [T]:
         used[live] += stop - n
         n = stop
@@ -406,8 +464,10 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
         computed = torch.arange(n)[None, :] < used[:, None]  # as the engine computes: none after a drop
         seen_w = None if wo is None else wo[:n]
         live = step(scores[:, :n], live, T, opts, computed, seen_w)
+        if wo is None:
+            live, spent = settled_drops(scores[:, :n], live, T, opts, spent)
         # K <= keep: nothing to decide, so no test stops the item (the whole plan runs, as the engine's)
-        if K > opts.keep and (int(live.sum()) <= opts.keep or stops_early(scores[:, :n], live, T, opts, seen_w, wo)):
+        if K > opts.keep and (int(live.sum()) <= opts.keep or stops_early(scores[:, :n], live, T, opts, seen_w, wo, spent)):
             break
     means = torch.stack([weighted_mean(scores[k, : used[k]].double(), None if wo is None else wo[: used[k]])
                          for k in range(K)])
