@@ -14,7 +14,8 @@ The embedded model (DiffusionITM, the full plan of ``--timesteps``) scores held-
 
 Each set is drawn twice: with the tuning seed (where a default may be chosen) and with a held-out seed
 (where it is reported). For each rule (``against``: leader, strongest) and level (``alpha``, with and
-without futility) it reports the conditional denoiser rows against the full plan's, accuracy, and how
+without futility) it reports the conditional denoiser rows against the full plan's (and, with
+DiffusionITM, all rows: the empty prompt's one per item and timestep run), accuracy, and how
 many of the items whose full-plan choice is significant (a paired t-test of the choice against each
 other candidate over every timestep, p < 0.01 against all) keep it. ``accuracy_vs_rows.png``: racing's
 points, and racing's defaults over alpha and the plan's length (plans of the first n of the spread
@@ -129,7 +130,17 @@ def replay(scores: list[torch.Tensor], opts) -> dict:
         right += race.choice == 0
         choices.append(race.choice)
         races.append(race)
-    return {"rows": rows, "right": right, "choices": choices, "races": races}
+    # the empty prompt's rows (DiffusionITM): one per timestep an item ran, whatever its candidates
+    return {"rows": rows, "right": right, "choices": choices, "races": races,
+            "empty_prompt_rows": sum(r.stopped for r in races)}
+
+
+def all_rows(r: dict, unet_rows: int, full_rows: int) -> dict:
+    """The full plan's denoiser rows (the empty prompt's included) over racing's, where the method has an
+    empty prompt's row (DiffusionITM; the Diffusion Classifier's full plan spends only ``full_rows``)."""
+    if unet_rows == full_rows:
+        return {}
+    return {"rows_with_empty_prompt_vs_full": round(unet_rows / (r["rows"] + r["empty_prompt_rows"]), 3)}
 
 
 def fixed_curve(scores: list[torch.Tensor], T: int) -> list[tuple[int, float, list[bool]]]:
@@ -265,7 +276,8 @@ def main(argv=None) -> int:
                 acc = r["right"] / len(items)
                 same = sum(c == f for c, f in zip(r["choices"], full_choice, strict=True))
                 entry["racing"].append({"against": against, "alpha": alpha, "futility": fut, "settled": eps,
-                                        "rows_vs_full": round(full_rows / r["rows"], 3), "accuracy": round(acc, 4),
+                                        "rows_vs_full": round(full_rows / r["rows"], 3), **all_rows(r, unet_rows, full_rows),
+                                        "accuracy": round(acc, 4),
                                         "significant_kept": f"{kept}/{sum(sig)}",
                                         "same_choice_as_full": f"{same}/{len(items)}"})
                 points.append((against if not eps else f"settled {eps}", alpha, fut, r["rows"], acc))
