@@ -309,3 +309,25 @@ def test_pack_recuts_streamed_rows_in_order(bs):
     assert torch.equal(torch.cat(batches), torch.cat(chunks))
     assert list(pack(iter([]), bs)) == []
     assert list(stage_chunks(alive, [], needs_uncond=False)) == []
+
+
+def test_texts_are_encoded_in_chunks_to_the_same_rows(tiny, monkeypatch):
+    """The engine and the text cache run the text encoder on at most TEXT_CHUNK texts per call (so a
+    1,000-class task's encoder activations do not set the peak memory), and the rows equal those of
+    one call over every text."""
+    import fastitm.engine.common as common
+    from fastitm.engine.text_cache import TextCache
+
+    texts = [f"a {size} {colour} square" for size in ("big", "small") for colour in ("red", "blue", "green", "white", "black")]
+    whole = tiny.spec.encode(tiny, texts)["hidden"]
+    sizes = []
+    encode = tiny.spec.encode
+    monkeypatch.setattr(tiny.spec, "encode", lambda model, t: sizes.append(len(t)) or encode(model, t))
+    monkeypatch.setattr(common, "TEXT_CHUNK", 4)
+    got = common.encode_conditioning(tiny, texts, empty=True)["hidden"]
+    assert sizes == [4, 4, 2, 1] and got.shape[0] == len(texts) + 1  # the texts, then the empty prompt
+    assert_close(got[:-1], whole, rtol=1e-6, atol=1e-6, name="chunked rows")
+    sizes.clear()
+    cached = TextCache().encode(tiny, texts)["hidden"]
+    assert sizes == [4, 4, 2]
+    assert_close(cached, whole, rtol=1e-6, atol=1e-6, name="text cache rows")

@@ -19,6 +19,7 @@ import weakref
 import torch
 
 from ..models.families.base import concat_cond
+from .common import encode_chunked
 
 
 class TextCache:
@@ -51,7 +52,7 @@ class TextCache:
         self._check(model)
         new = list(dict.fromkeys(t for t in texts if t not in self._rows))
         if new:
-            cond = model.spec.encode(model, new)
+            cond = encode_chunked(model, new)
             for n, t in enumerate(new):
                 self._rows[t] = {k: v[n : n + 1] for k, v in cond.items()}
             self.encoded += len(new)
