@@ -135,6 +135,30 @@ def replay(scores: list[torch.Tensor], opts) -> dict:
             "empty_prompt_rows": sum(r.stopped for r in races)}
 
 
+def by_candidates(scores: list[torch.Tensor], r: dict, sig: list[bool], empty: bool) -> dict:
+    """The defaults' replay ``r`` split by the items' number of candidates (the 3/6-way set's 3-way and
+    6-way items): items, rows against the full plan's (conditional; with ``empty``, also all rows, the
+    empty prompt's one per item and timestep run), accuracy of both, significant choices kept, same
+    choice."""
+    out = {}
+    for k in sorted({s.shape[0] for s in scores}):
+        ix = [i for i, s in enumerate(scores) if s.shape[0] == k]
+        T = scores[ix[0]].shape[1]
+        races = [r["races"][i] for i in ix]
+        full = [int(scores[i].mean(dim=1).argmax()) for i in ix]
+        rows = sum(x.rows for x in races)
+        entry = {"items": len(ix), "rows_vs_full": round(len(ix) * k * T / rows, 3)}
+        if empty:
+            entry["rows_with_empty_prompt_vs_full"] = round(len(ix) * (k + 1) * T / (rows + sum(x.stopped for x in races)), 3)
+        entry.update({"accuracy_full": round(sum(c == 0 for c in full) / len(ix), 4),
+                      "accuracy": round(sum(x.choice == 0 for x in races) / len(ix), 4),
+                      "significant_kept": f"{sum(x.choice == f for x, f, i in zip(races, full, ix, strict=True) if sig[i])}"
+                                          f"/{sum(sig[i] for i in ix)}",
+                      "same_choice_as_full": f"{sum(x.choice == f for x, f in zip(races, full, strict=True))}/{len(ix)}"})
+        out[str(k)] = entry
+    return out
+
+
 def all_rows(r: dict, unet_rows: int, full_rows: int) -> dict:
     """The full plan's denoiser rows (the empty prompt's included) over racing's, where the method has an
     empty prompt's row (DiffusionITM; the Diffusion Classifier's full plan spends only ``full_rows``)."""
@@ -272,6 +296,8 @@ def main(argv=None) -> int:
                 r = replay(scores, opts)
                 if opts == RaceOptions():
                     defaults.append((scores, r["races"]))
+                    if len(entry["candidates"]) > 1:
+                        entry["defaults_by_candidates"] = by_candidates(scores, r, sig, unet_rows != full_rows)
                 kept = sum(c == f for c, f, s in zip(r["choices"], full_choice, sig, strict=True) if s)
                 acc = r["right"] / len(items)
                 same = sum(c == f for c, f in zip(r["choices"], full_choice, strict=True))
