@@ -147,14 +147,16 @@ def by_candidates(scores: list[torch.Tensor], r: dict, sig: list[bool], empty: b
         races = [r["races"][i] for i in ix]
         full = [int(scores[i].mean(dim=1).argmax()) for i in ix]
         rows = sum(x.rows for x in races)
+        same = [x.choice == f for x, f in zip(races, full, strict=True)]
+        kept = sum(s for s, i in zip(same, ix, strict=True) if sig[i])
         entry = {"items": len(ix), "rows_vs_full": round(len(ix) * k * T / rows, 3)}
         if empty:
-            entry["rows_with_empty_prompt_vs_full"] = round(len(ix) * (k + 1) * T / (rows + sum(x.stopped for x in races)), 3)
+            empty_rows = sum(x.stopped for x in races)
+            entry["rows_with_empty_prompt_vs_full"] = round(len(ix) * (k + 1) * T / (rows + empty_rows), 3)
         entry.update({"accuracy_full": round(sum(c == 0 for c in full) / len(ix), 4),
                       "accuracy": round(sum(x.choice == 0 for x in races) / len(ix), 4),
-                      "significant_kept": f"{sum(x.choice == f for x, f, i in zip(races, full, ix, strict=True) if sig[i])}"
-                                          f"/{sum(sig[i] for i in ix)}",
-                      "same_choice_as_full": f"{sum(x.choice == f for x, f in zip(races, full, strict=True))}/{len(ix)}"})
+                      "significant_kept": f"{kept}/{sum(sig[i] for i in ix)}",
+                      "same_choice_as_full": f"{sum(same)}/{len(ix)}"})
         out[str(k)] = entry
     return out
 

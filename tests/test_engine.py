@@ -318,7 +318,8 @@ def test_texts_are_encoded_in_chunks_to_the_same_rows(tiny, monkeypatch):
     import fastitm.engine.common as common
     from fastitm.engine.text_cache import TextCache
 
-    texts = [f"a {size} {colour} square" for size in ("big", "small") for colour in ("red", "blue", "green", "white", "black")]
+    colours = ("red", "blue", "green", "white", "black")
+    texts = [f"a {size} {colour} square" for size in ("big", "small") for colour in colours]
     whole = tiny.spec.encode(tiny, texts)["hidden"]
     sizes = []
     encode = tiny.spec.encode

@@ -261,7 +261,8 @@ def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch
     on the per-timestep scores computed so far: an image's requested texts (``over="texts"``) or a text's
     requested images (``over="images"``). A race stops when ``keep`` candidates are left, when settled or
     for futility. Decisions are a function of those scores alone (what a race's settled drops spent
-    follows from the looks before), so batching, resuming and sharding take the same ones. ``state.live``: the survivors.
+    follows from the looks before), so batching, resuming and sharding take the same ones.
+    ``state.live``: the survivors.
     ``hook``: :func:`stage_chunks`' ``order`` and ``before`` for every round (see :func:`_stages`)."""
 
     opts, T = run.race, len(run.plan)

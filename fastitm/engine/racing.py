@@ -71,8 +71,8 @@ rival whose predictive chance of ending the plan ahead of the candidate that bea
 at most ``settled * DROP_SHARE / (K - 1)`` leaves, and its chance is spent from the item's ``settled``,
 so drops and stop together still change the full plan's choice with probability at most ``settled``.
 The clearly wrong rivals of a 6-way item are the rows to save (the drop test waits for significance
-at its Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole budget. Hard items, whose full-plan choice is not
-yet predictable, run on: more timesteps do make a better decision there. Chosen on the tuning sets of
+at its Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole budget.
+Hard items, whose full-plan choice is not yet predictable, run on: more timesteps do make a better decision there. Chosen on the tuning sets of
 ``bench/racing_sets_bench.py`` and reported on held-out ones (bench/RESULTS.md): it saved more rows
 than futility at equal or better accuracy on every set. The normal model takes the timesteps to come
 as alike to those seen. They are not alike over a plan (the differences' spread varies some 180-fold
@@ -116,8 +116,8 @@ COMPARATORS = 8
 @dataclass(frozen=True)
 class RaceOptions:
     """``alpha``: per item, the largest probability that the test drops the best candidate;
-    ``min_timesteps``: no candidate is dropped before this many timesteps; ``round_size``: timesteps per round (tests
-    happen between rounds); ``keep``: the item stops when this many candidates are left (1 for
+    ``min_timesteps``: no candidate is dropped before this many timesteps; ``round_size``: timesteps per
+    round (tests happen between rounds); ``keep``: the item stops when this many candidates are left (1 for
     accuracy, 5 for R@5); ``futility``: the share of the critical value below which an item whose
     whole plan could not separate its candidates stops early (0: never; see the module docstring);
     ``over``: what competes, ``"texts"`` (each image's texts: text retrieval, the default) or
@@ -467,7 +467,8 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
         if wo is None:
             live, spent = settled_drops(scores[:, :n], live, T, opts, spent)
         # K <= keep: nothing to decide, so no test stops the item (the whole plan runs, as the engine's)
-        if K > opts.keep and (int(live.sum()) <= opts.keep or stops_early(scores[:, :n], live, T, opts, seen_w, wo, spent)):
+        if K > opts.keep and (int(live.sum()) <= opts.keep
+                              or stops_early(scores[:, :n], live, T, opts, seen_w, wo, spent)):
             break
     means = torch.stack([weighted_mean(scores[k, : used[k]].double(), None if wo is None else wo[: used[k]])
                          for k in range(K)])
