@@ -254,6 +254,8 @@ def main(argv=None) -> int:
                    help="also time the engine on the held-out sets: the full plan against racing with its defaults, "
                         "alternating, ROUNDS rounds (medians)")
     p.add_argument("--wall-only", action="store_true", help="only the engine timings of --wall (no replay)")
+    p.add_argument("--wall-sets", default="2-way,3/6-way,24-class", help="which held-out sets --wall times "
+                   "(comma-separated)")
     args = p.parse_args(argv)
 
     import fastitm
@@ -348,7 +350,11 @@ def wall_times(model, data, args, T) -> dict:
 
     out = {}
     examples = data.make_dataset(args.images, "heldout", seed=SEEDS["held-out"], size=model.resolution)
-    for kind in ("2-way", "3/6-way", "24-class"):
+    kinds = [k.strip() for k in args.wall_sets.split(",")]
+    unknown = sorted(set(kinds) - {"2-way", "3/6-way", "24-class"})
+    if unknown:
+        raise SystemExit(f"--wall-sets: unknown set(s) {unknown}; choose from 2-way, 3/6-way, 24-class")
+    for kind in kinds:
         if kind == "24-class":  # every image against the same 24 captions, the Diffusion Classifier
             images, texts, truth = class_items(model, data, SEEDS["held-out"], args.images)
             pairs, method = None, "diffusion_classifier"
