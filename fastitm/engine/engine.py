@@ -54,7 +54,7 @@ from .common import (
 )
 from .cuda_graphs import UNetRunner, graphs_enabled
 from .image_cache import copy_repeat, repeats_last
-from .racing import settled_drops, step, stops_early
+from .racing import look
 
 CHECKPOINT_VERSION = 3
 _CHECKPOINT_KEYS = ("version", "fingerprint", "per_t", "uncond", "attn_uncond", "done")
@@ -257,8 +257,8 @@ def _stages(run: Run, state: _State, same: torch.Tensor | None = None) -> Iterat
 
 def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch.Tensor]]:
     """Racing (:mod:`fastitm.engine.racing`): the plan's timesteps in spread order, one stage per round; after
-    each, :func:`fastitm.engine.racing.step` and :func:`fastitm.engine.racing.settled_drops` decide each race
-    on the per-timestep scores computed so far: an image's requested texts (``over="texts"``) or a text's
+    each, :func:`fastitm.engine.racing.look` (as :func:`fastitm.engine.racing.simulate` does) decides each
+    race on the per-timestep scores computed so far: an image's requested texts (``over="texts"``) or a text's
     requested images (``over="images"``). A race stops when ``keep`` candidates are left, when settled or
     for futility. Decisions are a function of those scores alone (what a race's settled drops spent
     follows from the looks before), so batching, resuming and sharding take the same ones.
@@ -296,12 +296,9 @@ def _race_stages(run: Run, state: _State, hook: dict) -> Iterator[Iterator[torch
         w_seen = None if w_eval is None else w_eval[:stop]
         for g in racing.nonzero().flatten().tolist():
             cand = req[g].nonzero().flatten()
-            live = step(per_t[g, cand][:, seen], live_v[g, cand], T, opts, done[g, cand][:, seen], w_seen)
-            if w_eval is None:
-                live, spent[g] = settled_drops(per_t[g, cand][:, seen], live, T, opts, spent[g])
-            live_v[g, cand] = live
-            if int(live.sum()) <= opts.keep or \
-                    stops_early(per_t[g, cand][:, seen], live, T, opts, w_seen, w_eval, spent[g]):
+            live_v[g, cand], spent[g], stop_now = look(per_t[g, cand][:, seen], live_v[g, cand], T, opts,
+                                                       done[g, cand][:, seen], w_seen, w_eval, spent[g])
+            if stop_now:
                 racing[g] = False
                 stopped[g] = True
 

@@ -72,9 +72,9 @@ at most ``settled * DROP_SHARE / (K - 1)`` leaves, and its chance is spent from 
 so drops and stop together still change the full plan's choice with probability at most ``settled``.
 The clearly wrong rivals of a 6-way item are the rows to save (the drop test waits for significance
 at its Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole budget.
-Hard items, whose full-plan choice is not yet predictable, run on: more timesteps do make a better decision there. Chosen on the tuning sets of
-``bench/racing_sets_bench.py`` and reported on held-out ones (bench/RESULTS.md): it saved more rows
-than futility at equal or better accuracy on every set. The normal model takes the timesteps to come
+Hard items, whose full-plan choice is not yet predictable, run on: more timesteps do make a better
+decision there. Chosen on the tuning sets of ``bench/racing_sets_bench.py`` and reported on held-out
+ones (bench/RESULTS.md): it saved more rows than futility at equal or better accuracy on every set. The normal model takes the timesteps to come
 as alike to those seen. They are not alike over a plan (the differences' spread varies some 180-fold
 from one end to the other), so the spread order keeps every prefix balanced over the plan
 (:func:`fastitm.core.methods.spread_order`): the timesteps to come are interleaved with those seen,
@@ -286,27 +286,42 @@ def step(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions,
     if opts.against == "leader":
         p = paired_pvalues(base[best][None, :] - base[rivals], w)
     else:  # each rival against each of the strongest live candidates; the clearest win decides
-        order = idx[torch.sort(-means[idx], stable=True).indices]
-        top = order[:COMPARATORS]
-        d = base[top][:, None, :] - base[rivals][None, :, :]  # [comparators, rivals, n]: comparator - rival
-        p = paired_pvalues(d.reshape(-1, n), w).reshape(len(top), len(rivals))
-        p[top[:, None] == rivals[None, :]] = 1.0  # a candidate is not tested against itself
-        p = p.min(dim=0).values
+        p = _clearest(base, _by_mean(idx, means)[:COMPARATORS], rivals, lambda d: paired_pvalues(d, w))
     drop = rivals[p < opts.level(T, K)]
     if int(live.sum()) - len(drop) < opts.keep:  # keep the `keep` best by mean among the live
-        order = idx[torch.sort(-means[idx], stable=True).indices]
-        drop = order[opts.keep :]
+        drop = _by_mean(idx, means)[opts.keep :]
     live[drop] = False
     return live
 
 
+def _by_mean(idx: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """The candidates ``idx`` ordered by ``means`` [K], highest first (ties: the lower index first)."""
+    return idx[torch.sort(-means[idx], stable=True).indices]
+
+
+def _clearest(base: torch.Tensor, top: torch.Tensor, rivals: torch.Tensor, stat) -> torch.Tensor:
+    """Each rival against each of the candidates ``top`` (never itself): ``stat`` of the per-timestep
+    differences comparator - rival ([pairs, n] -> [pairs], smaller is clearer) and the smallest over
+    the comparators, [rivals]. ``base`` [K, n]: the scores the differences are taken of."""
+    n = base.shape[1]
+    d = base[top][:, None, :] - base[rivals][None, :, :]  # [comparators, rivals, n]
+    v = stat(d.reshape(-1, n)).reshape(len(top), len(rivals))
+    v[top[:, None] == rivals[None, :]] = 1.0  # a candidate is not compared with itself
+    return v.min(dim=0).values
+
+
+def _leader_diffs(scores: torch.Tensor, live: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, n] the per-timestep differences of the live leader (the highest (weighted) mean) over each
+    live rival, from ``scores`` [K, n]."""
+    idx = live.nonzero().flatten()
+    best = idx[torch.argmax(weighted_mean(scores.double(), w)[idx])]
+    return scores[best][None, :].double() - scores[idx[idx != best]].double()
+
+
 def _leader_gaps(scores: torch.Tensor, live: torch.Tensor, w: torch.Tensor | None = None):
     """The live leader's (weighted) mean difference over each live rival and the differences' spread,
-    ``mean`` [R] and ``sd`` [R] (what both early stops judge), from ``scores`` [K, n]."""
-    idx = live.nonzero().flatten()
-    means = weighted_mean(scores.double(), w)
-    best = idx[torch.argmax(means[idx])]
-    d = scores[best][None, :].double() - scores[idx[idx != best]].double()
+    ``mean`` [R] and ``sd`` [R] (what futility judges), from ``scores`` [K, n]."""
+    d = _leader_diffs(scores, live, w)
     return weighted_mean(d, w), _wsd(d, w)
 
 
@@ -342,10 +357,7 @@ def settled_item(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOpt
         return False  # alpha 0: racing off, the full plan
     if int(live.sum()) <= 1:
         return False
-    idx = live.nonzero().flatten()
-    best = idx[torch.argmax(scores[idx].double().mean(dim=1))]
-    ahead = _chance_ahead(scores[best][None, :] - scores[idx[idx != best]], T)
-    return bool(ahead.sum() + spent <= opts.settled)
+    return bool(_chance_ahead(_leader_diffs(scores, live), T).sum() + spent <= opts.settled)
 
 
 # The share of ``settled`` an item's settled drops may risk (the stop keeps the rest, and all of it where
@@ -371,14 +383,9 @@ def settled_drops(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOp
     if opts.settled == 0.0 or opts.alpha == 0.0 or opts.keep != 1 or n < opts.min_timesteps or n >= T \
             or DROP_SHARE == 0.0 or int(live.sum()) < 3:
         return live, spent
-    idx = live.nonzero().flatten()
-    means = scores[idx].double().mean(dim=1)
-    order = idx[torch.sort(-means, stable=True).indices]
-    top, rivals = order[:COMPARATORS], order[1:]
-    d = scores[top][:, None, :].double() - scores[rivals][None, :, :].double()  # [comparators, rivals, n]
-    chance = _chance_ahead(d.reshape(-1, n), T).reshape(len(top), len(rivals))
-    chance[top[:, None] == rivals[None, :]] = 1.0  # not against itself
-    chance = chance.min(dim=0).values
+    order = _by_mean(live.nonzero().flatten(), scores.double().mean(dim=1))
+    rivals = order[1:]
+    chance = _clearest(scores.double(), order[:COMPARATORS], rivals, lambda d: _chance_ahead(d, T))
     cap = opts.settled * DROP_SHARE / (K - 1)
     for k in torch.sort(chance, stable=True).indices.tolist():  # the surest first
         if float(chance[k]) > cap or int(live.sum()) <= 2:
@@ -395,6 +402,23 @@ def stops_early(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOpti
     :func:`futile`'s."""
     return (w is None and w_plan is None and settled_item(scores, live, T, opts, spent)) or \
         futile(scores, live, T, opts, w, w_plan)
+
+
+def look(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, computed: torch.Tensor | None = None,
+         w: torch.Tensor | None = None, w_plan: torch.Tensor | None = None,
+         spent: float = 0.0) -> tuple[torch.Tensor, float, bool]:
+    """Everything racing decides after one round, for the engine and :func:`simulate` alike: the drop test
+    (:func:`step`), the settled drops (:func:`settled_drops`, uniform weights only), then whether the race
+    stops (``keep`` left, settled or futile: :func:`stops_early`; a race of no more than ``keep``
+    candidates has nothing to decide and never stops). Arguments as :func:`step`'s and :func:`futile`'s;
+    ``spent``: what the race's settled drops risked so far. Returns the new ``live``, ``spent`` and
+    whether the race stops."""
+    live = step(scores, live, T, opts, computed, w)
+    if w is None and w_plan is None:
+        live, spent = settled_drops(scores, live, T, opts, spent)
+    stop = scores.shape[0] > opts.keep and \
+        (int(live.sum()) <= opts.keep or stops_early(scores, live, T, opts, w, w_plan, spent))
+    return live, spent, stop
 
 
 def futile(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, w: torch.Tensor | None = None,
@@ -445,7 +469,7 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
     """Race one item on per-timestep scores already computed: ``per_t`` [K, T] in plan order
     (``order``: the evaluation order of the plan's indices, by default the spread order; ``w`` [T]
     the timestep weights in plan order, None for uniform). What racing would have decided and spent;
-    the engine's racing takes the same decisions (:func:`step`) on the rows it computes."""
+    the engine's racing takes the same decisions (:func:`look`) on the rows it computes."""
 
     K, T = per_t.shape
     order = spread_order(T) if order is None else list(order)
@@ -463,12 +487,8 @@ def simulate(per_t: torch.Tensor, opts: RaceOptions, order: list[int] | None = N
             break
         computed = torch.arange(n)[None, :] < used[:, None]  # as the engine computes: none after a drop
         seen_w = None if wo is None else wo[:n]
-        live = step(scores[:, :n], live, T, opts, computed, seen_w)
-        if wo is None:
-            live, spent = settled_drops(scores[:, :n], live, T, opts, spent)
-        # K <= keep: nothing to decide, so no test stops the item (the whole plan runs, as the engine's)
-        if K > opts.keep and (int(live.sum()) <= opts.keep
-                              or stops_early(scores[:, :n], live, T, opts, seen_w, wo, spent)):
+        live, spent, stop_now = look(scores[:, :n], live, T, opts, computed, seen_w, wo, spent)
+        if stop_now:
             break
     means = torch.stack([weighted_mean(scores[k, : used[k]].double(), None if wo is None else wo[: used[k]])
                          for k in range(K)])
