@@ -36,6 +36,7 @@ import torch
 from benchutil import emit, machine
 
 SEEDS = {"tune": 7, "held-out": 23}
+KINDS = ("2-way", "3/6-way", "24-class")
 GRID = [(against, alpha, fut, 0.0) for against in ("leader", "strongest") for alpha in (0.01, 0.05, 0.2)
         for fut in (0.0, 0.5)] + [("strongest", alpha, 0.0, eps) for alpha in (0.01, 0.05, 0.2) for eps in (0.01, 0.05)]
 
@@ -135,9 +136,11 @@ def replay(scores: list[torch.Tensor], opts) -> dict:
             "empty_prompt_rows": sum(r.stopped for r in races)}
 
 
-def by_candidates(scores: list[torch.Tensor], r: dict, sig: list[bool], empty: bool) -> dict:
+def by_candidates(scores: list[torch.Tensor], r: dict, full_choice: list[int], sig: list[bool],
+                  empty: bool) -> dict:
     """The defaults' replay ``r`` split by the items' number of candidates (the 3/6-way set's 3-way and
-    6-way items): items, rows against the full plan's (conditional; with ``empty``, also all rows, the
+    6-way items; ``full_choice`` and ``sig``: each item's full-plan choice and whether it is
+    significant): items, rows against the full plan's (conditional; with ``empty``, also all rows, the
     empty prompt's one per item and timestep run), accuracy of both, significant choices kept, same
     choice."""
     out = {}
@@ -145,7 +148,7 @@ def by_candidates(scores: list[torch.Tensor], r: dict, sig: list[bool], empty: b
         ix = [i for i, s in enumerate(scores) if s.shape[0] == k]
         T = scores[ix[0]].shape[1]
         races = [r["races"][i] for i in ix]
-        full = [int(scores[i].mean(dim=1).argmax()) for i in ix]
+        full = [full_choice[i] for i in ix]
         rows = sum(x.rows for x in races)
         same = [x.choice == f for x, f in zip(races, full, strict=True)]
         kept = sum(s for s, i in zip(same, ix, strict=True) if sig[i])
@@ -254,9 +257,13 @@ def main(argv=None) -> int:
                    help="also time the engine on the held-out sets: the full plan against racing with its defaults, "
                         "alternating, ROUNDS rounds (medians)")
     p.add_argument("--wall-only", action="store_true", help="only the engine timings of --wall (no replay)")
-    p.add_argument("--wall-sets", default="2-way,3/6-way,24-class", help="which held-out sets --wall times "
+    p.add_argument("--wall-sets", default=",".join(KINDS), help="which held-out sets --wall times "
                    "(comma-separated)")
     args = p.parse_args(argv)
+    args.wall_sets = [k.strip() for k in args.wall_sets.split(",")]
+    unknown = sorted(set(args.wall_sets) - set(KINDS))
+    if unknown:  # before the model loads and the replay runs, not after
+        p.error(f"--wall-sets: unknown set(s) {unknown}; choose from {', '.join(KINDS)}")
 
     import fastitm
     from fastitm import data
@@ -273,7 +280,7 @@ def main(argv=None) -> int:
         return 0
     for role, seed in SEEDS.items():
         examples = data.make_dataset(args.images, "heldout", seed=seed, size=model.resolution)
-        for kind in ("2-way", "3/6-way", "24-class"):
+        for kind in KINDS:
             key = f"{kind}/{seed}/{args.images}/{T}"
             if key not in saved:
                 if kind == "24-class":
@@ -301,7 +308,8 @@ def main(argv=None) -> int:
                 if opts == RaceOptions():
                     defaults.append((scores, r["races"]))
                     if len(entry["candidates"]) > 1:
-                        entry["defaults_by_candidates"] = by_candidates(scores, r, sig, unet_rows != full_rows)
+                        entry["defaults_by_candidates"] = by_candidates(scores, r, full_choice, sig,
+                                                                         unet_rows != full_rows)
                 kept = sum(c == f for c, f, s in zip(r["choices"], full_choice, sig, strict=True) if s)
                 acc = r["right"] / len(items)
                 same = sum(c == f for c, f in zip(r["choices"], full_choice, strict=True))
@@ -350,11 +358,7 @@ def wall_times(model, data, args, T) -> dict:
 
     out = {}
     examples = data.make_dataset(args.images, "heldout", seed=SEEDS["held-out"], size=model.resolution)
-    kinds = [k.strip() for k in args.wall_sets.split(",")]
-    unknown = sorted(set(kinds) - {"2-way", "3/6-way", "24-class"})
-    if unknown:
-        raise SystemExit(f"--wall-sets: unknown set(s) {unknown}; choose from 2-way, 3/6-way, 24-class")
-    for kind in kinds:
+    for kind in args.wall_sets:
         if kind == "24-class":  # every image against the same 24 captions, the Diffusion Classifier
             images, texts, truth = class_items(model, data, SEEDS["held-out"], args.images)
             pairs, method = None, "diffusion_classifier"
