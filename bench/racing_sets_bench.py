@@ -19,9 +19,12 @@ DiffusionITM, all rows: the empty prompt's one per item and timestep run), accur
 many of the items whose full-plan choice is significant (a paired t-test of the choice against each
 other candidate over every timestep, p < 0.01 against all) keep it. ``accuracy_vs_rows.png``: racing's
 points, and racing's defaults over alpha and the plan's length (plans of the first n of the spread
-order, the fixed curve's plans), beside the fixed plan's curve over its number of timesteps, per set; the JSON's
-``against_fixed_plan`` compares each racing point with the fixed plan given the same rows (the longest
-fixed plan that spends no more) and counts the points below it; ``settled_changes`` counts how often
+order, the fixed curve's plans), beside the fixed plan's curve over its number of timesteps, per set,
+and each curve as the best its plan length reaches within the rows (dashed). The JSON's
+``curve_against_fixed`` reads issue 36's criterion on those curves: racing's defaults over every plan
+length (1..T) against the fixed plan over T, each the best it reaches within each fixed plan's rows;
+``against_fixed_plan`` compares each racing point on its own with the fixed plan given the same rows (the
+longest fixed plan that spends no more) and counts the points below it; ``settled_changes`` counts how often
 the defaults' settled stop ended an item on another choice than its plan's, over the plan lengths
 (the races replayed for the curve, not run again).
 """
@@ -245,6 +248,41 @@ def against_fixed(points, fixed, choices) -> list[dict]:
     return out
 
 
+def curve_against_fixed(racing, fixed) -> dict:
+    """Racing's curve against the fixed plan's, each read as the best its own knob reaches within a
+    budget of rows: at each fixed plan's rows (the first n timesteps of the spread order, n = 1..T), the
+    best accuracy of racing's defaults over the plan's length (``racing``: (plan length, rows, accuracy,
+    choices) for every length 1..T) among the plans that spend no more, against the best fixed plan of
+    at most n timesteps. ``gap`` < 0: racing's curve is below the fixed curve there. Each curve gets one
+    point per plan length, so neither takes its best over more draws than the other; the fixed plan's
+    noise (its accuracy can fall with more timesteps) is read the same way on both sides. With the
+    worst point, the items each side's plan gets right alone and McNemar's exact one-sided p that
+    racing's is the worse."""
+    from scipy.stats import binomtest
+
+    points, best_fixed = [], None
+    for n, (rows, acc, right) in enumerate(fixed, start=1):
+        if best_fixed is None or acc > best_fixed[1]:
+            best_fixed = (n, acc, right)
+        affordable = [p for p in racing if p[1] <= rows]
+        plan, r_rows, r_acc, r_choices = max(affordable, key=lambda p: (p[2], -p[1]))
+        points.append({"fixed_timesteps": n, "rows": rows, "fixed_best_plan": best_fixed[0],
+                       "fixed_accuracy": round(best_fixed[1], 4), "racing_plan": plan, "racing_rows": r_rows,
+                       "racing_accuracy": round(r_acc, 4), "gap": round(r_acc - best_fixed[1], 4),
+                       "_right": ([c == 0 for c in r_choices], best_fixed[2])})
+    worst = min(points, key=lambda p: p["gap"])
+    racing_right, fixed_right = worst["_right"]
+    only_racing = sum(a and not b for a, b in zip(racing_right, fixed_right, strict=True))
+    only_fixed = sum(b and not a for a, b in zip(racing_right, fixed_right, strict=True))
+    p_below = binomtest(only_fixed, only_racing + only_fixed, 0.5, alternative="greater").pvalue if only_fixed else 1.0
+    for p in points:
+        del p["_right"]
+    return {"points": len(points), "below": sum(p["gap"] < 0 for p in points),
+            "worst_gap": worst["gap"], "worst_at_fixed_timesteps": worst["fixed_timesteps"],
+            "worst_only_racing_right": only_racing, "worst_only_fixed_right": only_fixed,
+            "worst_p_below": round(p_below, 4), "detail": points}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=40)
@@ -329,6 +367,11 @@ def main(argv=None) -> int:
                     points.append((f"defaults, plan {n}", alpha, 0.0, r["rows"], r["right"] / len(items)))
                     point_choices.append(r["choices"])
             fixed = fixed_curve(scores, scores[0].shape[1])
+            racing_curve = []  # the defaults over every plan length: racing's curve, one point per length
+            for n in range(1, scores[0].shape[1] + 1):
+                r = replay([sub_plan(s, n) for s in scores], RaceOptions())
+                racing_curve.append((n, r["rows"], r["right"] / len(items), r["choices"]))
+            entry["curve_against_fixed"] = curve_against_fixed(racing_curve, fixed)
             checked = against_fixed(points, fixed, point_choices)
             below = [c for c in checked if c["gap"] < 0]
             mine = [c for c in checked if c["rule"].startswith(("defaults", "settled 0.05")) and c["futility"] == 0]
@@ -339,7 +382,7 @@ def main(argv=None) -> int:
                 "defaults_smallest_p_below": min(c["p_below"] for c in mine), "detail": checked}
             entry["settled_changes"] = settled_changes(defaults)
             out["sets"][name] = entry
-            curves[name] = (fixed, points)
+            curves[name] = (fixed, points, [(rows, acc) for _, rows, acc, _ in racing_curve])
     if args.wall:
         out["wall"] = wall_times(model, data, args, T)
     if args.scores and not Path(args.scores).is_file():
@@ -401,8 +444,15 @@ def _plot(curves, out: Path) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), dpi=100, squeeze=False)
-    for ax, (name, (fixed, points)) in zip(axes[0], curves.items(), strict=True):
+    for ax, (name, (fixed, points, racing_curve)) in zip(axes[0], curves.items(), strict=True):
         ax.plot([r for r, _, _ in fixed], [a for _, a, _ in fixed], color="black", label="fixed plan (over T)")
+        # each curve as the best its plan length reaches within the rows (curve_against_fixed's reading)
+        for pts, colour, label in ((fixed, "black", "fixed plan, best within the rows"),
+                                   (racing_curve, "tab:purple", "racing defaults, best plan within the rows")):
+            pts = sorted((r, a) for r, a, *_ in pts)
+            best = [max(a for _, a in pts[: i + 1]) for i in range(len(pts))]
+            xs = [r for r, _ in pts] + [fixed[-1][0]]  # flat to the full plan's rows: the best stays in reach
+            ax.step(xs, best + best[-1:], where="post", color=colour, linestyle="--", linewidth=1, label=label)
         for against, marker in (("leader", "o"), ("strongest", "s"), ("settled 0.01", "^"), ("settled 0.05", "v")):
             for fut, fill in ((0.0, "none"), (0.5, "full")):
                 pts = [(r, a) for g, _, f, r, a in points if g == against and f == fut]
