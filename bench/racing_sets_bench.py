@@ -40,6 +40,8 @@ from benchutil import emit, machine
 
 SEEDS = {"tune": 7, "held-out": 23}
 KINDS = ("2-way", "3/6-way", "24-class")
+# --wall-sets may also time the 3/6-way set's items of one size alone (the replay splits them already)
+SPLITS = {"3-way": 3, "6-way": 6}
 GRID = [(against, alpha, fut, 0.0) for against in ("leader", "strongest") for alpha in (0.01, 0.05, 0.2)
         for fut in (0.0, 0.5)] + [("strongest", alpha, 0.0, eps) for alpha in (0.01, 0.05, 0.2) for eps in (0.01, 0.05)]
 
@@ -296,12 +298,12 @@ def main(argv=None) -> int:
                         "alternating, ROUNDS rounds (medians)")
     p.add_argument("--wall-only", action="store_true", help="only the engine timings of --wall (no replay)")
     p.add_argument("--wall-sets", default=",".join(KINDS), help="which held-out sets --wall times "
-                   "(comma-separated)")
+                   f"(comma-separated; also {', '.join(SPLITS)}: the 3/6-way set's items of that size alone)")
     args = p.parse_args(argv)
     args.wall_sets = [k.strip() for k in args.wall_sets.split(",")]
-    unknown = sorted(set(args.wall_sets) - set(KINDS))
+    unknown = sorted(set(args.wall_sets) - set(KINDS) - set(SPLITS))
     if unknown:  # before the model loads and the replay runs, not after
-        p.error(f"--wall-sets: unknown set(s) {unknown}; choose from {', '.join(KINDS)}")
+        p.error(f"--wall-sets: unknown set(s) {unknown}; choose from {', '.join(KINDS + tuple(SPLITS))}")
 
     import fastitm
     from fastitm import data
@@ -408,7 +410,9 @@ def wall_times(model, data, args, T) -> dict:
             spans = [(0, len(texts))] * len(images)
             items = [(k,) for k in truth]
         else:
-            items = items_of(examples, kind)
+            items = items_of(examples, "3/6-way" if kind in SPLITS else kind)
+            if kind in SPLITS:
+                items = [it for it in items if len(it[1]) == SPLITS[kind]]
             images, texts, spans, pairs = pack(items)
             method, truth = "diffusion_itm", [0] * len(items)
         plan = fastitm.make_plan(model, T, seed=0)
