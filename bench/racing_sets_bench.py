@@ -32,6 +32,7 @@ the defaults' settled stop ended an item on another choice than its plan's, over
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def class_items(model, data, seed: int, n: int):
     texts = [data.Scene((data.Obj(c, sh, "big"),)).caption for c, sh in labels]
     ex = [e for e in data.make_dataset(8 * n, "heldout", seed=seed, size=model.resolution, two_object_share=0.0)
           if e.scene.objects[0].size == "big"][:n]
-    return [e.image for e in ex], texts, [labels.index((e.scene.objects[0].color, e.scene.objects[0].shape)) for e in ex]
+    truth = [labels.index((e.scene.objects[0].color, e.scene.objects[0].shape)) for e in ex]
+    return [e.image for e in ex], texts, truth
 
 
 def classification(model, data, seed: int, n: int, T: int):
@@ -276,7 +278,9 @@ def curve_against_fixed(racing, fixed) -> dict:
     racing_right, fixed_right = worst["_right"]
     only_racing = sum(a and not b for a, b in zip(racing_right, fixed_right, strict=True))
     only_fixed = sum(b and not a for a, b in zip(racing_right, fixed_right, strict=True))
-    p_below = binomtest(only_fixed, only_racing + only_fixed, 0.5, alternative="greater").pvalue if only_fixed else 1.0
+    p_below = 1.0  # no item the fixed plan alone gets right: nothing says racing is worse
+    if only_fixed:
+        p_below = binomtest(only_fixed, only_racing + only_fixed, 0.5, alternative="greater").pvalue
     for p in points:
         del p["_right"]
     return {"points": len(points), "below": sum(p["gap"] < 0 for p in points),
@@ -311,7 +315,8 @@ def main(argv=None) -> int:
 
     model = fastitm.load_model()
     T = args.timesteps
-    out = {"machine": machine(), "model": model.source, "timesteps": T, "method": "diffusion_itm (24-class: diffusion_classifier)", "sets": {}}
+    out = {"machine": machine(), "model": model.source, "timesteps": T,
+           "method": "diffusion_itm (24-class: diffusion_classifier)", "sets": {}}
     curves = {}
     saved = torch.load(args.scores) if args.scores and Path(args.scores).is_file() else {}
     if args.wall_only:
@@ -336,15 +341,19 @@ def main(argv=None) -> int:
             sig = [significant(s) for s in scores]
             name = f"{kind} ({role}, seed {seed})"
             entry = {"items": len(items), "candidates": sorted({s.shape[0] for s in scores}),
-                     "full": {"conditional_rows": full_rows, "accuracy": round(sum(c == 0 for c in full_choice) / len(items), 4),
+                     "full": {"conditional_rows": full_rows,
+                              "accuracy": round(sum(c == 0 for c in full_choice) / len(items), 4),
                               "significant_items": sum(sig), "wall_s": round(wall, 1),
                               "unet_rows_with_empty_prompt": unet_rows},
                      "racing": []}
             points, point_choices = [], []
             defaults = []  # (scores on a plan, the defaults' races on it) per plan length: settled_changes
+            # the defaults over every plan length: racing's curve, one point per length (the last: the full plan)
+            plans = {n: [sub_plan(s, n) for s in scores] for n in range(1, scores[0].shape[1] + 1)}
+            curve_runs = {n: replay(subs, RaceOptions()) for n, subs in plans.items()}
             for against, alpha, fut, eps in GRID:
                 opts = RaceOptions(alpha=alpha, futility=fut, against=against, settled=eps)
-                r = replay(scores, opts)
+                r = curve_runs[len(plans)] if opts == RaceOptions() else replay(scores, opts)
                 if opts == RaceOptions():
                     defaults.append((scores, r["races"]))
                     if len(entry["candidates"]) > 1:
@@ -354,25 +363,22 @@ def main(argv=None) -> int:
                 acc = r["right"] / len(items)
                 same = sum(c == f for c, f in zip(r["choices"], full_choice, strict=True))
                 entry["racing"].append({"against": against, "alpha": alpha, "futility": fut, "settled": eps,
-                                        "rows_vs_full": round(full_rows / r["rows"], 3), **all_rows(r, unet_rows, full_rows),
+                                        "rows_vs_full": round(full_rows / r["rows"], 3),
+                                        **all_rows(r, unet_rows, full_rows),
                                         "accuracy": round(acc, 4),
                                         "significant_kept": f"{kept}/{sum(sig)}",
                                         "same_choice_as_full": f"{same}/{len(items)}"})
                 points.append((against if not eps else f"settled {eps}", alpha, fut, r["rows"], acc))
                 point_choices.append(r["choices"])
-            for n in PLAN_LENGTHS:  # the defaults over the plan's length (the full plan's is in the grid)
-                subs = [sub_plan(s, n) for s in scores]
+            for n in PLAN_LENGTHS:  # the defaults over alpha and the plan's length (the full plan's is in the grid)
                 for alpha in (0.01, 0.05, 0.2):
-                    r = replay(subs, RaceOptions(alpha=alpha))
+                    r = curve_runs[n] if alpha == RaceOptions().alpha else replay(plans[n], RaceOptions(alpha=alpha))
                     if alpha == RaceOptions().alpha:
-                        defaults.append((subs, r["races"]))
+                        defaults.append((plans[n], r["races"]))
                     points.append((f"defaults, plan {n}", alpha, 0.0, r["rows"], r["right"] / len(items)))
                     point_choices.append(r["choices"])
             fixed = fixed_curve(scores, scores[0].shape[1])
-            racing_curve = []  # the defaults over every plan length: racing's curve, one point per length
-            for n in range(1, scores[0].shape[1] + 1):
-                r = replay([sub_plan(s, n) for s in scores], RaceOptions())
-                racing_curve.append((n, r["rows"], r["right"] / len(items), r["choices"]))
+            racing_curve = [(n, r["rows"], r["right"] / len(items), r["choices"]) for n, r in curve_runs.items()]
             entry["curve_against_fixed"] = curve_against_fixed(racing_curve, fixed)
             checked = against_fixed(points, fixed, point_choices)
             below = [c for c in checked if c["gap"] < 0]
@@ -454,7 +460,7 @@ def _plot(curves, out: Path) -> None:
         for pts, colour, label in ((fixed, "black", "fixed plan, best within the rows"),
                                    (racing_curve, "tab:purple", "racing defaults, best plan within the rows")):
             pts = sorted((r, a) for r, a, *_ in pts)
-            best = [max(a for _, a in pts[: i + 1]) for i in range(len(pts))]
+            best = list(itertools.accumulate((a for _, a in pts), max))
             xs = [r for r, _ in pts] + [fixed[-1][0]]  # flat to the full plan's rows: the best stays in reach
             ax.step(xs, best + best[-1:], where="post", color=colour, linestyle="--", linewidth=1, label=label)
         for against, marker in (("leader", "o"), ("strongest", "s"), ("settled 0.01", "^"), ("settled 0.05", "v")):
