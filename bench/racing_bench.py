@@ -9,12 +9,16 @@ two captions) under the same plan; ``adaptive=True`` (or ``--alpha``) races, the
 timestep. Reported: accuracy of each; on the items whose full-plan choice is clear (a paired t-test of
 true minus other over all timesteps, two-sided p < 0.01) how often racing makes the same choice; the
 near-tie items; denoiser rows and wall time of each (median over ``--rounds`` alternating rounds).
+
+``--sets``: every set of issue 36 instead (2-way, 3/6-way and 24-class items, each drawn with a tuning
+and a held-out seed): bench/racing_sets_bench.py with the other arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -22,7 +26,15 @@ from benchutil import emit, machine
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--sets" in argv:  # every set, tuned and held out: the other bench, with the arguments that follow
+        import racing_sets_bench
+
+        return racing_sets_bench.main([a for a in argv if a != "--sets"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sets", action="store_true", help="every set of issue 36 instead (2-way, 3/6-way, 24-class, "
+                   "tuning and held-out seeds, with the 3- and 6-way items apart): runs bench/racing_sets_bench.py "
+                   "with the other arguments (its --images, --wall, --json, ...)")
     p.add_argument("--examples", type=int, default=60, help="held-out images (x 5 kinds = items)")
     p.add_argument("--timesteps", type=int, default=50)
     p.add_argument("--alpha", type=float, nargs="+", default=[0.05])

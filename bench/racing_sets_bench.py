@@ -308,6 +308,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.wall_sets) - set(KINDS) - set(SPLITS))
     if unknown:  # before the model loads and the replay runs, not after
         p.error(f"--wall-sets: unknown set(s) {unknown}; choose from {', '.join(KINDS + tuple(SPLITS))}")
+    if args.wall_only and args.wall < 1:
+        p.error("--wall-only times the engine: give the number of rounds with --wall ROUNDS (1 or more)")
 
     import fastitm
     from fastitm import data

@@ -77,3 +77,16 @@ def test_racing_curve_never_below_where_it_keeps_each_plans_answers():
     assert out["worst_at_fixed_timesteps"] == peak + 1
     assert out["worst_gap"] == pytest.approx(-1 / 30, abs=1e-4)
     assert (out["worst_only_racing_right"], out["worst_only_fixed_right"]) == (0, 1)
+
+
+def test_bad_arguments_are_refused_before_the_model_loads(capsys):
+    spec = importlib.util.spec_from_file_location("racing_bench", ROOT / "bench" / "racing_bench.py")
+    racing_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(racing_bench)
+    sys.modules.setdefault("racing_sets_bench", rsb)  # what racing_bench --sets imports
+    with pytest.raises(SystemExit) as e:  # through racing_bench --sets, to this bench's own checks
+        racing_bench.main(["--sets", "--wall-sets", "2-way,7-way", "--wall", "1"])
+    assert e.value.code == 2 and "unknown set(s) ['7-way']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # --wall-only with no rounds would time nothing, then fail
+        rsb.main(["--wall-only", "--wall-sets", "6-way"])
+    assert e.value.code == 2 and "--wall ROUNDS" in capsys.readouterr().err
