@@ -455,8 +455,12 @@ def _plot(curves, out: Path) -> None:
     except ImportError:
         return
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), dpi=100, squeeze=False)
-    for ax, (name, (fixed, points, racing_curve)) in zip(axes[0], curves.items(), strict=True):
+    cols = min(len(curves), len(KINDS))  # one row per seed: the tuning sets above the held-out ones
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.axis("off")
+    for ax, (name, (fixed, points, racing_curve)) in zip(axes.flat, curves.items(), strict=False):
         ax.plot([r for r, _, _ in fixed], [a for _, a, _ in fixed], color="black", label="fixed plan (over T)")
         # each curve as the best its plan length reaches within the rows (curve_against_fixed's reading)
         for pts, colour, label in ((fixed, "black", "fixed plan, best within the rows"),
@@ -480,8 +484,9 @@ def _plot(curves, out: Path) -> None:
         ax.set_xlabel("conditional denoiser rows")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    # one legend for all panels, below them, so that it hides no panel's points
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.2 / rows, 1, 1))
     fig.savefig(out / "accuracy_vs_rows.png")
     plt.close(fig)
 
