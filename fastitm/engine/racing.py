@@ -21,19 +21,19 @@ corrections make it hold:
 - sequential testing: testing after every round and stopping at the first significant result inflates
   a fixed-size test's error (optional stopping), by up to the number of looks.
 
-Both are handled by Bonferroni: each test runs at ``alpha / (looks * (K - 1))``, where ``looks`` is
-the number of rounds at which the plan can test. What the ``K - 1`` pays for is who the best is tested
+Both are handled by Bonferroni: each test runs at ``alpha / (looks * (K - 1))``, where ``looks`` is the
+number of rounds at which the plan can test. What the ``K - 1`` pays for is who the best is tested
 against, not how many rivals are tested: only one candidate is the best, and it is dropped only when
-some other candidate c wins a test against it; whatever chose c (the highest mean, or the clearest
-win), that is one of ``K - 1`` tests each at the level, so a union bound gives ``alpha`` per item with
-no further factor for the rivals. So ``against="strongest"`` (the default) tests each rival against
-every one of the strongest live candidates and drops it on the clearest win, at the same level: a
-rival that the second-best beats plainly while the leader is noisy is dropped without waiting for
-the leader's test (Holm's step-down over the rivals would not help: the best's test is the one that
-must hold, and it is one test). ``against="leader"`` is the previous rule. It is conservative (successive looks share most of
-their samples), but it needs no assumption about the look schedule, and it makes the decisions a
-pure function of the per-timestep scores: the same scores give the same decisions, however the rows
-were batched, sharded or resumed.
+some other candidate c wins a test against it; whatever chose c (the highest mean, or the clearest win),
+that is one of ``K - 1`` tests each at the level, so a union bound gives ``alpha`` per item with no
+further factor for the rivals. So ``against="strongest"`` (the default) tests each rival against every
+one of the strongest live candidates and drops it on the clearest win, at the same level: a rival that
+the second-best beats plainly while the leader is noisy is dropped without waiting for the leader's test
+(Holm's step-down over the rivals would not help: the best's test is the one that must hold, and it is
+one test). ``against="leader"`` is the previous rule. It is conservative (successive looks share most of
+their samples), but it needs no assumption about the look schedule, and it makes the decisions a pure
+function of the per-timestep scores: the same scores give the same decisions, however the rows were
+batched, sharded or resumed.
 
 What it does not promise: which of two candidates whose difference the plan cannot resolve survives.
 
@@ -61,38 +61,39 @@ t-test; weights concentrated on few timesteps leave few effective samples, so de
 
 Settled items (``settled``, on by default at 0.05): an item stops once the whole plan's choice is all
 but decided, when the predictive probabilities that some live rival's full-plan mean ends above the
-leader's sum to at most ``settled`` (:func:`settled_item`). It keeps the full plan's answers rather
-than certifying the truth: under the normal model of the differences, a stop changes the full plan's
-choice with probability at most ``settled`` per item, whenever it happens (a predictive probability is
-not inflated by looking often). (The first form bounded each rival separately; with hundreds of
-classes live that let an item stop after 10 timesteps on a near tie, so it is now one bound per item.)
-The same bound drops rivals sooner (:func:`settled_drops`): while three or more candidates are live, a
-rival whose predictive chance of ending the plan ahead of the candidate that beats it most clearly is
-at most ``settled * DROP_SHARE / (K - 1)`` leaves, and its chance is spent from the item's ``settled``,
-so drops and stop together still change the full plan's choice with probability at most ``settled``.
-The clearly wrong rivals of a 6-way item are the rows to save (the drop test waits for significance
-at its Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole budget.
-Hard items, whose full-plan choice is not yet predictable, run on: more timesteps do make a better
-decision there. Chosen on the tuning sets of ``bench/racing_sets_bench.py`` and reported on held-out
-ones (bench/RESULTS.md): it saved more rows than futility at equal or better accuracy on every set. The normal model takes the timesteps to come
-as alike to those seen. They are not alike over a plan (the differences' spread varies some 180-fold
-from one end to the other), so the spread order keeps every prefix balanced over the plan
-(:func:`fastitm.core.methods.spread_order`): the timesteps to come are interleaved with those seen,
-not bunched at one end. With the order that filled gaps from one end, 21 of 1,695 settled stops (1.2%)
-changed the plan's choice when replayed over six sets and six plan lengths; with the balanced order
-and the defaults, 11 of 2,128 (0.5%), as many towards the truth as away (bench/RESULTS.md).
+leader's sum to at most ``settled`` (:func:`settled_item`). It keeps the full plan's answers rather than
+certifying the truth: under the normal model of the differences, a stop changes the full plan's choice
+with probability at most ``settled`` per item, whenever it happens (a predictive probability is not
+inflated by looking often). (The first form bounded each rival separately; with hundreds of classes live
+that let an item stop after 10 timesteps on a near tie, so it is now one bound per item.) The same bound
+drops rivals sooner (:func:`settled_drops`): while three or more candidates are live, a rival whose
+predictive chance of ending the plan ahead of the candidate that beats it most clearly is at most
+``settled * DROP_SHARE / (K - 1)`` leaves, and its chance is spent from the item's ``settled``, so drops
+and stop together still change the full plan's choice with probability at most ``settled``. The clearly
+wrong rivals of a 6-way item are the rows to save (the drop test waits for significance at its
+Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole budget. Hard items,
+whose full-plan choice is not yet predictable, run on: more timesteps do make a better decision there.
+Chosen on the tuning sets of ``bench/racing_sets_bench.py`` and reported on held-out ones
+(bench/RESULTS.md): it saved more rows than futility at equal or better accuracy on every set. The
+normal model takes the timesteps to come as alike to those seen. They are not alike over a plan (the
+differences' spread varies some 180-fold from one end to the other), so the spread order keeps every
+prefix balanced over the plan (:func:`fastitm.core.methods.spread_order`): the timesteps to come are
+interleaved with those seen, not bunched at one end. With the order that filled gaps from one end, 21 of
+1,695 settled stops (1.2%) changed the plan's choice when replayed over six sets and six plan lengths;
+with the balanced order and the defaults, 11 of 2,128 (0.5%), as many towards the truth as away
+(bench/RESULTS.md).
 
-Futility (``futility``, off by default; 0.5 was the default before ``settled``): a near tie would otherwise run to the plan's end and be
-decided by the full mean, at the full plan's cost, although the plan cannot separate it either. From
-``2 * min_timesteps`` timesteps on, an item stops when, for every live rival of its best, the t
-statistic the whole plan would reach at the mean difference and spread seen so far is below
-``futility`` times the test's critical value; its live candidates are then ranked by their means so
-far. Where the full plan's answer is significant, futility rarely fires (its projected t exceeds the
-critical value); where it fires, the full plan's answer would have been a coin flip too. What it costs:
-such items are decided on fewer timesteps, so their choice may differ from the full plan's. On the
-benchmark (bench/RESULTS.md: 226 held-out hard-negative items, 49 timesteps) it took racing from
-2.6x to 3.6x fewer rows; every item whose full-plan choice was significant kept it, and overall
-accuracy moved from 0.858 to 0.867 (near ties flipping both ways). An exact tie (identical
+Futility (``futility``, off by default; 0.5 was the default before ``settled``): a near tie would
+otherwise run to the plan's end and be decided by the full mean, at the full plan's cost, although the
+plan cannot separate it either. From ``2 * min_timesteps`` timesteps on, an item stops when, for every
+live rival of its best, the t statistic the whole plan would reach at the mean difference and spread
+seen so far is below ``futility`` times the test's critical value; its live candidates are then ranked
+by their means so far. Where the full plan's answer is significant, futility rarely fires (its projected
+t exceeds the critical value); where it fires, the full plan's answer would have been a coin flip too.
+What it costs: such items are decided on fewer timesteps, so their choice may differ from the full
+plan's. On the benchmark (bench/RESULTS.md: 226 held-out hard-negative items, 49 timesteps) it took
+racing from 2.6x to 3.6x fewer rows; every item whose full-plan choice was significant kept it, and
+overall accuracy moved from 0.858 to 0.867 (near ties flipping both ways). An exact tie (identical
 per-timestep scores) is never decided by the test: it stops at the first futility look, or with
 ``futility=0`` runs to the plan's end.
 """
@@ -343,6 +344,12 @@ def _chance_ahead(d: torch.Tensor, T: int) -> torch.Tensor:
     return 1.0 - stay
 
 
+def _may_settle(opts: RaceOptions, n: int, T: int) -> bool:
+    """Whether the settled stop and drops may act after n of the plan's T timesteps: ``settled`` > 0,
+    ``keep=1``, racing on (alpha 0: the full plan), from ``min_timesteps`` on and before the plan's end."""
+    return opts.settled > 0.0 and opts.alpha > 0.0 and opts.keep == 1 and opts.min_timesteps <= n < T
+
+
 def settled_item(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOptions, spent: float = 0.0) -> bool:
     """Whether the whole plan's choice is all but decided (``opts.settled`` = epsilon > 0, ``keep=1``):
     the predictive probabilities that some live rival r of the leader b ends the whole plan (all T
@@ -352,10 +359,7 @@ def settled_item(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOpt
     live after 10 timesteps, each 96% likely to stay behind, the item is far from settled, although
     each rival alone would pass a per-rival 95%). This keeps the full plan's answers; it does not
     certify the truth (the drop tests do). Uniform weights only."""
-    K, n = scores.shape
-    if opts.settled == 0.0 or opts.alpha == 0.0 or opts.keep != 1 or n < opts.min_timesteps or n >= T:
-        return False  # alpha 0: racing off, the full plan
-    if int(live.sum()) <= 1:
+    if not _may_settle(opts, scores.shape[1], T) or int(live.sum()) <= 1:
         return False
     return bool(_chance_ahead(_leader_diffs(scores, live), T).sum() + spent <= opts.settled)
 
@@ -380,8 +384,7 @@ def settled_drops(scores: torch.Tensor, live: torch.Tensor, T: int, opts: RaceOp
     (every live candidate scored at each); returns the new ``live`` and ``spent``. Uniform weights only."""
     K, n = scores.shape
     live = live.clone()
-    if opts.settled == 0.0 or opts.alpha == 0.0 or opts.keep != 1 or n < opts.min_timesteps or n >= T \
-            or DROP_SHARE == 0.0 or int(live.sum()) < 3:
+    if not _may_settle(opts, n, T) or DROP_SHARE == 0.0 or int(live.sum()) < 3:
         return live, spent
     order = _by_mean(live.nonzero().flatten(), scores.double().mean(dim=1))
     rivals = order[1:]
