@@ -160,9 +160,9 @@ def by_candidates(scores: list[torch.Tensor], r: dict, full_choice: list[int], s
         same = [x.choice == f for x, f in zip(races, full, strict=True)]
         kept = sum(s for s, i in zip(same, ix, strict=True) if sig[i])
         entry = {"items": len(ix), "rows_vs_full": round(len(ix) * k * T / rows, 3)}
-        if empty:
-            empty_rows = sum(x.stopped for x in races)
-            entry["rows_with_empty_prompt_vs_full"] = round(len(ix) * (k + 1) * T / (rows + empty_rows), 3)
+        if empty:  # the full plan's rows with one empty prompt's per item and timestep
+            sub = {"rows": rows, "empty_prompt_rows": sum(x.stopped for x in races)}
+            entry.update(all_rows(sub, len(ix) * (k + 1) * T, len(ix) * k * T))
         entry.update({"accuracy_full": round(sum(c == 0 for c in full) / len(ix), 4),
                       "accuracy": round(sum(x.choice == 0 for x in races) / len(ix), 4),
                       "significant_kept": f"{kept}/{sum(sig[i] for i in ix)}",
@@ -355,8 +355,9 @@ def main(argv=None) -> int:
             curve_runs = {n: replay(subs, RaceOptions()) for n, subs in plans.items()}
             for against, alpha, fut, eps in GRID:
                 opts = RaceOptions(alpha=alpha, futility=fut, against=against, settled=eps)
-                r = curve_runs[len(plans)] if opts == RaceOptions() else replay(scores, opts)
-                if opts == RaceOptions():
+                is_default = opts == RaceOptions()
+                r = curve_runs[len(plans)] if is_default else replay(scores, opts)
+                if is_default:
                     defaults.append((scores, r["races"]))
                     if len(entry["candidates"]) > 1:
                         entry["defaults_by_candidates"] = by_candidates(scores, r, full_choice, sig,
@@ -374,9 +375,11 @@ def main(argv=None) -> int:
                 point_choices.append(r["choices"])
             for n in PLAN_LENGTHS:  # the defaults over alpha and the plan's length (the full plan's is in the grid)
                 for alpha in (0.01, 0.05, 0.2):
-                    r = curve_runs[n] if alpha == RaceOptions().alpha else replay(plans[n], RaceOptions(alpha=alpha))
                     if alpha == RaceOptions().alpha:
+                        r = curve_runs[n]
                         defaults.append((plans[n], r["races"]))
+                    else:
+                        r = replay(plans[n], RaceOptions(alpha=alpha))
                     points.append((f"defaults, plan {n}", alpha, 0.0, r["rows"], r["right"] / len(items)))
                     point_choices.append(r["choices"])
             fixed = fixed_curve(scores, scores[0].shape[1])
