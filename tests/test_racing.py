@@ -260,19 +260,15 @@ def test_settled_drops_and_stop_keep_the_full_plans_choice_at_the_stated_rate():
     assert dropped_early > n_items // 4
 
 
-def test_settled_drops_spend_fewer_rows_on_clearly_wrong_rivals():
+def test_settled_drops_spend_fewer_rows_on_clearly_wrong_rivals(monkeypatch):
     """A near tie among clearly wrong rivals: dropping them on the settled bound saves rows against the
     drop test alone, and every item keeps the full plan's choice."""
     import fastitm.engine.racing as racing
 
     items = [draw([0.0, -0.3, -1.0, -1.2, -1.5, -2.0], 49, seed=700 + i) for i in range(20)]
-    old = racing.DROP_SHARE
-    try:
-        racing.DROP_SHARE = 0.0
-        without = [simulate(x, RaceOptions()) for x in items]
-    finally:
-        racing.DROP_SHARE = old
     with_drops = [simulate(x, RaceOptions()) for x in items]
+    monkeypatch.setattr(racing, "DROP_SHARE", 0.0)
+    without = [simulate(x, RaceOptions()) for x in items]
     for x, a, b in zip(items, without, with_drops, strict=True):
         full = int(x.mean(dim=1).argmax())
         assert b.choice == full and a.choice == full
