@@ -9,6 +9,8 @@ contiguous shards (no padding, so nothing is counted twice), and ranks exchange 
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -34,15 +36,41 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
 
 
+# torch modules that take the default process group as a default argument when they are imported
+# (``group=group.WORLD``): imported after init_process_group, they hold the group past
+# destroy_process_group, so its gloo worker threads live on into interpreter shutdown. There a worker
+# that still frees a finished collective's tensors needs the GIL, and the process aborts ("terminate
+# called without an active exception", pytorch/pytorch#190489). diffusers and transformers import them
+# when a model is built, so they are imported before the group exists.
+_BIND_WORLD_ON_IMPORT = ("torch.distributed.nn", "torch.distributed.optim",
+                         "torch.distributed.fsdp.sharded_grad_scaler")
+
+
 def init_from_env(device: str = "cpu") -> bool:
     """Initialise the default process group when a launcher (torchrun) set ``WORLD_SIZE`` > 1 and
-    nobody did yet: NCCL for CUDA devices, gloo otherwise. Returns whether the run is distributed."""
+    nobody did yet: NCCL for CUDA devices, gloo otherwise. A group made here is destroyed at exit,
+    before the interpreter shuts down (its worker threads joined), unless the caller destroyed it first.
+    Returns whether the run is distributed."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        for name in _BIND_WORLD_ON_IMPORT:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # a torch build without that part: nothing there to hold the group
+                pass
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
+        atexit.unregister(_destroy_at_exit)  # once, however often a script makes a group again
+        atexit.register(_destroy_at_exit)
     return is_distributed()
+
+
+def _destroy_at_exit() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str) -> str:
