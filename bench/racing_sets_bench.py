@@ -227,24 +227,30 @@ def settled_changes(runs: list[tuple[list[torch.Tensor], list]]) -> dict:
     return out
 
 
+def mcnemar_below(racing_right: list[bool], fixed_right: list[bool]) -> tuple[int, int, float]:
+    """The items racing alone and the fixed plan alone get right, and McNemar's exact one-sided p-value
+    that racing is the worse of the two on such items (small only where a gap is more than the items'
+    noise; 1 where the fixed plan alone gets none right: nothing says racing is worse)."""
+    from scipy.stats import binomtest
+
+    only_racing = sum(a and not b for a, b in zip(racing_right, fixed_right, strict=True))
+    only_fixed = sum(b and not a for a, b in zip(racing_right, fixed_right, strict=True))
+    if not only_fixed:
+        return only_racing, only_fixed, 1.0
+    return only_racing, only_fixed, binomtest(only_fixed, only_racing + only_fixed, 0.5, alternative="greater").pvalue
+
+
 def against_fixed(points, fixed, choices) -> list[dict]:
     """Each racing point (rows, accuracy) against the fixed plan given the same rows (``fixed``:
     :func:`fixed_curve`): the longest fixed plan whose rows are at most racing's (the shortest when
     racing spent fewer). ``gap`` < 0: below. With ``choices`` (each point's choice per item), also the
     items each side gets right alone and McNemar's exact one-sided p-value that racing is the worse of
-    the two on such items (``p_below``: small only where a gap is more than the items' noise)."""
-    from scipy.stats import binomtest
-
+    the two on such items (``p_below``: :func:`mcnemar_below`)."""
     out = []
     for (label, alpha, fut, rows, acc), chosen in zip(points, choices, strict=True):
         n = sum(r <= rows for r, _, _ in fixed) or 1  # the fixed plan's number of timesteps at these rows
         _, fixed_acc, fixed_right = fixed[n - 1]
-        racing_right = [c == 0 for c in chosen]
-        only_racing = sum(a and not b for a, b in zip(racing_right, fixed_right, strict=True))
-        only_fixed = sum(b and not a for a, b in zip(racing_right, fixed_right, strict=True))
-        p_below = 1.0  # no item the fixed plan alone gets right: nothing says racing is worse
-        if only_fixed:
-            p_below = binomtest(only_fixed, only_racing + only_fixed, 0.5, alternative="greater").pvalue
+        only_racing, only_fixed, p_below = mcnemar_below([c == 0 for c in chosen], fixed_right)
         out.append({"rule": label, "alpha": alpha, "futility": fut, "rows": rows, "accuracy": round(acc, 4),
                     "fixed_timesteps": n, "fixed_accuracy_at_rows": round(fixed_acc, 4),
                     "gap": round(acc - fixed_acc, 4), "only_racing_right": only_racing,
@@ -261,9 +267,7 @@ def curve_against_fixed(racing, fixed) -> dict:
     point per plan length, so neither takes its best over more draws than the other; the fixed plan's
     noise (its accuracy can fall with more timesteps) is read the same way on both sides. With the
     worst point, the items each side's plan gets right alone and McNemar's exact one-sided p that
-    racing's is the worse."""
-    from scipy.stats import binomtest
-
+    racing's is the worse (:func:`mcnemar_below`)."""
     points, best_fixed = [], None
     for n, (rows, acc, right) in enumerate(fixed, start=1):
         if best_fixed is None or acc > best_fixed[1]:
@@ -275,12 +279,7 @@ def curve_against_fixed(racing, fixed) -> dict:
                        "racing_accuracy": round(r_acc, 4), "gap": round(r_acc - best_fixed[1], 4),
                        "_right": ([c == 0 for c in r_choices], best_fixed[2])})
     worst = min(points, key=lambda p: p["gap"])
-    racing_right, fixed_right = worst["_right"]
-    only_racing = sum(a and not b for a, b in zip(racing_right, fixed_right, strict=True))
-    only_fixed = sum(b and not a for a, b in zip(racing_right, fixed_right, strict=True))
-    p_below = 1.0  # no item the fixed plan alone gets right: nothing says racing is worse
-    if only_fixed:
-        p_below = binomtest(only_fixed, only_racing + only_fixed, 0.5, alternative="greater").pvalue
+    only_racing, only_fixed, p_below = mcnemar_below(*worst["_right"])
     for p in points:
         del p["_right"]
     return {"points": len(points), "below": sum(p["gap"] < 0 for p in points),
