@@ -514,6 +514,8 @@ def main(argv=None) -> int:
     r.add_argument("--limit", action="append", default=[], metavar="STAGE=SECONDS",
                    help="fix a stage's time limit (repeatable)")
     r.add_argument("--smoke", action="store_true", help="run the measuring stages on the CPU with the tiny model")
+    r.add_argument("--work", default=None, help="folder for the stages' logs and the offline install "
+                   "(default: a fresh temporary folder, left in place for inspection)")
     args = p.parse_args(argv)
     if args.cmd == "wheels":
         for wheel in download_wheels(Path(args.dest)):
@@ -534,7 +536,7 @@ def main(argv=None) -> int:
     print(f"plan for a {args.budget} s budget: " + ", ".join(f"{n} {s} s" for n, s in plan.items())
           + f" (sum {sum(plan.values())} s, {RESERVE} s kept for the report)", flush=True)
     report = run(Path(args.out).resolve(), Path(args.wheels).resolve(), args.python, limits, only,
-                 budget=args.budget, smoke=args.smoke)
+                 work=Path(args.work).resolve() if args.work else None, budget=args.budget, smoke=args.smoke)
     print(render_markdown(report).split("## Tests")[0][:20000])
     print(f"wrote {Path(args.out) / 'gpu-report.md'}, gpu-report.json and gpu-logs.tar.gz (logs in {report.work})")
     return 0

@@ -99,7 +99,8 @@ def test_dry_run_writes_the_report_with_gpu_stages_skipped(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("on a CUDA machine the GPU stages run: make gpu-check")
     out = tmp_path / "out"
-    assert gpu_check.main(["run", "--out", str(out), "--wheels", str(tmp_path / "no-wheels")]) == 0
+    assert gpu_check.main(["run", "--out", str(out), "--wheels", str(tmp_path / "no-wheels"),
+                           "--work", str(tmp_path / "work")]) == 0
     printed = capsys.readouterr().out
     plan = gpu_check.planned_limits()
     assert f"plan for a 480 s budget: install {plan['install']} s" in printed
@@ -211,7 +212,7 @@ def test_chosen_stages_and_limits_from_the_command_line(tmp_path):
     # ceilings, not install: with no CUDA it is skipped at once (install takes a subprocess; the dry run
     # test covers it)
     assert gpu_check.main(["run", "--out", str(out), "--wheels", str(tmp_path), "--only", "ceilings",
-                           "--limit", "ceilings=50"]) == 0
+                           "--limit", "ceilings=50", "--work", str(tmp_path / "work")]) == 0
     stages = {s["name"]: s for s in json.loads((out / "gpu-report.json").read_text())["stages"]}
     assert stages["ceilings"]["status"] == "skipped" and stages["ceilings"]["limit_s"] == 50
     assert stages["install"]["limit_s"] == gpu_check.planned_limits()["install"]
