@@ -116,9 +116,10 @@ def _data(jsonl) -> list[str]:
     return ["--data", str(jsonl), *CALLS]
 
 
-def _torchrun(args):
+def _torchrun(args, tmp):
+    # TMPDIR: the launcher keeps its per-run folders (torchelastic_*) there and never removes them
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env={**_env(), "TMPDIR": str(tmp)}, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +137,12 @@ def two_ranks(jsonl, tmp_path_factory):
 
     common = ["eval", "jsonl", "--model", "tiny", "--timesteps", "3", "--no-progress", *_data(jsonl)]
     (root / "kill_rank1.py").write_text(KILL_RANK1)
-    killed = _torchrun([str(root / "kill_rank1.py"), *common, "--out", str(root / "killed"), "--checkpoint", str(ckpt)])
+    killed = _torchrun([str(root / "kill_rank1.py"), *common, "--out", str(root / "killed"), "--checkpoint", str(ckpt)],
+                       root)
     after_kill = [shard(0), shard(1)]
     (root / "ranks.py").write_text(RANKS)
     evals = [[*common, "--out", str(root / "two"), "--checkpoint", str(ckpt)], [*common, *RACE, "--out", str(root / "two_r")]]
-    done = _torchrun([str(root / "ranks.py"), str(root / "res.pt"), json.dumps(evals)])
+    done = _torchrun([str(root / "ranks.py"), str(root / "res.pt"), json.dumps(evals)], root)
     assert done.returncode == 0, done.stderr[-3000:]
     return root, after_kill, [shard(0), shard(1)], killed
 
