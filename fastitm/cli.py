@@ -508,7 +508,7 @@ def _racing_arguments() -> argparse.ArgumentParser:
     c.add_argument("--adaptive", nargs="?", const="on", default=None, metavar="KEY=VALUE,...",
                    help="paired racing: drop a text once a paired test says it is worse than the image's best "
                    "(fewer denoiser rows); alone for the defaults (alpha=0.05,min_timesteps=5,round_size=3,keep=1,"
-                   "settled=0.05,futility=0,over=texts,against=strongest) or with those options (over=images: each "
+                   "settled=alpha,futility=0,over=texts,against=strongest) or with those options (over=images: each "
                    "text's images compete; against=leader: test against the leader alone)")
     c.add_argument("--weights", type=_parse_weights, default=None, metavar="uniform|exp[:RATE]|FILE",
                    help="how per-timestep scores average: uniform (default), exp[:RATE] (exp(-RATE t/1000), Clark & "

@@ -11,7 +11,7 @@ from fastitm import data
 from fastitm.cli import main
 from fastitm.engine.racing import RaceOptions, simulate
 
-LOOSE = {"alpha": 0.6, "min_timesteps": 3, "round_size": 2}
+LOOSE = {"alpha": 0.6, "min_timesteps": 3, "round_size": 2, "settled": 0.05}  # settled: alpha is past its range
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_adaptive_through_the_cli(tiny_dir, jsonl_set, tmp_path, capsys):
     f, lines, ex = jsonl_set
     out = tmp_path / "out"
     assert main(["eval", "jsonl", "--data", str(f), "--model", str(tiny_dir), "--timesteps", "12", "--out", str(out),
-                 "--no-progress", "--limit", "5", "--adaptive", "alpha=0.6,min_timesteps=3,round_size=2"]) == 0
+                 "--no-progress", "--limit", "5", "--adaptive", "alpha=0.6,min_timesteps=3,round_size=2,settled=0.05"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["options"]["adaptive"]["alpha"] == 0.6 and all("rows" in r for r in rep["items"])
     assert main(["score", "--images", str(f.parent / "0.png"), "--texts", *lines[0]["texts"], "--model", str(tiny_dir),

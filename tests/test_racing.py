@@ -201,6 +201,33 @@ def test_settled_items_keep_the_full_plans_choice_at_the_stated_rate():
     assert changed / n_items <= eps + 3 * math.sqrt(eps * (1 - eps) / n_items)
 
 
+def test_settled_follows_alpha_unless_given():
+    """One risk level per item: ``settled`` is ``alpha`` unless given, so a smaller alpha keeps the full
+    plan's answers more surely too. On near ties (as above), alpha 0.01 changes the full plan's choice in
+    at most 1% of the items (plus three standard errors); with settled held at 0.05 (what a smaller
+    alpha left before) the same items change at the 5% rate, for fewer rows."""
+    assert RaceOptions().settled == RaceOptions().alpha == 0.05
+    assert RaceOptions(alpha=0.01).settled == 0.01 and RaceOptions.parse({"alpha": 0.2}).settled == 0.2
+    assert RaceOptions(alpha=0.01, settled=0.05).settled == 0.05 and RaceOptions(alpha=0.6, settled=0.0).settled == 0
+    with pytest.raises(ValueError, match="settled follows alpha"):
+        RaceOptions(alpha=0.6)
+    n_items, T = 400, 40
+    changed, rows = {}, {}
+    for settled in (None, 0.05):
+        opts = RaceOptions(alpha=0.01, settled=settled, min_timesteps=4, round_size=2)
+        changed[settled] = rows[settled] = 0
+        g = torch.Generator().manual_seed(77)
+        for i in range(n_items):
+            delta = 0.4 * float(torch.randn(1, generator=g))
+            s = draw([delta, 0.0], T, seed=5000 + i)
+            race = simulate(s, opts)
+            changed[settled] += race.choice != int(s.mean(dim=1).argmax())
+            rows[settled] += race.rows
+    assert changed[None] / n_items <= 0.01 + 3 * math.sqrt(0.01 * 0.99 / n_items)
+    assert changed[0.05] / n_items > 0.01 + 3 * math.sqrt(0.01 * 0.99 / n_items)  # the old coupling, measurably looser
+    assert rows[None] > rows[0.05]
+
+
 def test_settled_drops_by_hand():
     """Each rival's chance of ending the whole plan ahead of the live candidate that beats it most
     clearly, by hand (Student's t CDF at t_n sqrt(T / (T - n))): the rivals at most settled x
@@ -370,7 +397,7 @@ from fastitm.testing import assert_close  # noqa: E402
 RACE_TEXTS = ["a red dog", "a blue circle left of a cat", "two green squares", "a yellow car on a road",
               "an empty room"]
 # A loose level and short rounds so the tiny random model drops texts within 12 timesteps.
-LOOSE = {"alpha": 0.6, "min_timesteps": 3, "round_size": 2}
+LOOSE = {"alpha": 0.6, "min_timesteps": 3, "round_size": 2, "settled": 0.05}  # settled: alpha is past its range
 
 
 def _race_inputs():

@@ -59,8 +59,8 @@ times the reliability-weighted spread, on (sum w)^2 / sum w^2 - 1 degrees of fre
 number of timesteps); futility projects to the whole plan's weights. Uniform weights give the plain
 t-test; weights concentrated on few timesteps leave few effective samples, so decisions come later.
 
-Settled items (``settled``, on by default at 0.05): an item stops once the whole plan's choice is all
-but decided, when the predictive probabilities that some live rival's full-plan mean ends above the
+Settled items (``settled``, on by default at ``alpha``'s level, 0.05): an item stops once the whole
+plan's choice is all but decided, when the predictive probabilities that some live rival's full-plan mean ends above the
 leader's sum to at most ``settled`` (:func:`settled_item`). It keeps the full plan's answers rather than
 certifying the truth: under the normal model of the differences, a stop changes the full plan's choice
 with probability at most ``settled`` per item, whenever it happens (a predictive probability is not
@@ -73,6 +73,12 @@ and stop together still change the full plan's choice with probability at most `
 wrong rivals of a 6-way item are the rows to save (the drop test waits for significance at its
 Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole budget. Hard items,
 whose full-plan choice is not yet predictable, run on: more timesteps do make a better decision there.
+``settled`` follows ``alpha`` unless given: one level of risk per item for the test (dropping the best)
+and for the stop and drops (changing the full plan's choice), so a smaller ``alpha`` asks for the full
+plan's answers more surely too, and racing's accuracy-vs-rows curve over ``alpha`` reaches from the
+defaults to the plans' own answers (at alpha 0.001 all but 41 of 113,974 plan choices were kept over
+the bench's sets and plan lengths, at 2.2x fewer conditional rows on the 3/6-way sets' whole plan:
+bench/RESULTS.md). With ``settled`` held at 0.05, a smaller ``alpha`` still let 5% per item through.
 Chosen on the tuning sets of ``bench/racing_sets_bench.py`` and reported on held-out ones
 (bench/RESULTS.md): it saved more rows than futility at equal or better accuracy on every set. The
 normal model takes the timesteps to come as alike to those seen. They are not alike over a plan (the
@@ -129,7 +135,9 @@ class RaceOptions:
     stop an item once the predictive chances that some live rival ends the whole plan ahead of its
     current leader sum to at most ``settled``, and drop, while three or more are live, the rivals that all
     but surely do not win, within the same per-item ``settled`` (0: neither; :func:`settled_item`,
-    :func:`settled_drops`). Defaults chosen on the benchmarks in bench/RESULTS.md."""
+    :func:`settled_drops`); None (the default): the same as ``alpha``, one risk level for both (an
+    ``alpha`` of 0.5 or more then needs ``settled`` given). Defaults chosen on the benchmarks in
+    bench/RESULTS.md."""
 
     alpha: float = 0.05
     min_timesteps: int = 5
@@ -138,11 +146,16 @@ class RaceOptions:
     futility: float = 0.0
     over: str = "texts"
     against: str = "strongest"
-    settled: float = 0.05
+    settled: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha < 1.0:
             raise ValueError(f"adaptive alpha must be a number in [0, 1), got {self.alpha!r}")
+        if self.settled is None:  # one risk level: resolved here, so options compare and print as they act
+            if self.alpha >= 0.5:
+                raise ValueError(f"adaptive settled follows alpha, and must be below 0.5 (alpha is {self.alpha}): "
+                                 "give settled too, e.g. settled=0.05, or settled=0 for no settled stop")
+            object.__setattr__(self, "settled", float(self.alpha))
         for name in ("min_timesteps", "round_size", "keep"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -61,10 +61,11 @@ RACING_ALPHAS = (0.01, 0.05, 0.2)
 
 def racing_curve(items: list[Item], per_t: list[torch.Tensor], alphas=RACING_ALPHAS,
                  w: torch.Tensor | None = None) -> list[dict]:
-    """What racing (:mod:`fastitm.engine.racing`, default options but ``alpha``) would have decided and spent
-    on this run's per-timestep scores: per alpha, the accuracy (the true candidate survives with the
-    highest mean, strictly), the conditional denoiser rows per item (candidate x timestep) and the
-    share of items that ran to the plan's end; first the full plan's own. Choice items only."""
+    """What racing (:mod:`fastitm.engine.racing`, default options but ``alpha``, which ``settled``
+    follows) would have decided and spent on this run's per-timestep scores: per alpha, the accuracy
+    (the true candidate survives with the highest mean, strictly), the conditional denoiser rows per item
+    (candidate x timestep) and the share of items that ran to the plan's end; first the full plan's own.
+    Choice items only."""
 
     choice = [(i, p[0] if i.kind == "text" else p[:, 0]) for i, p in zip(items, per_t, strict=True)
               if i.kind in ("text", "image") and i.label is not None]
