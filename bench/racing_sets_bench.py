@@ -18,11 +18,13 @@ without futility) it reports the conditional denoiser rows against the full plan
 DiffusionITM, all rows: the empty prompt's one per item and timestep run), accuracy, and how
 many of the items whose full-plan choice is significant (a paired t-test of the choice against each
 other candidate over every timestep, p < 0.01 against all) keep it. ``accuracy_vs_rows.png``: racing's
-points, and racing's defaults over alpha and the plan's length (plans of the first n of the spread
-order, the fixed curve's plans), beside the fixed plan's curve over its number of timesteps, per set,
-and each curve as the best its plan length reaches within the rows (dashed). The JSON's
-``curve_against_fixed`` reads issue 36's criterion on those curves: racing's defaults over every plan
-length (1..T) against the fixed plan over T, each the best it reaches within each fixed plan's rows;
+points, and racing's defaults over alpha (``settled`` follows it) and the plan's length (plans of the
+first n of the spread order, the fixed curve's plans), beside the fixed plan's curve over its number of
+timesteps, per set, and each curve as the best it reaches within the rows (dashed). The JSON's
+``curve_against_fixed`` reads issue 36's criterion on those curves: racing over alpha
+(:data:`CURVE_ALPHAS`) and every plan length (1..T) against the fixed plan over T, each the best it
+reaches within each fixed plan's rows (``curve_against_fixed_by_alpha``: each alpha's curve alone, and
+how many of its plans' choices it kept);
 ``against_fixed_plan`` compares each racing point on its own with the fixed plan given the same rows (the
 longest fixed plan that spends no more) and counts the points below it; ``settled_changes`` counts how often
 the defaults' settled stop ended an item on another choice than its plan's, over the plan lengths
@@ -194,6 +196,8 @@ def fixed_curve(scores: list[torch.Tensor], T: int) -> list[tuple[int, float, li
 
 
 PLAN_LENGTHS = (5, 10, 20, 30, 40)  # racing's defaults on shorter plans: the first n of the spread order
+# racing's curve over alpha (``settled`` follows it) and the plan's length; 0.001 all but keeps each plan's answers
+CURVE_ALPHAS = (0.001, 0.01, 0.05, 0.2)
 
 
 def sub_plan(per_t: torch.Tensor, n: int) -> torch.Tensor:
@@ -259,15 +263,14 @@ def against_fixed(points, fixed, choices) -> list[dict]:
 
 
 def curve_against_fixed(racing, fixed) -> dict:
-    """Racing's curve against the fixed plan's, each read as the best its own knob reaches within a
+    """Racing's curve against the fixed plan's, each read as the best its own knobs reach within a
     budget of rows: at each fixed plan's rows (the first n timesteps of the spread order, n = 1..T), the
-    best accuracy of racing's defaults over the plan's length (``racing``: (plan length, rows, accuracy,
-    choices) for every length 1..T) among the plans that spend no more, against the best fixed plan of
-    at most n timesteps. ``gap`` < 0: racing's curve is below the fixed curve there. Each curve gets one
-    point per plan length, so neither takes its best over more draws than the other; the fixed plan's
-    noise (its accuracy can fall with more timesteps) is read the same way on both sides. With the
-    worst point, the items each side's plan gets right alone and McNemar's exact one-sided p that
-    racing's is the worse (:func:`mcnemar_below`)."""
+    best accuracy of racing among its points that spend no more (``racing``: (its knobs, rows, accuracy,
+    choices); the defaults over every plan length 1..T, or those over alpha as well, issue 36's curve),
+    against the best fixed plan of at most n timesteps. ``gap`` < 0: racing's curve is below the fixed
+    curve there. The fixed plan's noise (its accuracy can fall with more timesteps) is read the same way
+    on both sides. With the worst point, the items each side's plan gets right alone and McNemar's exact
+    one-sided p that racing's is the worse (:func:`mcnemar_below`)."""
     points, best_fixed = [], None
     for n, (rows, acc, right) in enumerate(fixed, start=1):
         if best_fixed is None or acc > best_fixed[1]:
@@ -286,6 +289,17 @@ def curve_against_fixed(racing, fixed) -> dict:
             "worst_gap": worst["gap"], "worst_at_fixed_timesteps": worst["fixed_timesteps"],
             "worst_only_racing_right": only_racing, "worst_only_fixed_right": only_fixed,
             "worst_p_below": round(p_below, 4), "detail": points}
+
+
+def plan_choices_kept(plans: dict, runs: dict) -> str:
+    """"kept/total": over every plan length n, the items whose race on the plan of n (``runs[n]``, a
+    :func:`replay`) ends on that plan's own choice (``plans[n]``: the items' scores on it)."""
+    kept = total = 0
+    for n, subs in plans.items():
+        for sub, race in zip(subs, runs[n]["races"], strict=True):
+            kept += race.choice == int(sub.mean(dim=1).argmax())
+            total += 1
+    return f"{kept}/{total}"
 
 
 def main(argv=None) -> int:
@@ -349,13 +363,16 @@ def main(argv=None) -> int:
                      "racing": []}
             points, point_choices = [], []
             defaults = []  # (scores on a plan, the defaults' races on it) per plan length: settled_changes
-            # the defaults over every plan length: racing's curve, one point per length (the last: the full plan)
+            # racing over alpha and every plan length: its curve, one point per (alpha, length)
             plans = {n: [sub_plan(s, n) for s in scores] for n in range(1, scores[0].shape[1] + 1)}
-            curve_runs = {n: replay(subs, RaceOptions()) for n, subs in plans.items()}
+            Tp = len(plans)
+            curve_runs = {a: {n: replay(subs, RaceOptions(alpha=a)) for n, subs in plans.items()}
+                          for a in CURVE_ALPHAS}
+            default_alpha = RaceOptions().alpha
             for against, alpha, fut, eps in GRID:
                 opts = RaceOptions(alpha=alpha, futility=fut, against=against, settled=eps)
                 is_default = opts == RaceOptions()
-                r = curve_runs[len(plans)] if is_default else replay(scores, opts)
+                r = curve_runs[default_alpha][Tp] if is_default else replay(scores, opts)
                 if is_default:
                     defaults.append((scores, r["races"]))
                     if len(entry["candidates"]) > 1:
@@ -370,23 +387,31 @@ def main(argv=None) -> int:
                                         "accuracy": round(acc, 4),
                                         "significant_kept": f"{kept}/{sum(sig)}",
                                         "same_choice_as_full": f"{same}/{len(items)}"})
-                points.append((against if not eps else f"settled {eps}", alpha, fut, r["rows"], acc))
+                label = f"defaults, plan {Tp}" if is_default else against if not eps else f"settled {eps}"
+                points.append((label, alpha, fut, r["rows"], acc))
                 point_choices.append(r["choices"])
-            for n in PLAN_LENGTHS:  # the defaults over alpha and the plan's length (the full plan's is in the grid)
-                for alpha in (0.01, 0.05, 0.2):
-                    if alpha == RaceOptions().alpha:
-                        r = curve_runs[n]
+            for n in (*PLAN_LENGTHS, Tp):  # the defaults over alpha and the plan's length (the points drawn)
+                for alpha in CURVE_ALPHAS:
+                    if n == Tp and alpha == default_alpha:
+                        continue  # the grid's default point
+                    r = curve_runs[alpha][n]
+                    if alpha == default_alpha:
                         defaults.append((plans[n], r["races"]))
-                    else:
-                        r = replay(plans[n], RaceOptions(alpha=alpha))
                     points.append((f"defaults, plan {n}", alpha, 0.0, r["rows"], r["right"] / len(items)))
                     point_choices.append(r["choices"])
             fixed = fixed_curve(scores, scores[0].shape[1])
-            racing_curve = [(n, r["rows"], r["right"] / len(items), r["choices"]) for n, r in curve_runs.items()]
-            entry["curve_against_fixed"] = curve_against_fixed(racing_curve, fixed)
+            by_alpha = {a: [((a, n), r["rows"], r["right"] / len(items), r["choices"]) for n, r in runs.items()]
+                        for a, runs in curve_runs.items()}
+            # issue 36's curve: racing over alpha and the plan's length; each alpha's alone beside it
+            entry["curve_against_fixed"] = curve_against_fixed([p for c in by_alpha.values() for p in c], fixed)
+            entry["curve_against_fixed_by_alpha"] = {
+                str(a): {**{k: v for k, v in curve_against_fixed(c, fixed).items() if k != "detail"},
+                         "plan_choices_kept": plan_choices_kept(plans, curve_runs[a]),
+                         "rows_vs_full_at_the_full_plan": round(full_rows / curve_runs[a][Tp]["rows"], 3)}
+                for a, c in by_alpha.items()}
             checked = against_fixed(points, fixed, point_choices)
             below = [c for c in checked if c["gap"] < 0]
-            mine = [c for c in checked if c["rule"].startswith(("defaults", "settled 0.05")) and c["futility"] == 0]
+            mine = [c for c in checked if c["rule"].startswith("defaults") and c["futility"] == 0]
             entry["against_fixed_plan"] = {
                 "points": len(checked), "below": len(below), "worst_gap": min(c["gap"] for c in checked),
                 "defaults_points": len(mine), "defaults_below": sum(c["gap"] < 0 for c in mine),
@@ -394,7 +419,7 @@ def main(argv=None) -> int:
                 "defaults_smallest_p_below": min(c["p_below"] for c in mine), "detail": checked}
             entry["settled_changes"] = settled_changes(defaults)
             out["sets"][name] = entry
-            curves[name] = (fixed, points, [(rows, acc) for _, rows, acc, _ in racing_curve])
+            curves[name] = (fixed, points, {a: [(rows, acc) for _, rows, acc, _ in c] for a, c in by_alpha.items()})
     if args.wall:
         out["wall"] = wall_times(model, data, args, T)
     if args.scores and not Path(args.scores).is_file():
@@ -462,24 +487,26 @@ def _plot(curves, out: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), dpi=100, squeeze=False)
     for ax in axes.flat[len(curves):]:
         ax.axis("off")
-    for ax, (name, (fixed, points, racing_curve)) in zip(axes.flat, curves.items(), strict=False):
+    for ax, (name, (fixed, points, by_alpha)) in zip(axes.flat, curves.items(), strict=False):
         ax.plot([r for r, _, _ in fixed], [a for _, a, _ in fixed], color="black", label="fixed plan (over T)")
-        # each curve as the best its plan length reaches within the rows (curve_against_fixed's reading)
-        for pts, colour, label in ((fixed, "black", "fixed plan, best within the rows"),
-                                   (racing_curve, "tab:purple", "racing defaults, best plan within the rows")):
+        # each curve as the best its knobs reach within the rows (curve_against_fixed's reading)
+        every = [p for c in by_alpha.values() for p in c]
+        for pts, colour, style, label in (
+                (fixed, "black", "--", "fixed plan, best within the rows"),
+                (every, "tab:purple", "--", "racing over alpha and the plan's length, best within the rows"),
+                (by_alpha[0.05], "tab:red", ":", "racing at alpha 0.05 over the plan's length, best within")):
             pts = sorted((r, a) for r, a, *_ in pts)
             best = list(itertools.accumulate((a for _, a in pts), max))
             xs = [r for r, _ in pts] + [fixed[-1][0]]  # flat to the full plan's rows: the best stays in reach
-            ax.step(xs, best + best[-1:], where="post", color=colour, linestyle="--", linewidth=1, label=label)
+            ax.step(xs, best + best[-1:], where="post", color=colour, linestyle=style, linewidth=1, label=label)
         for against, marker in (("leader", "o"), ("strongest", "s"), ("settled 0.01", "^"), ("settled 0.05", "v")):
             for fut, fill in ((0.0, "none"), (0.5, "full")):
                 pts = [(r, a) for g, _, f, r, a in points if g == against and f == fut]
                 ax.plot([r for r, _ in pts], [a for _, a in pts], marker=marker, linestyle="",
                         fillstyle=fill, label=f"racing {against}, futility {fut}")
         # the defaults over the plan's length, joined per alpha: racing's own curve beside the fixed plan's
-        for alpha, colour in ((0.01, "tab:blue"), (0.05, "tab:red"), (0.2, "tab:green")):
-            pts = sorted((r, a) for g, al, _, r, a in points
-                         if (g.startswith("defaults") or g == "settled 0.05") and al == alpha)
+        for alpha, colour in zip(CURVE_ALPHAS, ("tab:olive", "tab:blue", "tab:red", "tab:green"), strict=True):
+            pts = sorted((r, a) for g, al, _, r, a in points if g.startswith("defaults") and al == alpha)
             ax.plot([r for r, _ in pts], [a for _, a in pts], marker=".", color=colour,
                     label=f"racing defaults, alpha {alpha}, over the plan's length")
         ax.set_title(name, fontsize=9)

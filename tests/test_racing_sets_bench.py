@@ -79,6 +79,24 @@ def test_racing_curve_never_below_where_it_keeps_each_plans_answers():
     assert (out["worst_only_racing_right"], out["worst_only_fixed_right"]) == (0, 1)
 
 
+def test_plan_choices_kept_counts_each_plan_against_its_own_choice():
+    """Over every plan length, the races that end on their own plan's choice (not the whole plan's):
+    all of them with racing off (alpha 0), and by hand for a loose alpha."""
+    from fastitm.engine.racing import RaceOptions, simulate
+
+    g = torch.Generator().manual_seed(3)
+    bias = torch.tensor([[0.2], [0.0], [0.15], [-1.0]], dtype=torch.float64)
+    scores = [torch.randn(4, 10, generator=g, dtype=torch.float64) + bias for _ in range(12)]
+    plans = {n: [rsb.sub_plan(s, n) for s in scores] for n in range(1, 11)}
+    off = {n: rsb.replay(subs, RaceOptions(alpha=0.0)) for n, subs in plans.items()}
+    assert rsb.plan_choices_kept(plans, off) == "120/120"
+    loose = RaceOptions(alpha=0.3, min_timesteps=2, round_size=1)
+    runs = {n: rsb.replay(subs, loose) for n, subs in plans.items()}
+    kept = sum(simulate(sub, loose).choice == max(range(4), key=lambda c: float(sub[c].sum()))
+               for subs in plans.values() for sub in subs)
+    assert rsb.plan_choices_kept(plans, runs) == f"{kept}/120" and kept < 120  # a loose race changes some
+
+
 def test_bad_arguments_are_refused_before_the_model_loads(capsys):
     spec = importlib.util.spec_from_file_location("racing_bench", ROOT / "bench" / "racing_bench.py")
     racing_bench = importlib.util.module_from_spec(spec)
