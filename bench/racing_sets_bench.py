@@ -481,6 +481,9 @@ def _plot(curves, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    from fastitm.engine.racing import RaceOptions
+
+    default_alpha = RaceOptions().alpha
     out.mkdir(parents=True, exist_ok=True)
     cols = min(len(curves), len(KINDS))  # one row per seed: the tuning sets above the held-out ones
     rows = -(-len(curves) // cols)
@@ -494,7 +497,8 @@ def _plot(curves, out: Path) -> None:
         for pts, colour, style, label in (
                 (fixed, "black", "--", "fixed plan, best within the rows"),
                 (every, "tab:purple", "--", "racing over alpha and the plan's length, best within the rows"),
-                (by_alpha[0.05], "tab:red", ":", "racing at alpha 0.05 over the plan's length, best within")):
+                (by_alpha[default_alpha], "tab:red", ":",
+                 f"racing at alpha {default_alpha} (the defaults) over the plan's length, best within")):
             pts = sorted((r, a) for r, a, *_ in pts)
             best = list(itertools.accumulate((a for _, a in pts), max))
             xs = [r for r, _ in pts] + [fixed[-1][0]]  # flat to the full plan's rows: the best stays in reach
