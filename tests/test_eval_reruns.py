@@ -60,15 +60,30 @@ def test_eval_checkpoint_is_locked_while_a_run_holds_it(jsonl, tmp_path, capsys)
     assert ckpt.exists() and not ckpt.with_name("eval.pt.lock").exists()
 
 
+def test_a_checkpoint_of_other_racing_options_is_refused(jsonl, tmp_path, tiny):
+    """Racing's options enter the run's identity as they act, resolved: a run made when ``settled`` stayed
+    at 0.05 whatever ``alpha`` was is refused by the same alpha now (settled follows it), and resumed
+    by the options spelled out."""
+    ckpt = tmp_path / "eval.pt"
+    race = {"alpha": 0.01, "min_timesteps": 2, "round_size": 2}
+    first = runner.run("jsonl", jsonl, model=tiny, timesteps=6, checkpoint=ckpt, progress=False,
+                       adaptive={**race, "settled": 0.05})
+    with pytest.raises(CheckpointError, match=r"its options differ from this one's"):
+        runner.run("jsonl", jsonl, model=tiny, timesteps=6, checkpoint=ckpt, progress=False, adaptive=race)
+    again = runner.run("jsonl", jsonl, model=tiny, timesteps=6, checkpoint=ckpt, progress=False,
+                       adaptive={**race, "settled": 0.05})
+    assert [r["scores"] for r in again.items] == [r["scores"] for r in first.items]
+
+
 def test_checkpoint_refusal_names_what_differs_and_weights_alone_resume(jsonl, tmp_path, tiny, monkeypatch):
     ckpt = tmp_path / "eval.pt"
     runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, progress=False)
-    with pytest.raises(CheckpointError, match=r"belongs to another run: its plan differs"):
+    with pytest.raises(CheckpointError, match=r"belongs to another run: its plan differs from this one's"):
         runner.run("jsonl", jsonl, model=tiny, timesteps=2, checkpoint=ckpt, progress=False)
     with pytest.raises(CheckpointError, match=r"its method differs"):
         runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, progress=False,
                    method="diffusion_classifier")
-    with pytest.raises(CheckpointError, match=r"its items differ"):
+    with pytest.raises(CheckpointError, match=r"its items differ from this one's"):
         runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, progress=False, limit=2)
     # other weights: every item is already done, so nothing is scored again, and the report is a fresh
     # run's with those weights (the stored per-timestep scores recombined)

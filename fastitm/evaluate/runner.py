@@ -252,9 +252,11 @@ class _Progress:
             theirs = data["fields"]
             differ = [k for k in sorted(set(fields) | set(theirs)) if fields.get(k) != theirs.get(k)]
             if differ:
+                # "its plan differs", but "its items differ", "its options differ", "its plan, model differ"
+                verb = "differs" if len(differ) == 1 and not differ[0].endswith("s") else "differ"
                 raise CheckpointError(f"eval checkpoint {path} belongs to another run: its {', '.join(differ)} "
-                                      f"differ{'s' if len(differ) == 1 else ''} from this one's; pass another "
-                                      "--checkpoint, or rerun with the options it was made with")
+                                      f"{verb} from this one's; pass another --checkpoint, or rerun with the "
+                                      "options it was made with")
             self.done, self.skipped, self.no_negative = data["done"], data["skipped"], data["no_negative"]
             if not _same_weights(data.get("weights"), weights):
                 self._recombine(items)
