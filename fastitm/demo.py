@@ -70,7 +70,6 @@ def adapter_reports(model, model_path, examples, timesteps: int, seed: int) -> l
     """(recipe, report) for each shipped adapter on the embedded model, scored with its method."""
     import copy
 
-
     if model_path is not None or embedded_model_path() is None:  # the adapters fit the embedded model only
         return []
     out = []

@@ -199,7 +199,6 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-
     tokenizer = tiny_tokenizer()
     meta = torch.device(device).type == "meta"  # shapes and counts only: no memory, no time
     # On a GPU the random initialisation runs there: 1.3 billion parameters initialised on the CPU took
@@ -263,7 +262,6 @@ def write_jsonl_set(folder, n: int, *, seed: int = 0, negatives: int = 1, size: 
     the .jsonl path. What the tests and examples evaluate when a small labelled set is needed."""
     import json
     from pathlib import Path
-
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,6 @@ def build_model(seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-
     tokenizer = tiny_tokenizer(data.vocabulary())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

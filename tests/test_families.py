@@ -43,7 +43,6 @@ def model_of(name):
     return _CACHE[name]
 
 
-
 def _wanted(name, method, opts):
     if name.startswith("sd3") and method == "discffusion":
         return False  # refused (a test below)

@@ -285,4 +285,3 @@ def prepare_texts(texts: Any) -> list[str]:
 
 __all__ = ["RESIZE_MODES", "center_crop_geometry", "check_images", "check_resize", "prepare_images",
            "prepare_texts", "resize_image"]
-

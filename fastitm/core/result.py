@@ -140,7 +140,6 @@ class ScoreResult:
         import diffusers
         import transformers
 
-
         return {
             "method": self.method,
             "family": self.family,

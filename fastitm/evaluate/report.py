@@ -310,7 +310,6 @@ class EvalReport:
         and elimination runs score only some timesteps of some candidates)."""
         import torch
 
-
         if not self.items or "per_timestep" not in self.items[0]:
             why = ("its run raced or eliminated candidates, so it has no full per-timestep scores"
                    if self.options.get("adaptive") or self.options.get("elimination")
@@ -327,7 +326,6 @@ class EvalReport:
         curve are what a fresh run with ``weights`` gives (the per-timestep diagnostics do not depend on
         the weights; racing is simulated on the weighted statistic, as such a run does)."""
         from dataclasses import replace
-
 
         items, per_t = self.per_timestep_scores()
         w = resolve(weights, self.plan["timesteps"], self.model.get("num_train_timesteps", 1000))

@@ -74,7 +74,6 @@ def _decode(item: Item) -> list[Any]:
     """The item's images as 8-bit RGB PIL images (16-bit files as float tensors), read now."""
     from PIL import Image
 
-
     out = []
     for n, img in enumerate(item.images):
         what = f"item {item.id} image {n}"
@@ -216,7 +215,6 @@ def _model_record(model, digest: str) -> dict:
     adapter or one changed weight changes it), family, dtype, device, and the versions."""
     import platform
 
-
     return {"source": model.source, "digest": digest, "family": model.family,
             "num_train_timesteps": int(model.num_train_timesteps),
             "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device), **lcm_record(model),
@@ -292,7 +290,6 @@ def _run_fields(task, data, method, options, plan, digest: str, items) -> dict[s
     noise), items (ids and candidates: split, limit, selection), the classify task's prompts and model
     (every weight)."""
     import hashlib
-
 
     def digest_of(*parts) -> str:
         h = hashlib.sha256()
@@ -373,7 +370,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     """
     from tqdm.auto import tqdm
 
-
     started = time.perf_counter()
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -427,7 +423,6 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
             and plan_options.get("normalize") is False:
         raise ValueError("choosing among images needs normalize=True for diffusion_itm (the unconditional "
                          "error makes scores of different images comparable)")
-
 
     ckpt = None
     if checkpoint is not None:

@@ -71,7 +71,6 @@ def hard_negatives(model, examples: Sequence[Any], *, method: str = "diffusion_i
     ``group`` images share one scoring call (each only against its own captions)."""
     from tqdm.auto import tqdm
 
-
     _check_examples(examples)
     plan = shared_plan(model, method, timesteps, seed, options)
     report = None
@@ -117,7 +116,6 @@ def image_retrieval(model, examples: Sequence[Any], *, group: int = 10, method: 
     """Split the examples into groups of ``group`` with distinct captions, score each group's
     images x captions, and return (share of captions whose best image is their own, captions)."""
     from tqdm.auto import tqdm
-
 
     _check_examples(examples)
     if group < 2:

@@ -60,6 +60,8 @@ def _finished(out: Path, args: dict, overwrite: bool) -> bool:
 
 class Diverged(ValueError):
     """Training produced a non-finite loss or weights; no adapter was written."""
+
+
 # Per recipe: what it trains and its defaults. HardNeg adapts every attention projection (the
 # published LoRACrossAttnProcessor on all processors); Discffusion the cross-attention ones.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -154,7 +156,6 @@ def finetune(recipe: str, data: str = "synthetic", *, out: str | Path, model: An
     unless ``overwrite``. Returns the adapter folder; load it with ``fastitm.load_model(path, lora=out)``.
     """
     from tqdm.auto import tqdm
-
 
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES}")

@@ -256,7 +256,6 @@ def take_cond(cond: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, to
     return {k: v[rows] for k, v in cond.items()}
 
 
-
 LCM_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline's default guidance_scale
 
 
