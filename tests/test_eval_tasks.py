@@ -213,7 +213,7 @@ def test_racing_simulated_on_the_runs_scores_by_hand(tiny, tmp_path, examples):
     lines = [{"image": f"{n}.png", "texts": caps[n:] + caps[:n], "label": 0} for n in range(3)]
     f = _jsonl(tmp_path, examples, lines)
     rep = fastitm.evaluate.run("jsonl", f, model=tiny, timesteps=16)
-    assert [r["alpha"] for r in rep.racing] == [None, 0.01, 0.05, 0.2]
+    assert [r["alpha"] for r in rep.racing] == [None, 0.001, 0.01, 0.05, 0.2]
     assert rep.racing[0]["rows_per_item"] == 6 * 16 and rep.racing[0]["accuracy"] == rep.metrics["accuracy"]
     per_t = [scores_t(tiny, examples[n].image, lines[n]["texts"]) for n in range(3)]
     for row in rep.racing[1:]:

@@ -106,8 +106,9 @@ class EvalReport:
         if self.racing:
             lines += ["", "## Racing, simulated on this run's per-timestep scores", "",
                       "What `fastitm.engine.racing` (paired t-tests against each item's best, Bonferroni over looks and "
-                      "rivals) would have decided and spent: conditional denoiser rows per item (candidate x "
-                      "timestep; the full plan scores every candidate at every timestep).", "",
+                      "rivals; the settled stop and drops at alpha's level too) would have decided and spent: "
+                      "conditional denoiser rows per item (candidate x timestep; the full plan scores every candidate "
+                      "at every timestep).", "",
                       "| | rows per item | accuracy | items run to the plan's end |", "|---|---|---|---|"]
             for r in self.racing:
                 name = "full plan" if r["alpha"] is None else f"racing, alpha {r['alpha']}"
