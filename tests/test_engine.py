@@ -87,6 +87,32 @@ class Counter:
         del self.vae.encode  # back to the class method
 
 
+def test_the_empty_prompt_row_shifts_every_text_of_an_image_alike(tiny):
+    """DiffusionITM's normalized score subtracts the empty prompt's error of the same image and timestep
+    from every text's: per image a constant. So choosing among an image's texts gives the same answer
+    with ``normalize=False``, at M of the M + 1 rows per image and timestep; racing decides on the
+    differences between an image's texts, so it drops and stops the same way too. (Choosing among
+    images, image retrieval, is where the row matters.)"""
+    N, M, T = 3, 5, 12
+    imgs = torch.rand(N, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    kw = dict(model=tiny, timesteps=T, seed=2, batch_size=8)
+    norm = fastitm.score(imgs, TEXTS[:M], **kw)
+    raw = fastitm.score(imgs, TEXTS[:M], normalize=False, **kw)
+    shift = norm.matrix - raw.matrix  # mean_k u_k of each image, whatever the text
+    assert_close(shift, shift[:, :1].expand_as(shift), rtol=1e-5, atol=1e-6)
+    assert torch.equal(norm.matrix.argmax(dim=1), raw.matrix.argmax(dim=1))
+    assert norm.stats["unet_rows"] - raw.stats["unet_rows"] == N * T
+    race = {"alpha": 0.45, "min_timesteps": 2, "round_size": 2}  # loose: drops and early stops on a tiny model
+    a = fastitm.score(imgs, TEXTS[:M], adaptive=race, **kw)
+    b = fastitm.score(imgs, TEXTS[:M], normalize=False, adaptive=race, **kw)
+    dropped = torch.isinf(a.matrix)
+    assert dropped.any() and torch.equal(dropped, torch.isinf(b.matrix))
+    assert torch.equal(a.matrix.argmax(dim=1), b.matrix.argmax(dim=1))
+    steps = a.stats["racing"]["timesteps_per_image"]
+    assert steps == b.stats["racing"]["timesteps_per_image"] and min(steps) < T
+    assert a.stats["unet_rows"] - b.stats["unet_rows"] == sum(steps)  # one empty prompt's row per timestep run
+
+
 @pytest.mark.parametrize("method,opts,uncond", [
     ("diffusion_itm", {}, True),
     ("diffusion_itm", {"normalize": False}, False),
