@@ -186,18 +186,18 @@ def test_settled_by_hand():
     assert settled_item(many, torch.ones(13, dtype=torch.bool), T, RaceOptions(settled=0.4, min_timesteps=5))
 
 
+def near_ties(n_items: int, T: int) -> list[torch.Tensor]:
+    """2-way items whose true difference is drawn around 0 (many near ties), the same on every call."""
+    g = torch.Generator().manual_seed(77)
+    return [draw([0.4 * float(torch.randn(1, generator=g)), 0.0], T, seed=5000 + i) for i in range(n_items)]
+
+
 def test_settled_items_keep_the_full_plans_choice_at_the_stated_rate():
     """Items whose true difference is drawn around 0 (many near ties): racing with settled=eps and no
     drop test changes the full plan's choice in at most eps of them (plus three standard errors)."""
     eps, n_items, T = 0.05, 400, 40
     opts = RaceOptions(alpha=0.0 + 1e-12, settled=eps, min_timesteps=4, round_size=2)
-    changed = 0
-    g = torch.Generator().manual_seed(77)
-    for i in range(n_items):
-        delta = 0.4 * float(torch.randn(1, generator=g))
-        s = draw([delta, 0.0], T, seed=5000 + i)
-        full = int(s.mean(dim=1).argmax())
-        changed += simulate(s, opts).choice != full
+    changed = sum(simulate(s, opts).choice != int(s.mean(dim=1).argmax()) for s in near_ties(n_items, T))
     assert changed / n_items <= eps + 3 * math.sqrt(eps * (1 - eps) / n_items)
 
 
@@ -212,17 +212,13 @@ def test_settled_follows_alpha_unless_given():
     with pytest.raises(ValueError, match="settled follows alpha"):
         RaceOptions(alpha=0.6)
     n_items, T = 400, 40
+    items = near_ties(n_items, T)
     changed, rows = {}, {}
     for settled in (None, 0.05):
         opts = RaceOptions(alpha=0.01, settled=settled, min_timesteps=4, round_size=2)
-        changed[settled] = rows[settled] = 0
-        g = torch.Generator().manual_seed(77)
-        for i in range(n_items):
-            delta = 0.4 * float(torch.randn(1, generator=g))
-            s = draw([delta, 0.0], T, seed=5000 + i)
-            race = simulate(s, opts)
-            changed[settled] += race.choice != int(s.mean(dim=1).argmax())
-            rows[settled] += race.rows
+        races = [simulate(s, opts) for s in items]
+        changed[settled] = sum(r.choice != int(s.mean(dim=1).argmax()) for r, s in zip(races, items, strict=True))
+        rows[settled] = sum(r.rows for r in races)
     assert changed[None] / n_items <= 0.01 + 3 * math.sqrt(0.01 * 0.99 / n_items)
     assert changed[0.05] / n_items > 0.01 + 3 * math.sqrt(0.01 * 0.99 / n_items)  # the old coupling, measurably looser
     assert rows[None] > rows[0.05]
