@@ -60,26 +60,26 @@ number of timesteps); futility projects to the whole plan's weights. Uniform wei
 t-test; weights concentrated on few timesteps leave few effective samples, so decisions come later.
 
 Settled items (``settled``, on by default at ``alpha``'s level, 0.05): an item stops once the whole
-plan's choice is all but decided, when the predictive probabilities that some live rival's full-plan mean ends above the
-leader's sum to at most ``settled`` (:func:`settled_item`). It keeps the full plan's answers rather than
-certifying the truth: under the normal model of the differences, a stop changes the full plan's choice
-with probability at most ``settled`` per item, whenever it happens (a predictive probability is not
-inflated by looking often). (The first form bounded each rival separately; with hundreds of classes live
-that let an item stop after 10 timesteps on a near tie, so it is now one bound per item.) The same bound
-drops rivals sooner (:func:`settled_drops`): while three or more candidates are live, a rival whose
-predictive chance of ending the plan ahead of the candidate that beats it most clearly is at most
-``settled * DROP_SHARE / (K - 1)`` leaves, and its chance is spent from the item's ``settled``, so drops
-and stop together still change the full plan's choice with probability at most ``settled``. The clearly
-wrong rivals of a 6-way item are the rows to save (the drop test waits for significance at its
-Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole budget. Hard items,
-whose full-plan choice is not yet predictable, run on: more timesteps do make a better decision there.
-``settled`` follows ``alpha`` unless given: one level of risk per item for the test (dropping the best)
-and for the stop and drops (changing the full plan's choice), so a smaller ``alpha`` asks for the full
-plan's answers more surely too, and racing's accuracy-vs-rows curve over ``alpha`` reaches from the
-defaults to the plans' own answers (at alpha 0.001 all but 41 of 113,974 plan choices were kept over
-the bench's sets and plan lengths, at 2.2x fewer conditional rows on the 3/6-way sets' whole plan:
-bench/RESULTS.md). With ``settled`` held at 0.05, a smaller ``alpha`` still let 5% per item through.
-Chosen on the tuning sets of ``bench/racing_sets_bench.py`` and reported on held-out ones
+plan's choice is all but decided, when the predictive probabilities that some live rival's full-plan
+mean ends above the leader's sum to at most ``settled`` (:func:`settled_item`). It keeps the full plan's
+answers rather than certifying the truth: under the normal model of the differences, a stop changes the
+full plan's choice with probability at most ``settled`` per item, whenever it happens (a predictive
+probability is not inflated by looking often). (The first form bounded each rival separately; with
+hundreds of classes live that let an item stop after 10 timesteps on a near tie, so it is now one bound
+per item.) The same bound drops rivals sooner (:func:`settled_drops`): while three or more candidates
+are live, a rival whose predictive chance of ending the plan ahead of the candidate that beats it most
+clearly is at most ``settled * DROP_SHARE / (K - 1)`` leaves, and its chance is spent from the item's
+``settled``, so drops and stop together still change the full plan's choice with probability at most
+``settled``. The clearly wrong rivals of a 6-way item are the rows to save (the drop test waits for
+significance at its Bonferroni level); a 2-way item has no such rival, and its stop keeps the whole
+budget. Hard items, whose full-plan choice is not yet predictable, run on: more timesteps do make a
+better decision there. ``settled`` follows ``alpha`` unless given: one level of risk per item for the
+test (dropping the best) and for the stop and drops (changing the full plan's choice), so a smaller
+``alpha`` asks for the full plan's answers more surely too, and racing's accuracy-vs-rows curve over
+``alpha`` reaches from the defaults to the plans' own answers (at alpha 0.001 all but 41 of 113,974 plan
+choices were kept over the bench's sets and plan lengths, at 2.2x fewer conditional rows on the 3/6-way
+sets' whole plan: bench/RESULTS.md). With ``settled`` held at 0.05, a smaller ``alpha`` still let 5% per
+item through. Chosen on the tuning sets of ``bench/racing_sets_bench.py`` and reported on held-out ones
 (bench/RESULTS.md): it saved more rows than futility at equal or better accuracy on every set. The
 normal model takes the timesteps to come as alike to those seen. They are not alike over a plan (the
 differences' spread varies some 180-fold from one end to the other), so the spread order keeps every
