@@ -80,7 +80,8 @@ def test_checkpoint_refusal_names_what_differs_and_weights_alone_resume(jsonl, t
     runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, progress=False)
     with pytest.raises(CheckpointError, match=r"belongs to another run: its plan differs from this one's"):
         runner.run("jsonl", jsonl, model=tiny, timesteps=2, checkpoint=ckpt, progress=False)
-    with pytest.raises(CheckpointError, match=r"its method differs"):
+    # (the options differ too: the text-choice items ran DiffusionITM without the empty prompt's row)
+    with pytest.raises(CheckpointError, match=r"its method, options differ"):
         runner.run("jsonl", jsonl, model=tiny, timesteps=3, checkpoint=ckpt, progress=False,
                    method="diffusion_classifier")
     with pytest.raises(CheckpointError, match=r"its items differ from this one's"):

@@ -101,3 +101,41 @@ def test_adaptive_through_the_cli(tiny_dir, jsonl_set, tmp_path, capsys):
     for bad, msg in ((["--adaptive", "alpha=x"], "expected a number"), (["--adaptive", "rounds=3"], "unknown adaptive")):
         assert main(["eval", "jsonl", "--data", str(f), "--model", "tiny", "--out", str(tmp_path / "o2"), *bad]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_text_choices_run_diffusion_itm_without_the_empty_prompt_row(tiny, jsonl_set):
+    """A task whose items all choose among one image's texts runs DiffusionITM with ``normalize=False``
+    unless told: the empty prompt's error of an image and timestep is subtracted from every one of its
+    texts, so the margins, the metrics and racing's decisions are the normalized score's, at 3 of 4
+    rows per image and timestep here. Image choices (the mixed set above) keep it."""
+    f, lines, ex = jsonl_set
+    lines = [x for x in lines if "texts" in x]
+    text = f.parent / "text_only.jsonl"
+    text.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    kw = {"model": tiny, "timesteps": 4, "batch_size": 16}
+    raw = fastitm.evaluate.run("jsonl", text, **kw)
+    normed = fastitm.evaluate.run("jsonl", text, normalize=True, **kw)
+    assert raw.options["normalize"] is False and normed.options["normalize"] is True
+    assert raw.choices["normalize"].startswith("off") and "normalize" not in normed.choices
+    assert "without the empty prompt's row" in raw.to_markdown()
+    assert raw.stats["unet_rows"] == 20 * 3 * 4 and normed.stats["unet_rows"] == 20 * 4 * 4
+    assert raw.metrics == pytest.approx(normed.metrics) and raw.curve == normed.curve
+    for x, a, b in zip(lines, raw.items, normed.items, strict=True):
+        img = ex[int(x["image"].split(".")[0])].image
+        want = fastitm.score([img], x["texts"], model=tiny, timesteps=4, seed=0, normalize=False).matrix[0]
+        got, ref = torch.tensor(a["scores"]), torch.tensor(b["scores"])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # one shift per item: the empty prompt's mean error, the same for all its texts
+        torch.testing.assert_close(got - got[0], ref - ref[0], rtol=1e-4, atol=1e-4)
+        assert float((got - ref).std()) < 1e-4 and float((got - ref).abs().min()) > 1e-2
+    # racing decides as on the normalized scores, and spends no empty prompt's row
+    race = RaceOptions.parse(LOOSE)
+    raced = fastitm.evaluate.run("jsonl", text, adaptive=LOOSE, **{**kw, "timesteps": 12})
+    for x, rec in zip(lines, raced.items, strict=True):
+        img = ex[int(x["image"].split(".")[0])].image
+        sim = simulate(fastitm.score([img], x["texts"], model=tiny, timesteps=12, seed=0).per_timestep[0], race)
+        assert [v is not None for v in rec["scores"]] == sim.live.tolist(), rec["id"]
+        assert rec["rows"] == sim.rows
+    assert raced.stats["unet_rows"] == sum(r["rows"] for r in raced.items)
+    mixed = fastitm.evaluate.run("jsonl", f, **{**kw, "timesteps": 3})
+    assert mixed.options["normalize"] is True and mixed.stats["unet_rows"] == 24 * 12

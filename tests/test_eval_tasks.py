@@ -22,9 +22,10 @@ def examples():
     return data.make_dataset(6, "heldout", seed=2, size=16)
 
 
-def scores(model, images, texts):
-    """The scores the report must hold, computed directly with the same plan arguments."""
-    return fastitm.score(images, texts, model=model, timesteps=T, seed=0)
+def scores(model, images, texts, **options):
+    """The scores the report must hold, computed directly with the same plan arguments (a task of text
+    choices only runs DiffusionITM with ``normalize=False``: the runner's ``text_choice_only``)."""
+    return fastitm.score(images, texts, model=model, timesteps=T, seed=0, **options)
 
 
 def strict_rank(s, label):
@@ -55,7 +56,7 @@ def test_flickr30k_text_retrieval_cli(tiny, tiny_dir, flickr_dir, tmp_path):
     ranks = []
     for item, rec in zip(items, rep["items"], strict=True):
         img = Image.open(item.images[0]).convert("RGB")
-        s = scores(tiny, [img], item.texts).matrix[0]
+        s = scores(tiny, [img], item.texts, normalize=False).matrix[0]
         torch.testing.assert_close(torch.tensor(rec["scores"]), s, rtol=1e-5, atol=1e-5)
         ranks.append(strict_rank(s, 0))
     n = len(ranks)
@@ -375,7 +376,7 @@ def test_sugarcrepe_accuracy_per_subset_and_category(tiny, tmp_path):
     first = rows["swap_obj"]["0"]
     r = next(r for r in rep["items"] if r["id"] == "swap_obj/0")
     want = fastitm.score([released.image(first["filename"])], [first["caption"], first["negative_caption"]],
-                         model=tiny, timesteps=2, seed=0).matrix[0]
+                         model=tiny, timesteps=2, seed=0, normalize=False).matrix[0]
     torch.testing.assert_close(torch.tensor(r["scores"]), want, rtol=1e-5, atol=1e-4)
     only = load_task("sugarcrepe", root, split="swap_att,swap_obj")
     assert {i.tags["subset"] for i in only} == {"swap_att", "swap_obj"}
@@ -414,7 +415,7 @@ def test_clevr_runs_on_the_released_two_string_captions(tiny, tmp_path):
     spatial = [i for i in items if i.tags["subtask"] == "spatial"]
     assert spatial[0].texts == ["On the right is a gray cylinder.", "On the left is a gray cylinder."]
     m = fastitm.score([released.image(next(iter(files["spatial"])))], spatial[0].texts, model=tiny, timesteps=2,
-                      seed=0).matrix[0]
+                      seed=0, normalize=False).matrix[0]
     rec = next(r for r in rep["items"] if r["id"] == spatial[0].id)
     torch.testing.assert_close(torch.tensor(rec["scores"]), m, rtol=1e-5, atol=1e-4)
     assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
@@ -448,7 +449,8 @@ def test_visual_genome_crops_to_the_box(tiny, tmp_path, examples, task):
     (root / f"visual_genome_{name}.json").write_text(json.dumps([row, row]))
     rep = _report(task, root, tmp_path)
     crop = Image.open(root / "images" / "1.jpg").convert("RGB").crop((10, 5, 26, 21))
-    want = fastitm.score([crop], [examples[0].caption, examples[1].caption], model=tiny, timesteps=2, seed=0).matrix[0]
+    want = fastitm.score([crop], [examples[0].caption, examples[1].caption], model=tiny, timesteps=2, seed=0,
+                         normalize=False).matrix[0]
     torch.testing.assert_close(torch.tensor(rep["items"][0]["scores"]), want, rtol=1e-5, atol=1e-4)
     assert rep["metrics"]["accuracy"] == pytest.approx(_accuracy_by_hand(rep))
 
@@ -653,7 +655,8 @@ def test_flickr30k_order_reads_either_layout_and_drops_identical_shuffles(tiny, 
         rec = rep["items"][n_items]
         n_items += 1
         assert rec["id"] == f"0/{c}" and len(rec["scores"]) == 1 + len(negs)
-        want = fastitm.score([released.image(name)], [opts[0]] + negs, model=tiny, timesteps=2, seed=0).matrix[0]
+        want = fastitm.score([released.image(name)], [opts[0]] + negs, model=tiny, timesteps=2, seed=0,
+                             normalize=False).matrix[0]
         torch.testing.assert_close(torch.tensor(rec["scores"]), want, rtol=1e-5, atol=1e-4)
         right.append(strict_rank(want, 0) == 0)
     assert order.caption_options("Workers load wool.", 5)[4] == "workers load wool"  # the shuffle equals the truth

@@ -73,8 +73,9 @@ def test_eval_with_weights(tmp_path, capsys):
     tiny = fastitm.testing.tiny_model(0)
     from PIL import Image
 
+    # text choices only: DiffusionITM without the empty prompt's row (the runner's text_choice_only)
     raw = fastitm.score([Image.open(tmp_path / "0.png").convert("RGB")], lines[0]["texts"], model=tiny, timesteps=4,
-                        seed=0)
+                        seed=0, normalize=False)
     want = (raw.per_timestep[0].double() * torch.tensor(w, dtype=torch.float64)).sum(1) / sum(w)
     torch.testing.assert_close(torch.tensor(item["scores"], dtype=torch.float64), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(SystemExit):

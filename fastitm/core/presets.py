@@ -13,7 +13,8 @@ pipeline; images loaded by ``datasets_loading.py``):
     posterior sample at every timestep (fastitm shares each draw among the image's texts);
   - ``scheme="grid"``: ``range(10, 990, 1000 // T)``; ``err="l2"``: the L2 norm of the error.
   - ``normalize`` stays the caller's choice: the published script subtracts the empty-prompt error
-    only with ``--img_retrieval``.
+    only with ``--img_retrieval`` (``fastitm eval`` leaves it out on its own where every item chooses
+    among one image's texts).
 
 Diffusion Classifier (diffusion-classifier/diffusion-classifier, ``eval_prob_adaptive.py``):
   - ``scheme="midpoint"``: ``range(T_train // T // 2, T_train, T_train // T)[:T]``;

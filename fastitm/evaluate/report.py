@@ -67,6 +67,12 @@ class EvalReport:
         for k, v in self.metrics.items():
             if k not in ("by_tag", "confusion"):
                 lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        if self.choices.get("normalize", "").startswith("off"):
+            lines += ["", "DiffusionITM without the empty prompt's row (normalize False): every item chooses among one "
+                          "image's texts, and the empty prompt's error of an image and timestep shifts all its texts "
+                          "alike, so the choices and metrics are those of the normalized score, at M of the M + 1 "
+                          "denoiser rows (the published script also normalizes only for image retrieval). "
+                          "`--option normalize=true` (`normalize=True`) for the normalized scores."]
         if "ties" in self.metrics:
             lines += ["", "Ties never count for the ground truth (the published argmax credits them to it)."]
         if self.metrics.get("identical_dropped"):

@@ -21,6 +21,7 @@ from .._version import __version__
 from ..api import score
 from ..core.inputs import _load_path, _pil_decode, check_not_url
 from ..core.interrupts import terminate_as_interrupt
+from ..core.methods import resolve_method
 from ..core.weights import describe, resolve, weighted_mean
 from ..engine import distributed as dist
 from ..engine.common import check_arguments, hash_tensor, progress_disabled
@@ -40,6 +41,18 @@ from .synthetic import shared_plan
 from .tasks import DataError, Item, drop_identical, load_task
 
 PREFETCH = 4  # items decoded ahead of the one being scored
+
+
+def text_choice_only(method: str, options: dict, items: list[Item]) -> bool:
+    """Whether a DiffusionITM run leaves out the empty prompt's row on its own (``normalize`` not given):
+    every item chooses among one image's texts. The normalized score subtracts the same image and
+    timestep's empty-prompt error from each of its texts, which shifts them all alike, so every choice,
+    margin and metric of such items (accuracy, MMBias's within-image differences, racing's drops and
+    stops) is the same without it, at M of the M + 1 denoiser rows per image and timestep; the published
+    script likewise subtracts it only with ``--img_retrieval``. Image and Winoground items need it (it
+    makes scores of different images comparable)."""
+    return method == "diffusion_itm" and "normalize" not in options and bool(items) and \
+        all(i.kind == "text" for i in items)
 
 
 def task_defaults(task: str, timesteps: int) -> dict:
@@ -417,6 +430,10 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     if not isinstance(model, Model):
         raise TypeError(f"model must be a fastitm Model (see fastitm.load_model), got {type(model).__name__}")
     model.spec.check_method(spec.name)
+    auto_raw = text_choice_only(spec.name, options, items)
+    if auto_raw:
+        plan_options["normalize"] = False
+        spec = resolve_method(spec.name, {**spec.options, "normalize": False})
     plan = shared_plan(model, method, timesteps, seed, plan_options)
     w = resolve(weights, plan.timesteps, model.num_train_timesteps)  # a bad table fails before any scoring
     if any(i.kind in ("image", "group") for i in items) and method == "diffusion_itm" \
@@ -529,6 +546,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
 
     opts = dict(spec.options)
     choices.update(latent=plan.latent, scheme=plan.scheme, noise=plan.noise_mode)
+    if auto_raw:  # said in the report: the options show normalize False, this says why
+        choices["normalize"] = "off: every item chooses among one image's texts"
     metrics = task_metrics(scored, matrices)
     if any(i.label is not None or i.kind == "group" for i in scored):
         metrics.update(identical_counts(records, [no_negative[n] for n in sorted(no_negative)]))
