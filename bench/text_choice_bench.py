@@ -39,7 +39,27 @@ def main(argv=None) -> int:
     from fastitm import data
 
     model = fastitm.load_model()
-    tmp = Path(tempfile.mkdtemp(prefix="text-choice-bench-"))
+    with tempfile.TemporaryDirectory(prefix="text-choice-bench-") as folder:
+        got, times, lines = _run(fastitm, data, model, Path(folder), args)
+    out = {"machine": machine(), "model": model.source, "dtype": str(model.dtype), "items": len(lines),
+           "images": args.images, "seed": args.seed, "timesteps": args.timesteps, "rounds": args.rounds, "arms": {}}
+    for name, rep in got.items():
+        out["arms"][name] = {"normalize": rep.options["normalize"], "unet_rows": rep.stats["unet_rows"],
+                             "accuracy": rep.metrics["accuracy"], "wall_s": [round(x, 2) for x in times[name]],
+                             "wall_median_s": round(statistics.median(times[name]), 2)}
+    a, b = out["arms"].values()
+    out["rows_ratio"] = round(b["unet_rows"] / a["unet_rows"], 3)
+    out["wall_ratio"] = round(b["wall_median_s"] / a["wall_median_s"], 3)
+    margins = [[x["scores"][0] - x["scores"][1] for x in rep.items] for rep in got.values()]
+    out["max_margin_difference"] = max(abs(u - v) for u, v in zip(*margins, strict=True))
+    out["same_choices"] = sum((u > 0) == (v > 0) for u, v in zip(*margins, strict=True))
+    emit(out, args.json)
+    return 0
+
+
+def _run(fastitm, data, model, tmp: Path, args):
+    """Write the jsonl task under ``tmp`` and run both arms in alternating rounds: (each arm's last
+    report, each arm's wall times, the task's lines)."""
     lines = []
     for n, e in enumerate(data.make_dataset(args.images, "heldout", seed=args.seed, size=model.resolution)):
         e.image.save(tmp / f"{n}.png")
@@ -50,28 +70,14 @@ def main(argv=None) -> int:
 
     arms = {"without the empty prompt's row (default)": {}, "normalize=True": {"normalize": True}}
     times: dict[str, list[float]] = {k: [] for k in arms}
-    got = {}
+    got = dict.fromkeys(arms)  # in the arms' order, whichever ran first
     for r in range(args.rounds):
         for name in arms if r % 2 == 0 else reversed(list(arms)):
             t = time.perf_counter()
             got[name] = fastitm.evaluate.run("jsonl", f, model=model, timesteps=args.timesteps, seed=0,
                                              progress=False, **arms[name])
             times[name].append(time.perf_counter() - t)
-    out = {"machine": machine(), "model": model.source, "dtype": str(model.dtype), "items": len(lines),
-           "images": args.images, "seed": args.seed, "timesteps": args.timesteps, "rounds": args.rounds, "arms": {}}
-    for name in arms:
-        rep = got[name]
-        out["arms"][name] = {"normalize": rep.options["normalize"], "unet_rows": rep.stats["unet_rows"],
-                             "accuracy": rep.metrics["accuracy"], "wall_s": [round(x, 2) for x in times[name]],
-                             "wall_median_s": round(statistics.median(times[name]), 2)}
-    a, b = (out["arms"][k] for k in arms)
-    out["rows_ratio"] = round(b["unet_rows"] / a["unet_rows"], 3)
-    out["wall_ratio"] = round(b["wall_median_s"] / a["wall_median_s"], 3)
-    margins = [[x["scores"][0] - x["scores"][1] for x in got[k].items] for k in arms]
-    out["max_margin_difference"] = max(abs(u - v) for u, v in zip(*margins, strict=True))
-    out["same_choices"] = sum((u > 0) == (v > 0) for u, v in zip(*margins, strict=True))
-    emit(out, args.json)
-    return 0
+    return got, times, lines
 
 
 if __name__ == "__main__":
