@@ -124,7 +124,8 @@ class EvalReport:
             ends = sum(bool(i["plan_end"]) for i in raced)
             lines += ["", f"Racing ({self.options.get('adaptive')}): {len(raced)} items, "
                           f"{sum(i['rows'] for i in raced) / len(raced):.1f} denoiser rows per item (the empty prompt's "
-                          f"included, where the method runs it); {ends} ran to the plan's end. Per item: `rows`, `plan_end` in report.json."]
+                          f"included, where the method runs it); {ends} ran to the plan's end. Per item: `rows`, "
+                          "`plan_end` in report.json."]
         st = self.stats
         if st.get("batches"):
             lines += ["", f"Engine: {st['unet_rows']} denoiser rows in {st['batches']} batches of up to "

@@ -332,7 +332,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
 
     ``options`` are :func:`fastitm.score`'s: method options, ``preset``, ``resize``, ``latent``,
     ``scheme``, ``noise``. ``method`` defaults to diffusion_itm (pets: diffusion_classifier with
-    adaptive elimination, see :func:`task_defaults`).
+    adaptive elimination, see :func:`task_defaults`); its ``normalize`` to False where every item
+    chooses among one image's texts (:func:`text_choice_only`: the same choices and metrics, without
+    the empty prompt's row), else True.
 
     Distributed: when a torch.distributed process group with several ranks is initialised
     (``torchrun``), each rank scores a contiguous shard of the items and every rank returns the same
