@@ -118,6 +118,10 @@ def test_text_choices_run_diffusion_itm_without_the_empty_prompt_row(tiny, jsonl
     assert raw.options["normalize"] is False and normed.options["normalize"] is True
     assert raw.choices["normalize"].startswith("off") and "normalize" not in normed.choices
     assert "without the empty prompt's row" in raw.to_markdown()
+    assert raw.stats["empty_prompt_row"] is False and normed.stats["empty_prompt_row"] is True
+    # 8 images over 20 items: the cache hint offers the unconditional rows only where they run
+    assert "would encode each once, with" in raw.to_markdown()
+    assert "would encode each once and run its unconditional rows once" in normed.to_markdown()
     assert raw.stats["unet_rows"] == 20 * 3 * 4 and normed.stats["unet_rows"] == 20 * 4 * 4
     assert raw.metrics == pytest.approx(normed.metrics) and raw.curve == normed.curve
     for x, a, b in zip(lines, raw.items, normed.items, strict=True):
@@ -137,5 +141,6 @@ def test_text_choices_run_diffusion_itm_without_the_empty_prompt_row(tiny, jsonl
         assert [v is not None for v in rec["scores"]] == sim.live.tolist(), rec["id"]
         assert rec["rows"] == sim.rows
     assert raced.stats["unet_rows"] == sum(r["rows"] for r in raced.items)
+    assert "rows per item;" in raced.to_markdown() and "(the empty prompt's included)" not in raced.to_markdown()
     mixed = fastitm.evaluate.run("jsonl", f, **{**kw, "timesteps": 3})
     assert mixed.options["normalize"] is True and mixed.stats["unet_rows"] == 24 * 12

@@ -123,9 +123,9 @@ class EvalReport:
         if raced:
             ends = sum(bool(i["plan_end"]) for i in raced)
             lines += ["", f"Racing ({self.options.get('adaptive')}): {len(raced)} items, "
-                          f"{sum(i['rows'] for i in raced) / len(raced):.1f} denoiser rows per item (the empty prompt's "
-                          f"included, where the method runs it); {ends} ran to the plan's end. Per item: `rows`, "
-                          "`plan_end` in report.json."]
+                          f"{sum(i['rows'] for i in raced) / len(raced):.1f} denoiser rows per item"
+                          + (" (the empty prompt's included)" if self.stats.get("empty_prompt_row", True) else "")
+                          + f"; {ends} ran to the plan's end. Per item: `rows`, `plan_end` in report.json."]
         st = self.stats
         if st.get("batches"):
             lines += ["", f"Engine: {st['unet_rows']} denoiser rows in {st['batches']} batches of up to "
@@ -136,8 +136,9 @@ class EvalReport:
                               f"{st['vae_images']} images through the VAE.")
             elif st.get("repeated_images"):
                 lines[-1] += (f" {st['repeated_images']} candidate images repeat an earlier item's: "
-                              "`--image-cache` (`image_cache=True`) would encode each once and run its "
-                              "unconditional rows once, with the same scores to float rounding.")
+                              "`--image-cache` (`image_cache=True`) would encode each once"
+                              + (" and run its unconditional rows once" if st.get("empty_prompt_row", True) else "")
+                              + ", with the same scores to float rounding.")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path | None:

@@ -573,7 +573,7 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
                              "ranks": dist.world_size(), "batch_size": bs, "engine_calls": work["calls"],
                              "unet_rows": work["unet_rows"], "batches": work["batches"],
                              "vae_images": work["vae_images"], "text_encodes": work["text_encodes"],
-                             "image_cache": bool(image_cache),
+                             "image_cache": bool(image_cache), "empty_prompt_row": spec.needs_uncond,
                              "repeated_images": repeated_images(scored),
                              **({"unet_rows_reused": work["unet_rows_reused"]} if image_cache else {}),
                              "batch_fill": None if fill is None else round(fill, 4),
