@@ -358,8 +358,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     item gets a call of its own.
 
     ``adaptive``: paired racing (``True`` or a dict, see :func:`fastitm.score`): among the texts of the
-    image in text-choice items (ARO, SVO, CLEVR, Pets, ...), among the images of the text in
-    image-choice items (Flickr30k image retrieval, ...); Winoground items (both directions) run the full
+    image in text-choice items (ARO, CLEVR, SugarCrepe, Pets, ...), among the images of the text in
+    image-choice items (Flickr30k image retrieval, SVO, ...); Winoground items (both directions) run the full
     plan. Each item record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
     racing dropped scores -inf in the metrics and ``null`` in the record's ``scores``.
 
