@@ -119,6 +119,9 @@ def test_text_choices_run_diffusion_itm_without_the_empty_prompt_row(tiny, jsonl
     assert raw.choices["normalize"].startswith("off") and "normalize" not in normed.choices
     assert "without the empty prompt's row" in raw.to_markdown()
     assert raw.stats["empty_prompt_row"] is False and normed.stats["empty_prompt_row"] is True
+    # 240 rows fit one call of 16 batches of 16; the normalized run's 320 take two
+    assert "240 denoiser rows in 15 batches of up to 16 (1 call, several" in raw.to_markdown()
+    assert "320 denoiser rows in 20 batches of up to 16 (2 calls, several" in normed.to_markdown()
     # 8 images over 20 items: the cache hint offers the unconditional rows only where they run
     assert "would encode each once, with" in raw.to_markdown()
     assert "would encode each once and run its unconditional rows once" in normed.to_markdown()

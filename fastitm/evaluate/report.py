@@ -128,9 +128,10 @@ class EvalReport:
                           + f"; {ends} ran to the plan's end. Per item: `rows`, `plan_end` in report.json."]
         st = self.stats
         if st.get("batches"):
-            lines += ["", f"Engine: {st['unet_rows']} denoiser rows in {st['batches']} batches of up to "
-                          f"{st['batch_size']} ({st['engine_calls']} calls, several items each): mean batch fill "
-                          f"{st['batch_fill']:.1%}."]
+            calls = st["engine_calls"]
+            lines += ["", f"Engine: {st['unet_rows']} denoiser rows in {st['batches']} batch"
+                          f"{'es' if st['batches'] != 1 else ''} of up to {st['batch_size']} ({calls} call"
+                          f"{'s' if calls != 1 else ''}, several items each): mean batch fill {st['batch_fill']:.1%}."]
             if st.get("image_cache"):
                 lines[-1] += (f" Image cache: {st['unet_rows_reused']} unconditional rows reused, "
                               f"{st['vae_images']} images through the VAE.")
