@@ -71,6 +71,7 @@ def test_adaptive_eval_races_text_items_as_simulated(tiny, jsonl_set, tmp_path):
             sim = simulate(per_t, image_race)
             assert [v is not None for v in rec["scores"]] == sim.live.tolist(), rec["id"]
             assert rec["rows"] == 2 * sim.rows  # each image's text row and its unconditional row
+            assert rec["rows_full"] == 2 * 2 * 12  # 2 images x (the text + the empty prompt) x 12
             rows += rec["rows"]
             continue
         img = ex[int(x["image"].split(".")[0])].image
@@ -78,6 +79,7 @@ def test_adaptive_eval_races_text_items_as_simulated(tiny, jsonl_set, tmp_path):
         sim = simulate(per_t, race)
         assert [v is not None for v in rec["scores"]] == sim.live.tolist(), rec["id"]  # dropped: null
         assert rec["rows"] == sim.rows + sim.stopped and rec["plan_end"] == (sim.stopped == 12)
+        assert rec["rows_full"] == (3 + 1) * 12
         rows += rec["rows"]
     assert rep.stats["unet_rows"] == rows < 24 * 4 * 12
     assert "denoiser rows per item" in rep.to_markdown()
@@ -144,6 +146,9 @@ def test_text_choices_run_diffusion_itm_without_the_empty_prompt_row(tiny, jsonl
         assert [v is not None for v in rec["scores"]] == sim.live.tolist(), rec["id"]
         assert rec["rows"] == sim.rows
     assert raced.stats["unet_rows"] == sum(r["rows"] for r in raced.items)
-    assert "rows per item;" in raced.to_markdown() and "(the empty prompt's included)" not in raced.to_markdown()
+    assert all(r["rows_full"] == 3 * 12 for r in raced.items)
+    full = 3 * 12 * len(lines) / raced.stats["unet_rows"]
+    assert f"rows per item against 36.0 for the full plan ({full:.2f}x fewer);" in raced.to_markdown()
+    assert "(the empty prompt's included)" not in raced.to_markdown()
     mixed = fastitm.evaluate.run("jsonl", f, **{**kw, "timesteps": 3})
     assert mixed.options["normalize"] is True and mixed.stats["unet_rows"] == 24 * 12

@@ -14,6 +14,15 @@ from .items import Item
 from .metrics import IDENTICAL_COUNTS, task_metrics
 
 
+def _against_full(raced: list[dict]) -> str:
+    """The raced items' rows against their full plan's (each record's ``rows_full``), for the racing
+    line; empty for records made before it was kept."""
+    if not all("rows_full" in i for i in raced):
+        return ""
+    spent, full = sum(i["rows"] for i in raced), sum(i["rows_full"] for i in raced)
+    return f" against {full / len(raced):.1f} for the full plan ({full / max(spent, 1):.2f}x fewer)"
+
+
 @dataclass
 class EvalReport:
     """``metrics``: the task's published metrics (with ``by_tag`` breakdowns); ``items``: per item its
@@ -125,7 +134,8 @@ class EvalReport:
             lines += ["", f"Racing ({self.options.get('adaptive')}): {len(raced)} items, "
                           f"{sum(i['rows'] for i in raced) / len(raced):.1f} denoiser rows per item"
                           + (" (the empty prompt's included)" if self.stats.get("empty_prompt_row", True) else "")
-                          + f"; {ends} ran to the plan's end. Per item: `rows`, `plan_end` in report.json."]
+                          + _against_full(raced)
+                          + f"; {ends} ran to the plan's end. Per item: `rows`, `rows_full`, `plan_end` in report.json."]
         st = self.stats
         if st.get("batches"):
             calls = st["engine_calls"]

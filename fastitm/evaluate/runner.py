@@ -158,11 +158,12 @@ def _windows(items: list[Item], T: int, needs_uncond: bool, per_call: int) -> li
 
 
 def _score_window(window: list, state, work: dict, score, *, model, method, plan, backend, batch_size, race,
-                  options, image_cache=None, text_cache=None) -> None:
+                  options, empty_row: bool, image_cache=None, text_cache=None) -> None:
     """One engine call for the items of ``window`` [(index, item, images)]: images and texts side by side,
     each image scored against its own item's texts only (``pairs=``); each item's block into ``state``.
     With racing, text-choice items race their texts and image-choice items their images, each kind in
-    a call of its own; other kinds run the full plan."""
+    a call of its own; other kinds run the full plan. ``empty_row``: whether the method runs the empty
+    prompt's row (what a raced item's full plan would have spent counts it)."""
     over = {"text": "texts", "image": "images"}  # what competes in each item kind; groups run in full
     groups = [(kind, [w for w in window if race is not None and w[1].kind == kind]) for kind in over]
     groups.append((None, [w for w in window if race is None or w[1].kind not in over]))
@@ -198,6 +199,7 @@ def _score_window(window: list, state, work: dict, score, *, model, method, plan
             if racing is not None:
                 record["rows"] = sum(racing["rows_per_image"][i0:i1])
                 record["plan_end"] = all(racing["plan_end"][i0:i1])
+                record["rows_full"] = _item_rows(item, len(plan), empty_row)
             state.done[idx] = (matrix, per_t, record)
 
 
@@ -360,8 +362,9 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
     ``adaptive``: paired racing (``True`` or a dict, see :func:`fastitm.score`): among the texts of the
     image in text-choice items (ARO, CLEVR, SugarCrepe, Pets, ...), among the images of the text in
     image-choice items (Flickr30k image retrieval, SVO, ...); Winoground items (both directions) run the full
-    plan. Each item record gets ``rows`` (denoiser rows spent) and ``plan_end`` (whether it ran every timestep); a text
-    racing dropped scores -inf in the metrics and ``null`` in the record's ``scores``.
+    plan. Each item record gets ``rows`` (denoiser rows spent), ``rows_full`` (what its full plan would
+    spend) and ``plan_end`` (whether it ran every timestep); a text racing dropped scores -inf in the
+    metrics and ``null`` in the record's ``scores``.
 
     ``prompts``: the classify task's prompt CSV (``prompt,classname,classidx``; default: "a photo of a
     <class>." from the dataset's class names; :mod:`fastitm.evaluate.tasks_classify`).
@@ -495,7 +498,8 @@ def run(task: str, data: str | Path, *, model: Any = None, method: str | None = 
         def flush():
             if window:
                 _score_window(window, state, work, score, model=model, method=method, plan=plan, backend=backend,
-                              batch_size=bs, race=race, options=call_options, image_cache=cache,
+                              batch_size=bs, race=race, options=call_options, empty_row=spec.needs_uncond,
+                              image_cache=cache,
                               text_cache=texts_once)
                 bar.update(dist.world_size() * len(window))
                 window.clear()
