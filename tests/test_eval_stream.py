@@ -129,6 +129,9 @@ def test_text_choices_run_diffusion_itm_without_the_empty_prompt_row(tiny, jsonl
     assert "would encode each once and run its unconditional rows once" in normed.to_markdown()
     assert raw.stats["unet_rows"] == 20 * 3 * 4 and normed.stats["unet_rows"] == 20 * 4 * 4
     assert raw.metrics == pytest.approx(normed.metrics) and raw.curve == normed.curve
+    cached = fastitm.evaluate.run("jsonl", text, image_cache=True, **kw)  # latents only: no row to reuse
+    assert "Image cache: 8 images through the VAE" in cached.to_markdown()
+    assert cached.stats["unet_rows_reused"] == 0 and cached.metrics == pytest.approx(raw.metrics)
     for x, a, b in zip(lines, raw.items, normed.items, strict=True):
         img = ex[int(x["image"].split(".")[0])].image
         want = fastitm.score([img], x["texts"], model=tiny, timesteps=4, seed=0, normalize=False).matrix[0]

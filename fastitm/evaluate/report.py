@@ -143,8 +143,9 @@ class EvalReport:
                           f"{'es' if st['batches'] != 1 else ''} of up to {st['batch_size']} ({calls} call"
                           f"{'s' if calls != 1 else ''}, several items each): mean batch fill {st['batch_fill']:.1%}."]
             if st.get("image_cache"):
-                lines[-1] += (f" Image cache: {st['unet_rows_reused']} unconditional rows reused, "
-                              f"{st['vae_images']} images through the VAE.")
+                lines[-1] += (" Image cache: " + (f"{st['unet_rows_reused']} unconditional rows reused, "
+                                                  if st.get("empty_prompt_row", True) else "")
+                              + f"{st['vae_images']} images through the VAE.")
             elif st.get("repeated_images"):
                 lines[-1] += (f" {st['repeated_images']} candidate images repeat an earlier item's: "
                               "`--image-cache` (`image_cache=True`) would encode each once"
