@@ -76,7 +76,7 @@ class EvalReport:
         for k, v in self.metrics.items():
             if k not in ("by_tag", "confusion"):
                 lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
-        if self.choices.get("normalize", "").startswith("off"):
+        if "normalize" in self.choices:  # recorded only where the runner left the row out on its own
             lines += ["", "DiffusionITM without the empty prompt's row (normalize False): every item chooses among one "
                           "image's texts, and the empty prompt's error of an image and timestep shifts all its texts "
                           "alike, so the choices and metrics are those of the normalized score, at M of the M + 1 "
@@ -128,15 +128,16 @@ class EvalReport:
             for r in self.racing:
                 name = "full plan" if r["alpha"] is None else f"racing, alpha {r['alpha']}"
                 lines.append(f"| {name} | {r['rows_per_item']:.1f} | {r['accuracy']:.4f} | {r['plan_end']:.0%} |")
+        st = self.stats
+        empty_row = st.get("empty_prompt_row", True)  # reports made before it was recorded: as they said
         raced = [i for i in self.items if "rows" in i]
         if raced:
             ends = sum(bool(i["plan_end"]) for i in raced)
             lines += ["", f"Racing ({self.options.get('adaptive')}): {len(raced)} items, "
                           f"{sum(i['rows'] for i in raced) / len(raced):.1f} denoiser rows per item"
-                          + (" (the empty prompt's included)" if self.stats.get("empty_prompt_row", True) else "")
+                          + (" (the empty prompt's included)" if empty_row else "")
                           + _against_full(raced)
                           + f"; {ends} ran to the plan's end. Per item: `rows`, `rows_full`, `plan_end` in report.json."]
-        st = self.stats
         if st.get("batches"):
             calls = st["engine_calls"]
             lines += ["", f"Engine: {st['unet_rows']} denoiser rows in {st['batches']} batch"
@@ -144,12 +145,12 @@ class EvalReport:
                           f"{'s' if calls != 1 else ''}, several items each): mean batch fill {st['batch_fill']:.1%}."]
             if st.get("image_cache"):
                 lines[-1] += (" Image cache: " + (f"{st['unet_rows_reused']} unconditional rows reused, "
-                                                  if st.get("empty_prompt_row", True) else "")
+                                                  if empty_row else "")
                               + f"{st['vae_images']} images through the VAE.")
             elif st.get("repeated_images"):
                 lines[-1] += (f" {st['repeated_images']} candidate images repeat an earlier item's: "
                               "`--image-cache` (`image_cache=True`) would encode each once"
-                              + (" and run its unconditional rows once" if st.get("empty_prompt_row", True) else "")
+                              + (" and run its unconditional rows once" if empty_row else "")
                               + ", with the same scores to float rounding.")
         return "\n".join(lines) + "\n"
 
