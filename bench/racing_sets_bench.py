@@ -293,13 +293,12 @@ def curve_against_fixed(racing, fixed) -> dict:
 
 def plan_choices_kept(plans: dict, runs: dict) -> str:
     """"kept/total": over every plan length n, the items whose race on the plan of n (``runs[n]``, a
-    :func:`replay`) ends on that plan's own choice (``plans[n]``: the items' scores on it)."""
-    kept = total = 0
-    for n, subs in plans.items():
-        for sub, race in zip(subs, runs[n]["races"], strict=True):
-            kept += race.choice == int(sub.mean(dim=1).argmax())
-            total += 1
-    return f"{kept}/{total}"
+    :func:`replay`) ends on that plan's own choice (``plans[n]``: the items' scores on it). A race ends
+    elsewhere only when a drop removed that choice or it stopped early with others live (at the plan's
+    end the live candidates' full means rank it first), which :func:`settled_changes` counts."""
+    counts = settled_changes([(subs, runs[n]["races"]) for n, subs in plans.items()])
+    total = sum(len(subs) for subs in plans.values())
+    return f"{total - counts['plan_choice_dropped'] - counts['changed']}/{total}"
 
 
 def main(argv=None) -> int:
