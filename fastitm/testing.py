@@ -89,7 +89,7 @@ def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int
         text_encoder = _tiny_clip(CLIPTextModel, tokenizer, cross_attention_dim, intermediate=64)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,  # as SD's: pipelines do not warn
     )
     return Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"tiny_model(seed={seed})")
 
@@ -139,7 +139,7 @@ def tiny_sdxl_model(seed: int = 0, *, sample_size: int = 8, force_zeros_for_empt
         te1 = _tiny_clip(CLIPTextModel, tok1, 24)
         te2 = _tiny_clip(CLIPTextModelWithProjection, tok2, 40, projection_dim=16)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
     return Model(unet, vae, te1, tok1, scheduler, source=f"tiny_sdxl_model(seed={seed})", family="sdxl",
                  parts={"text_encoder_2": te2, "tokenizer_2": tok2},
                  pipeline_config={"force_zeros_for_empty_prompt": force_zeros_for_empty_prompt})
@@ -224,7 +224,7 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
             pad_token_id=tokenizer.pad_token_id,
         ))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
     model = Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"sd21_base_architecture(seed={seed})")
     if not meta and (torch.device(device).type != "cpu" or dtype != torch.float32):
         model.to(device=device, dtype=dtype)

@@ -62,7 +62,7 @@ def build_model(seed: int = 0):
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
+                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
     return Model(unet, vae, text_encoder, tokenizer, scheduler, source="fastitm default (training)")
 
 
