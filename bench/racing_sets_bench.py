@@ -1,6 +1,8 @@
 """Racing's rules on several sets, tuned on some seeds and reported on others (issue 36).
 
     python bench/racing_sets_bench.py [--images 40] [--timesteps 50] [--out racing-sets] [--json out.json]
+        [--scores FILE] [--wall ROUNDS [--wall-only] [--wall-sets ...] [--no-empty-row]]
+        [--held-out-seed 23 [--held-out-only]]
 
 The embedded model (DiffusionITM, the full plan of ``--timesteps``) scores held-out synthetic images
 (:func:`fastitm.data.make_dataset`) once per set, and racing is replayed on those per-timestep scores
@@ -313,6 +315,12 @@ def main(argv=None) -> int:
                    help="also time the engine on the held-out sets: the full plan against racing with its defaults, "
                         "alternating, ROUNDS rounds (medians)")
     p.add_argument("--wall-only", action="store_true", help="only the engine timings of --wall (no replay)")
+    p.add_argument("--held-out-seed", type=int, default=SEEDS["held-out"],
+                   help="the held-out draw's seed (another than 23: a draw no earlier choice of the defaults saw)")
+    p.add_argument("--held-out-only", action="store_true", help="score and replay the held-out sets alone")
+    p.add_argument("--no-empty-row", action="store_true",
+                   help="--wall's DiffusionITM arms without the empty prompt's row (normalize=False), as `fastitm "
+                        "eval` runs items that choose among one image's texts: the same choices, fewer rows")
     p.add_argument("--wall-sets", default=",".join(KINDS), help="which held-out sets --wall times "
                    f"(comma-separated; also {', '.join(SPLITS)}: the 3/6-way set's items of that size alone)")
     args = p.parse_args(argv)
@@ -322,6 +330,10 @@ def main(argv=None) -> int:
         p.error(f"--wall-sets: unknown set(s) {unknown}; choose from {', '.join(KINDS + tuple(SPLITS))}")
     if args.wall_only and args.wall < 1:
         p.error("--wall-only times the engine: give the number of rounds with --wall ROUNDS (1 or more)")
+    if args.held_out_seed == SEEDS["tune"]:
+        p.error(f"--held-out-seed: {SEEDS['tune']} is the tuning seed")
+    args.seeds = {"held-out": args.held_out_seed} if args.held_out_only else \
+        {**SEEDS, "held-out": args.held_out_seed}
 
     import fastitm
     from fastitm import data
@@ -337,7 +349,7 @@ def main(argv=None) -> int:
         out["wall"] = wall_times(model, data, args, T)
         emit(out, args.json)
         return 0
-    for role, seed in SEEDS.items():
+    for role, seed in args.seeds.items():
         examples = data.make_dataset(args.images, "heldout", seed=seed, size=model.resolution)
         for kind in KINDS:
             key = f"{kind}/{seed}/{args.images}/{T}"
@@ -436,10 +448,11 @@ def wall_times(model, data, args, T) -> dict:
     import fastitm
 
     out = {}
-    examples = data.make_dataset(args.images, "heldout", seed=SEEDS["held-out"], size=model.resolution)
+    seed = args.seeds["held-out"]
+    examples = data.make_dataset(args.images, "heldout", seed=seed, size=model.resolution)
     for kind in args.wall_sets:
         if kind == "24-class":  # every image against the same 24 captions, the Diffusion Classifier
-            images, texts, truth = class_items(model, data, SEEDS["held-out"], args.images)
+            images, texts, truth = class_items(model, data, seed, args.images)
             pairs, method = None, "diffusion_classifier"
             spans = [(0, len(texts))] * len(images)
             items = [(k,) for k in truth]
@@ -449,6 +462,7 @@ def wall_times(model, data, args, T) -> dict:
                 items = [it for it in items if len(it[1]) == SPLITS[kind]]
             images, texts, spans, pairs = pack(items)
             method, truth = "diffusion_itm", [0] * len(items)
+        options = {"normalize": False} if args.no_empty_row and method == "diffusion_itm" else {}
         plan = fastitm.make_plan(model, T, seed=0)
         times: dict[str, list[float]] = {"full": [], "racing": []}
         res = {}
@@ -456,11 +470,11 @@ def wall_times(model, data, args, T) -> dict:
             for arm, adaptive in (("full", None), ("racing", True)):
                 t0 = time.perf_counter()
                 res[arm] = fastitm.score(images, texts, model=model, method=method, plan=plan, pairs=pairs,
-                                         adaptive=adaptive, progress=False)
+                                         adaptive=adaptive, progress=False, **options)
                 times[arm].append(time.perf_counter() - t0)
         choice = {arm: [int(r.matrix[i, a:b].argmax()) for i, (a, b) in enumerate(spans)] for arm, r in res.items()}
         med = {arm: statistics.median(v) for arm, v in times.items()}
-        out[kind] = {"items": len(items), "rounds": args.wall,
+        out[kind] = {"items": len(items), "rounds": args.wall, "seed": seed, **options,
                      "wall_s": {arm: [round(x, 2) for x in v] for arm, v in times.items()},
                      "wall_vs_full": round(med["full"] / med["racing"], 3),
                      "unet_rows": {arm: r.stats["unet_rows"] for arm, r in res.items()},

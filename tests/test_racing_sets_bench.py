@@ -108,3 +108,6 @@ def test_bad_arguments_are_refused_before_the_model_loads(capsys):
     with pytest.raises(SystemExit) as e:  # --wall-only with no rounds would time nothing, then fail
         rsb.main(["--wall-only", "--wall-sets", "6-way"])
     assert e.value.code == 2 and "--wall ROUNDS" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a held-out draw on the tuning seed would not be held out
+        rsb.main(["--held-out-seed", str(rsb.SEEDS["tune"])])
+    assert e.value.code == 2 and "is the tuning seed" in capsys.readouterr().err
