@@ -316,7 +316,7 @@ def main(argv=None) -> int:
                         "alternating, ROUNDS rounds (medians)")
     p.add_argument("--wall-only", action="store_true", help="only the engine timings of --wall (no replay)")
     p.add_argument("--held-out-seed", type=int, default=SEEDS["held-out"],
-                   help="the held-out draw's seed (another than 23: a draw no earlier choice of the defaults saw)")
+                   help="the held-out draw's seed (23; another, e.g. 41, draws sets that no choice of the defaults saw)")
     p.add_argument("--held-out-only", action="store_true", help="score and replay the held-out sets alone")
     p.add_argument("--no-empty-row", action="store_true",
                    help="--wall's DiffusionITM arms without the empty prompt's row (normalize=False), as `fastitm "

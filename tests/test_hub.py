@@ -157,3 +157,25 @@ def test_a_pipeline_is_left_as_it_was(tmp_path):
     with pytest.raises(fastitm.models.model.ModelError, match=r"would cast or move the pipeline's own modules .*pipe\.to\("):
         fastitm.load_model(pipe, dtype="bf16")
     assert pipe.unet.dtype == torch.float32
+
+
+def test_pipelines_built_on_our_models_find_no_outdated_scheduler():
+    """The embedded and tiny models' schedulers carry SD's own clip_sample=False and steps_offset=1, so a
+    diffusers pipeline built on them has nothing to warn about; the diffusers defaults (the configs
+    before) do make it warn, so the check can fail."""
+    import warnings
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    def build(m, scheduler):
+        return StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+    for m in (fastitm.load_model(), fastitm.testing.tiny_model(seed=0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            build(m, m.scheduler)
+    with pytest.warns(FutureWarning, match="steps_offset"):
+        build(m, DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                               beta_schedule="scaled_linear"))
