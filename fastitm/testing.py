@@ -56,6 +56,16 @@ def tiny_tokenizer(words=_TINY_WORDS):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def sd_scheduler(prediction_type: str = "epsilon"):
+    """A DDPMScheduler with Stable Diffusion's noise schedule (scaled-linear betas 0.00085 to 0.012 over
+    1,000 steps) and its clip_sample=False, steps_offset=1, so a diffusers pipeline built on it finds
+    nothing outdated to warn about. Scoring uses its noise schedule alone."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+
+
 def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int = 8,
                prediction_type: str = "epsilon", time_cond_proj_dim: int | None = None) -> Model:
     """A random-weight model of the Stable Diffusion 1.x/2.x architecture, built in well under a second.
@@ -65,7 +75,7 @@ def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int
     ``prediction_type="v_prediction"`` gives an SD 2.x-768-style v-prediction model;
     ``time_cond_proj_dim`` a Latent Consistency Model's UNet (it takes a guidance embedding).
     """
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -87,11 +97,7 @@ def tiny_model(seed: int = 0, *, cross_attention_dim: int = 32, sample_size: int
         )
         vae = _tiny_vae(4, sample_size)
         text_encoder = _tiny_clip(CLIPTextModel, tokenizer, cross_attention_dim, intermediate=64)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type=prediction_type, clip_sample=False, steps_offset=1,  # as SD's: pipelines do not warn
-    )
-    return Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"tiny_model(seed={seed})")
+    return Model(unet, vae, text_encoder, tokenizer, sd_scheduler(prediction_type), source=f"tiny_model(seed={seed})")
 
 
 def _tiny_vae(latent_channels: int, sample_size: int, **kw):
@@ -120,7 +126,7 @@ def tiny_sdxl_model(seed: int = 0, *, sample_size: int = 8, force_zeros_for_empt
     (6 time ids x 8 + a 16-wide pooled text embedding), a down block without cross-attention and a
     cross-attention block of 2 transformer layers, two CLIP text encoders (24 + 40 = 64-wide
     context; the second with a projection, its tokenizer padding with "!" as SDXL's does)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tok1 = tiny_tokenizer()
@@ -138,9 +144,7 @@ def tiny_sdxl_model(seed: int = 0, *, sample_size: int = 8, force_zeros_for_empt
         vae = _tiny_vae(4, sample_size, scaling_factor=0.13025)
         te1 = _tiny_clip(CLIPTextModel, tok1, 24)
         te2 = _tiny_clip(CLIPTextModelWithProjection, tok2, 40, projection_dim=16)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
-    return Model(unet, vae, te1, tok1, scheduler, source=f"tiny_sdxl_model(seed={seed})", family="sdxl",
+    return Model(unet, vae, te1, tok1, sd_scheduler(), source=f"tiny_sdxl_model(seed={seed})", family="sdxl",
                  parts={"text_encoder_2": te2, "tokenizer_2": tok2},
                  pipeline_config={"force_zeros_for_empty_prompt": force_zeros_for_empty_prompt})
 
@@ -196,7 +200,7 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
     GPU they are drawn there, so they differ from the CPU's for the same seed).
     The tokenizer is :func:`tiny_tokenizer` (its ids all fall inside the model's vocabulary).
     ``device="meta"``: the networks without weights (for shape and size checks)."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -223,9 +227,7 @@ def sd21_base_architecture(seed: int = 0, *, device="cpu", dtype=torch.float32) 
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
-    model = Model(unet, vae, text_encoder, tokenizer, scheduler, source=f"sd21_base_architecture(seed={seed})")
+    model = Model(unet, vae, text_encoder, tokenizer, sd_scheduler(), source=f"sd21_base_architecture(seed={seed})")
     if not meta and (torch.device(device).type != "cpu" or dtype != torch.float32):
         model.to(device=device, dtype=dtype)
     return model

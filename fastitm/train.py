@@ -31,14 +31,14 @@ import torch.nn.functional as F
 
 from . import data
 from .models.model import Model
-from .testing import tiny_tokenizer
+from .testing import sd_scheduler, tiny_tokenizer
 
 IMAGE_SIZE = 32
 
 
 def build_model(seed: int = 0):
     """The untrained default-model architecture (random weights from ``seed``)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer(data.vocabulary())
@@ -61,9 +61,7 @@ def build_model(seed: int = 0):
             num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
-    return Model(unet, vae, text_encoder, tokenizer, scheduler, source="fastitm default (training)")
+    return Model(unet, vae, text_encoder, tokenizer, sd_scheduler(), source="fastitm default (training)")
 
 
 def to_pixels(images) -> torch.Tensor:
